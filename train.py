@@ -1,0 +1,640 @@
+"""Train a DiT as a rectified flow. The whole training loop, top to bottom.
+
+    python prepare_data.py                                   # the built-in MNIST digits -> data/mnist
+    python train.py config/mnist.py                          # CPU quick start, ~10 minutes
+    python train.py config/small.py --data_dir=data/photos   # one GPU
+    torchrun --standalone --nproc_per_node=8 train.py config/large.py --data_dir=data/photos
+
+Data order and randomness are functions of (seed, epoch, sample), never of the batch split: a run on
+W ranks with micro-batch b and accumulation A sees the same samples, timesteps and noise at every
+optimizer step as any other split with the same global batch b * A * W, and a resumed run continues
+exactly where the interrupted one stopped.
+"""
+import copy
+import json
+import math
+import os
+import signal
+import sys
+import time
+from contextlib import nullcontext
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from model import DiT, DiTConfig, interpolate, velocity_target
+from prepare_data import ShardStream, iterate_split, load_index
+
+# ----------------------------------------------------------------------------------------------
+# defaults; override with a config file and --key=value (configurator.py)
+# I/O
+data_dir = "data/mnist"       # output of prepare_data.py (holds index.json)
+out_dir = "out/mnist"         # checkpoints, metrics.jsonl, samples/
+resume = "auto"               # 'auto': newest good checkpoint in out_dir if any; 'never'; or a path
+# model (see model.DiTConfig)
+patch_size = 2                # input cells per token side
+hidden = 384                  # width
+depth = 12                    # blocks
+heads = 6                     # attention heads
+mlp_ratio = 4.0               # MLP width / hidden
+qk_norm = True                # RMS-normalise queries and keys
+grad_checkpoint = False       # recompute blocks in backward (memory for compute)
+attn_impl = "auto"            # 'auto' | 'sdpa' | 'math'
+use_class = True              # condition on class labels when the data has them
+use_text = True               # condition on text embeddings when the data has them
+use_image = True              # condition on image embeddings when the data has them
+# rectified flow and guidance dropout (one categorical draw per sample)
+t_sampling = "logit_normal"   # 'logit_normal' (SD3, arXiv:2403.03206) or 'uniform'
+t_loc = 0.0                   # logit-normal location
+t_scale = 1.0                 # logit-normal scale
+p_uncond = 0.1                # probability of dropping every condition (class labels only here)
+p_text_only = 0.0             # probability of keeping the text (and class) but dropping the image
+p_image_only = 0.0            # probability of keeping the image but dropping the text
+flip_prob = 0.0               # probability of using a sample's stored horizontal-flip view
+# batch and budget
+batch_size = 32               # micro-batch per rank, in images
+grad_accum_steps = 1          # micro-batches per optimizer step; global batch = batch_size * this * ranks
+max_steps = 2000              # optimizer steps (ignored when max_images > 0)
+max_images = 0                # training budget in images; sets max_steps = ceil(max_images / global batch)
+# optimizer and schedule
+lr = 3e-4                     # peak learning rate (AdamW)
+min_lr_ratio = 0.1            # cosine decays to lr * min_lr_ratio at max_steps
+warmup_steps = 100            # linear warmup from 0, in optimizer steps
+weight_decay = 0.0            # AdamW decoupled decay on matrices only
+beta1 = 0.9
+beta2 = 0.99
+grad_clip = 1.0               # max global grad norm; 0 = off
+ema_decay = 0.9999            # final EMA decay per optimizer step
+ema_warmup_steps = 1000       # EMA decay ramps linearly from 0 to ema_decay over these steps
+# system
+device = "auto"               # 'auto' | 'cpu' | 'cuda' | 'mps'
+dtype = "auto"                # 'auto' (bf16 where the device has it) | 'bfloat16' | 'float32'
+compile = False               # torch.compile the model (first step takes tens of seconds)
+fsdp = False                  # shard parameters, gradients and optimizer state with FSDP2 instead of DDP
+num_workers = 2               # data-loader processes per rank
+seed = 0
+dist_timeout_s = 600          # a collective that waits longer than this fails the job
+# logging, evaluation and checkpoints
+log_interval = 10             # optimizer steps between log lines
+ckpt_interval = 500           # optimizer steps between checkpoints (a final one is always written)
+keep_last_n = 3               # checkpoints kept, newest first
+keep_every = 0                # also keep every checkpoint whose step is a multiple of this; 0 = none
+sample_interval = 500         # steps between EMA sample grids in out_dir/samples; 0 = only at the end
+sample_steps = 32             # Euler steps for sample grids
+sample_text_scale = 2.0       # guidance scale (text and class) for sample grids
+sample_image_scale = 1.0      # guidance scale (image) for sample grids
+val_interval = 0              # steps between validations on the 'val' split; 0 = off
+val_batches = 8               # validation batches per rank
+grad_warn = 10.0              # warn when the grad norm (before clipping) exceeds this
+max_bad_steps = 5             # stop after this many non-finite steps in a row
+max_hours = 0.0               # save and stop after this many hours; 0 = no limit
+tensorboard = False           # also log to out_dir/tb (needs tensorboard)
+wandb_project = ""            # also log to this W&B project (needs wandb)
+dry_run = False               # print sizes, FLOPs, memory and budget, then exit
+# ----------------------------------------------------------------------------------------------
+from configurator import apply_overrides  # noqa: E402
+
+apply_overrides(globals(), sys.argv[1:])
+config = {k: v for k, v in globals().items()
+          if not k.startswith("_") and isinstance(v, (int, float, bool, str)) and k != "config"}
+
+
+def fail(msg):
+    raise SystemExit(f"train.py: {msg}")
+
+
+if t_sampling not in ("logit_normal", "uniform"):
+    fail(f"t_sampling={t_sampling!r}: expected 'logit_normal' or 'uniform'")
+if p_uncond + p_text_only + p_image_only > 1:
+    fail(f"p_uncond + p_text_only + p_image_only = {p_uncond + p_text_only + p_image_only} > 1")
+for key in ("batch_size", "grad_accum_steps", "keep_last_n", "log_interval", "ckpt_interval"):
+    if globals()[key] < 1:
+        fail(f"{key}={globals()[key]} must be at least 1")
+if dtype not in ("auto", "bfloat16", "float32"):
+    fail(f"dtype={dtype!r}: expected 'auto', 'bfloat16' or 'float32' (fp16 would need loss scaling)")
+
+# ---------------------------------------------------------------------------------------------- device, DDP
+ddp = "RANK" in os.environ
+if device == "auto":
+    device = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+if ddp:
+    rank, world_size, local_rank = (int(os.environ[k]) for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"))
+    if device == "cuda":
+        device = f"cuda:{local_rank}"
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if device.startswith("cuda") else "gloo", timeout=timedelta(seconds=dist_timeout_s))
+else:
+    rank, world_size, local_rank = 0, 1, 0
+if fsdp and not ddp:
+    fail("fsdp=True needs torchrun (a process group); use torchrun --nproc_per_node=N")
+master = rank == 0
+device_type = torch.device(device).type
+if dtype == "auto":
+    bf16_ok = (torch.cuda.is_available() and torch.cuda.is_bf16_supported() if device_type == "cuda"
+               else device_type == "cpu" and torch.cpu._is_avx512_bf16_supported())
+    dtype = "bfloat16" if bf16_ok else "float32"
+autocast = torch.autocast(device_type, dtype=torch.bfloat16) if dtype == "bfloat16" else nullcontext()
+torch.backends.cuda.matmul.allow_tf32 = True
+torch.backends.cudnn.allow_tf32 = True
+
+
+def log(*args):
+    if master:
+        print(*args, flush=True)
+
+
+def all_sum(tensor):
+    """Sum a tensor over ranks (every rank must call this)."""
+    if ddp:
+        dist.all_reduce(tensor)
+    return tensor
+
+
+# ---------------------------------------------------------------------------------------------- data
+index = load_index(data_dir)
+has_val = bool(index["splits"].get("val"))
+if val_interval and not has_val:
+    fail(f"val_interval={val_interval} but {data_dir} has no 'val' split: rerun prepare_data.py with --val_examples=N")
+if flip_prob > 0 and not index["has_flip"]:
+    fail(f"flip_prob={flip_prob} but {data_dir} was prepared without flip views (prepare_data.py --flip=true)")
+global_batch = batch_size * grad_accum_steps * world_size
+if max_images > 0:
+    max_steps = math.ceil(max_images / global_batch)
+buckets = index["buckets"]                            # {"HxW": [H, W]}
+
+# ---------------------------------------------------------------------------------------------- model, EMA, optimizer
+model_args = dict(
+    in_channels=index["channels"], patch_size=patch_size, hidden=hidden, depth=depth, heads=heads,
+    mlp_ratio=mlp_ratio, qk_norm=qk_norm, grad_checkpoint=grad_checkpoint, attn_impl=attn_impl,
+    num_classes=index["num_classes"] if use_class else 0,
+    text_dim=index["text_encoder"]["dim"] if use_text and index["text_encoder"] else 0,
+    image_dim=index["image_encoder"]["dim"] if use_image and index["image_encoder"] else 0)
+try:
+    raw_model = DiT(DiTConfig(**model_args))
+except ValueError as e:
+    fail(e)
+for name, (H, W) in buckets.items():
+    if H % patch_size or W % patch_size:
+        fail(f"bucket {name} is not divisible by patch_size={patch_size}")
+text_len = index["text_encoder"]["max_length"] if model_args["text_dim"] else 0
+largest = max(H * W for H, W in buckets.values())
+H_max, W_max = next((H, W) for H, W in buckets.values() if H * W == largest)
+flops_per_step = 3 * raw_model.flops_per_image(H_max, W_max, text_len) * global_batch   # fwd + bwd = 3x fwd
+n_params = raw_model.num_params()
+
+log(json.dumps(config, indent=1))
+log(f"world size {world_size} | device {device} | dtype {dtype} | global batch {global_batch} = "
+    f"{batch_size} per rank x {grad_accum_steps} accumulation x {world_size} ranks | {max_steps} steps "
+    f"= {max_steps * global_batch:,} images | {n_params / 1e6:.2f}M parameters | "
+    f"{flops_per_step / 1e12:.3f} TFLOP per step at {H_max}x{W_max}")
+if dry_run:
+    # Memory per GPU: fp32 weights, grads, two Adam moments and the EMA (20 bytes a parameter,
+    # all but the EMA sharded by FSDP) plus 16-bit activations per block after Korthikanti et al.
+    # 2022 (arXiv:2205.05198): ~N*b*D*(34 + 5*heads*N/D) bytes without, 2*N*b*D with recomputation.
+    N = (H_max // patch_size) * (W_max // patch_size)
+    state_bytes = n_params * (16 / (world_size if fsdp else 1) + 4)
+    per_block = N * batch_size * hidden * (34 + 5 * heads * N / hidden)
+    act_bytes = depth * 2 * N * batch_size * hidden + per_block if grad_checkpoint else depth * per_block
+    log(f"dry run: params {n_params:,} | forward {raw_model.flops_per_image(H_max, W_max, text_len) / 1e9:.2f} "
+        f"GFLOP per image | {flops_per_step / 1e12:.3f} TFLOP per step | memory per GPU ~"
+        f"{(state_bytes + act_bytes) / 2**30:.2f} GiB (states {state_bytes / 2**30:.2f}, activations "
+        f"{act_bytes / 2**30:.2f}) | effective batch {global_batch} | {max_steps} steps")
+    sys.exit(0)
+
+raw_model.to(device)
+ema_model = copy.deepcopy(raw_model).requires_grad_(False).eval()   # fp32 shadow weights
+
+
+def lr_at(step):
+    """Linear warmup over warmup_steps, then cosine from lr to lr * min_lr_ratio at max_steps."""
+    if step < warmup_steps:
+        return lr * (step + 1) / warmup_steps
+    progress = min(1.0, (step - warmup_steps) / max(1, max_steps - warmup_steps))
+    return lr * (min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def ema_decay_at(step):
+    return ema_decay * min(1.0, step / ema_warmup_steps) if ema_warmup_steps else ema_decay
+
+
+# ---------------------------------------------------------------------------------------------- resume
+def checkpoint_paths():
+    """Complete checkpoints in out_dir, newest first (a .tmp file is an interrupted save)."""
+    if not os.path.isdir(out_dir):
+        return []
+    names = [n for n in os.listdir(out_dir) if n.startswith("ckpt-") and n.endswith(".pt")]
+    return [os.path.join(out_dir, n) for n in sorted(names, reverse=True)]
+
+
+def load_checkpoint(path):
+    """Load to CPU without executing code from the file; raise ValueError naming what is wrong."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:   # truncated zip, bad pickle, or a pickle that asks to run code
+        raise ValueError(f"checkpoint {path} cannot be loaded safely ({type(e).__name__}: {str(e)[:200]})") from None
+    missing = {"model", "ema", "optimizer", "step", "micro_batches"} - set(state)
+    if missing:
+        raise ValueError(f"checkpoint {path} lacks {sorted(missing)}")
+    return state
+
+
+state, resume_path = None, None
+if resume not in ("auto", "never"):
+    resume_path = resume
+    try:
+        state = load_checkpoint(resume)
+    except (ValueError, FileNotFoundError) as e:
+        fail(e)
+elif resume == "auto":
+    for path in checkpoint_paths():
+        try:
+            state, resume_path = load_checkpoint(path), path
+            break
+        except ValueError as e:
+            log(f"warning: {e}; falling back to the previous checkpoint")
+if state is not None:
+    if state["model_args"] != model_args:
+        diff = {k: (state["model_args"].get(k), v) for k, v in model_args.items() if state["model_args"].get(k) != v}
+        fail(f"checkpoint {resume_path} was trained with other model settings (checkpoint, now): {diff}")
+    raw_model.load_state_dict(state["model"])
+    ema_model.load_state_dict(state["ema"])
+    saved_batch = state["config"]["batch_size"] * state["config"]["grad_accum_steps"] * state["world_size"]
+    if saved_batch != global_batch:
+        fail(f"checkpoint {resume_path} used global batch {saved_batch}; this run has {global_batch}. "
+             "Keep batch_size * grad_accum_steps * ranks equal to resume exactly.")
+step = state["step"] if state else 0
+micro_batches = step * grad_accum_steps    # per rank; every step consumes grad_accum_steps micro-batches
+best_val = state.get("best_val", float("inf")) if state else float("inf")
+elapsed_before = state.get("elapsed", 0.0) if state else 0.0
+log(f"resuming from {resume_path} at step {step}" if state else "starting from scratch")
+
+if fsdp:   # shard each block and the rest; the EMA is sharded the same way so updates stay local
+    from torch.distributed.fsdp import fully_shard
+    for m in (raw_model, ema_model):
+        for block in m.blocks:
+            fully_shard(block)
+        fully_shard(m)
+    model = raw_model
+elif ddp:
+    model = DDP(raw_model, device_ids=[local_rank] if device_type == "cuda" else None)
+else:
+    model = raw_model
+if compile:
+    model = torch.compile(model)
+# built after sharding: FSDP replaces the parameters with sharded ones
+decay, no_decay = [], []
+for p in raw_model.parameters():
+    (decay if p.dim() >= 2 else no_decay).append(p)
+optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
+                               {"params": no_decay, "weight_decay": 0.0}],
+                              lr=lr, betas=(beta1, beta2), fused=device_type == "cuda")
+if state is not None and fsdp:
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+    set_optimizer_state_dict(raw_model, optimizer, state["optimizer"], options=StateDictOptions(full_state_dict=True))
+elif state is not None:
+    optimizer.load_state_dict(state["optimizer"])
+del state
+
+
+def grad_sync(sync):
+    """DDP all-reduces gradients only on the last micro-step; forward and backward stay inside."""
+    if ddp and not fsdp and not sync:
+        return model.no_sync()
+    if fsdp:
+        raw_model.set_requires_gradient_sync(sync)
+    return nullcontext()
+
+
+def worker_init(_):
+    signal.signal(signal.SIGINT, signal.SIG_IGN)   # Ctrl+C is the main process's to handle
+
+
+stream = ShardStream(data_dir, "train", batch_size=batch_size, rank=rank, world_size=world_size,
+                     seed=seed, start=micro_batches, flip_prob=flip_prob, text_max_length=text_len or None)
+loader = torch.utils.data.DataLoader(stream, batch_size=None, num_workers=num_workers,
+                                     pin_memory=device_type == "cuda", worker_init_fn=worker_init,
+                                     persistent_workers=num_workers > 0)
+batches = iter(loader)
+gen = torch.Generator(device=device)
+
+
+def per_sample_draws(sid, shape):
+    """Timestep, noise and guidance-dropout draw for each sample, keyed by (seed, sample id)."""
+    t, noise, u = [], [], []
+    for s in sid.tolist():
+        gen.manual_seed(seed * 1_000_003 + s)
+        n = torch.randn(shape, generator=gen, device=device)
+        z = torch.randn(1, generator=gen, device=device)
+        uu = torch.rand(2, generator=gen, device=device)
+        t.append(torch.sigmoid(t_loc + t_scale * z) if t_sampling == "logit_normal" else uu[1:])
+        noise.append(n)
+        u.append(uu[:1])
+    return torch.cat(t), torch.stack(noise), torch.cat(u)
+
+
+def to_device(batch):
+    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+
+def conditions(batch):
+    """The model's condition arguments from a batch; None for conditions this model does not use."""
+    return dict(y=batch.get("y") if model_args["num_classes"] else None,
+                text=batch.get("text") if model_args["text_dim"] else None,
+                text_mask=batch.get("text_mask") if model_args["text_dim"] else None,
+                image_emb=batch.get("image_emb") if model_args["image_dim"] else None)
+
+
+# ---------------------------------------------------------------------------------------------- checkpoints
+def save_checkpoint(path):
+    """Write atomically (tmp, fsync, rename). Returns False, keeping older files, if the write fails."""
+    if fsdp:
+        from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                             get_optimizer_state_dict)
+        opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        model_sd = get_model_state_dict(raw_model, options=opts)          # collectives: every rank
+        ema_sd = get_model_state_dict(ema_model, options=opts)
+        optim_sd = get_optimizer_state_dict(raw_model, optimizer, options=opts)
+    else:
+        model_sd, ema_sd, optim_sd = raw_model.state_dict(), ema_model.state_dict(), optimizer.state_dict()
+    ok = True
+    if master:
+        state = dict(model=model_sd, ema=ema_sd, optimizer=optim_sd, step=step, micro_batches=micro_batches,
+                     world_size=world_size, best_val=best_val, elapsed=elapsed_before + time.time() - t_start,
+                     config=config, model_args=model_args,
+                     data={k: index[k] for k in ("space", "channels", "vae", "text_encoder", "image_encoder",
+                                                 "num_classes", "class_names", "buckets")})
+        tmp = path + ".tmp"
+        try:
+            os.makedirs(out_dir, exist_ok=True)
+            with open(tmp, "wb") as f:
+                torch.save(state, f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except OSError as e:
+            ok = False
+            print(f"warning: saving {path} failed ({e}); the previous checkpoints are kept", flush=True)
+            if os.path.exists(tmp):
+                os.remove(tmp)
+    if ddp:
+        dist.barrier()
+    return ok
+
+
+def prune_checkpoints():
+    """Keep the newest keep_last_n and every keep_every-th step; the newest is never deleted."""
+    for i, path in enumerate(checkpoint_paths()):
+        s = int(os.path.basename(path)[5:-3])
+        if i >= keep_last_n and not (keep_every and s % keep_every == 0):
+            os.remove(path)
+
+
+# ---------------------------------------------------------------------------------------------- evaluation
+def sample_grid(tag):
+    """Write an EMA sample grid with fixed seeds to out_dir/samples (rank 0 only, no collectives)."""
+    from sample import decode, euler_sample, guided_velocity, save_grid
+    g = torch.Generator(device=device).manual_seed(seed)
+    if model_args["num_classes"]:
+        per_class = 8
+        n = model_args["num_classes"] * per_class
+        cond = {"y": torch.arange(model_args["num_classes"], device=device).repeat_interleave(per_class)}
+        H, W = H_max, W_max
+        nrow = per_class
+    else:   # conditions of the first validation (else training) samples of the largest bucket
+        split = "val" if has_val else "train"
+        batch = next(b for b in iterate_split(data_dir, split, batch_size=16) if list(b["x"].shape[-2:]) == [H_max, W_max])
+        cond = {k: v for k, v in conditions(to_device(batch)).items() if v is not None}
+        n, (H, W), nrow = len(batch["x"]), (H_max, W_max), 4
+    noise = torch.randn(n, model_args["in_channels"], H, W, generator=g, device=device)
+    v_fn = guided_velocity(ema_model, cond, sample_text_scale, sample_image_scale)
+    with autocast:
+        x = euler_sample(v_fn, noise, sample_steps)
+    path = os.path.join(out_dir, "samples", f"{tag}.png")
+    save_grid(decode(x.float(), index), path, nrow=nrow)
+    return path
+
+
+@torch.no_grad()
+def validate():
+    """Mean velocity loss of the EMA model on the val split at a fixed t grid with fixed noise, so
+    values are comparable across steps; plus how much the text and the image condition change the
+    prediction (a model that ignores one shows ~0 there)."""
+    grid = torch.linspace(0.05, 0.95, 8, device=device)
+    sums = torch.zeros(5, device=device)   # loss sum, count, text effect, image effect, text-vs-image
+    for i, batch in enumerate(iterate_split(data_dir, "val", batch_size=batch_size)):
+        if i // world_size >= val_batches:
+            break
+        if i % world_size != rank:
+            continue
+        batch = to_device(batch)
+        x, cond, valid = batch["x"], conditions(batch), batch["valid"].float()
+        g = torch.Generator(device=device).manual_seed(seed + i)
+        for t_val in grid:
+            noise = torch.randn(x.shape, generator=g, device=device)
+            t = t_val.expand(len(x))
+            xt = interpolate(x, noise, t)
+            with autocast:
+                v = ema_model(xt, t, **cond).float()
+                if model_args["text_dim"] and model_args["image_dim"]:
+                    ones = torch.ones(len(x), dtype=torch.bool, device=device)
+                    v0 = ema_model(xt, t, **cond, drop_y=ones, drop_text=ones, drop_image=ones).float()
+                    v_text = ema_model(xt, t, **cond, drop_image=ones).float()
+                    v_image = ema_model(xt, t, **cond, drop_y=ones, drop_text=ones).float()
+                    per = lambda a, b: ((a - b).pow(2).mean(dim=(1, 2, 3)) * valid).sum()   # noqa: E731
+                    sums[2:] += torch.stack([per(v_text, v0), per(v_image, v0), per(v_text, v_image)])
+            sums[0] += ((v - velocity_target(x, noise)).pow(2).mean(dim=(1, 2, 3)) * valid).sum()
+            sums[1] += valid.sum()
+    sums = all_sum(sums)
+    count = sums[1].clamp(min=1)
+    out = {"val_loss": (sums[0] / count).item()}
+    if model_args["text_dim"] and model_args["image_dim"]:
+        out.update(text_effect=(sums[2] / count).item(), image_effect=(sums[3] / count).item(),
+                   text_vs_image=(sums[4] / count).item())
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- logging
+writer = None
+if master and tensorboard:
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        fail("tensorboard=True but the tensorboard package is missing: pip install tensorboard")
+    writer = SummaryWriter(os.path.join(out_dir, "tb"))
+if master and wandb_project:
+    try:
+        import wandb
+    except ImportError:
+        fail(f"wandb_project={wandb_project!r} but the wandb package is missing: pip install wandb")
+    wandb.init(project=wandb_project, config=config, resume="allow")
+
+
+def write_metrics(record):
+    if not master:
+        return
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, "metrics.jsonl"), "a") as f:
+        f.write(json.dumps(record) + "\n")
+    if writer:
+        for k, v in record.items():
+            if k != "step" and isinstance(v, (int, float)):
+                writer.add_scalar(k, v, record["step"])
+    if wandb_project:
+        wandb.log(record, step=record["step"])
+
+
+# ---------------------------------------------------------------------------------------------- signals
+stop_reason = None
+
+
+def request_stop(signum, frame):
+    global stop_reason
+    if stop_reason is not None:        # a second signal: leave now
+        os._exit(128 + signum)
+    stop_reason = signal.Signals(signum).name
+    print(f"rank {rank}: {stop_reason} received; finishing this step, saving, exiting (again to quit now)", flush=True)
+
+
+signal.signal(signal.SIGINT, request_stop)
+signal.signal(signal.SIGTERM, request_stop)
+# Fault injection for tests: NANODIT_INJECT="nan@3,oom@5" poisons the batch / raises OOM at those steps.
+inject = {}
+for item in filter(None, os.environ.get("NANODIT_INJECT", "").split(",")):
+    kind, _, at = item.partition("@")
+    inject.setdefault(int(at), set()).add(kind)
+
+# ---------------------------------------------------------------------------------------------- loop
+N_BINS = 4                                          # t bins for the per-t loss: [0, .25), ... [.75, 1]
+stats = torch.zeros(3 + 2 * N_BINS, device=device)  # loss sum, valid count, |v| sum, bin sums, bin counts
+bad_in_a_row = bad_steps = oom_steps = bad_samples = 0
+grad_norm_max = 0.0
+t_start = t_log = time.time()
+step_at_log = step
+last_ckpt_step = step
+if ddp:
+    dist.barrier()
+while step < max_steps:
+    lr_now = lr_at(step)
+    for group in optimizer.param_groups:
+        group["lr"] = lr_now
+    loss_step = torch.zeros((), device=device)
+    try:
+        for micro in range(grad_accum_steps):
+            batch = to_device(next(batches))
+            micro_batches += 1
+            x, valid = batch["x"], batch["valid"]                  # (B, C, H, W), (B,) bool
+            bad_samples += batch["n_bad"]
+            if "nan" in inject.get(step, ()):
+                x = x.clone()
+                x[0] = float("nan")
+            if "oom" in inject.get(step, ()) and micro == 0:
+                raise torch.OutOfMemoryError("injected out-of-memory (NANODIT_INJECT)")
+            t, noise, u = per_sample_draws(batch["sid"], x.shape[1:])   # (B,), (B, C, H, W), (B,)
+            xt = interpolate(x, noise, t)
+            drop_all = u < p_uncond
+            drop_image = drop_all | ((u >= p_uncond) & (u < p_uncond + p_text_only))
+            drop_text = drop_all | ((u >= p_uncond + p_text_only) & (u < p_uncond + p_text_only + p_image_only))
+            with grad_sync(micro == grad_accum_steps - 1):
+                with autocast:
+                    v = model(xt, t, **conditions(batch), drop_y=drop_all, drop_text=drop_text, drop_image=drop_image)
+                per_sample = (v.float() - velocity_target(x, noise)).pow(2).mean(dim=(1, 2, 3))   # (B,)
+                per_sample = per_sample * valid          # unreadable samples add nothing
+                # mean over the nominal batch, so k micro-batches sum to the mean of one k-times batch
+                loss = per_sample.sum() / (batch_size * grad_accum_steps)
+                loss.backward()
+            with torch.no_grad():
+                loss_step += loss.detach()
+                bins = (t * N_BINS).long().clamp(max=N_BINS - 1)
+                stats[0] += per_sample.sum()
+                stats[1] += valid.sum()
+                stats[2] += (v.detach().float().pow(2).mean(dim=(1, 2, 3)).sqrt() * valid).sum()
+                stats[3:3 + N_BINS].index_add_(0, bins, per_sample)
+                stats[3 + N_BINS:].index_add_(0, bins, valid.float())
+    except torch.OutOfMemoryError as e:
+        if ddp:
+            raise   # the other ranks are inside a collective: only a restart resynchronises them
+        del e
+        optimizer.zero_grad(set_to_none=True)
+        if device_type == "cuda":
+            torch.cuda.empty_cache()
+        oom_steps += 1
+        log(f"step {step}: out of memory; batch skipped ({oom_steps} so far)")
+        for _ in range(micro_batches, (step + 1) * grad_accum_steps):   # keep the data position
+            next(batches)
+        micro_batches = (step + 1) * grad_accum_steps
+        step += 1
+        continue
+    params = [p for p in raw_model.parameters() if p.grad is not None]
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, grad_clip if grad_clip > 0 else float("inf"))
+    if hasattr(grad_norm, "full_tensor"):          # FSDP returns a DTensor
+        grad_norm = grad_norm.full_tensor()
+    grad_norm = grad_norm.item()                   # identical on every rank: grads are already reduced
+    finite = math.isfinite(grad_norm) and math.isfinite(loss_step.item())
+    if finite:
+        optimizer.step()
+        with torch.no_grad():
+            ema_params, params = list(ema_model.parameters()), list(raw_model.parameters())
+            torch._foreach_lerp_(ema_params, params, 1.0 - ema_decay_at(step))
+        bad_in_a_row = 0
+        grad_norm_max = max(grad_norm_max, grad_norm)
+        if grad_norm > grad_warn:
+            log(f"warning: step {step}: grad norm {grad_norm:.2f} above grad_warn={grad_warn}")
+    else:
+        bad_in_a_row += 1
+        bad_steps += 1
+        log(f"step {step}: non-finite loss or gradient; update skipped ({bad_in_a_row} in a row)")
+    optimizer.zero_grad(set_to_none=True)
+    step += 1
+
+    if max_hours and time.time() - t_start > max_hours * 3600 and stop_reason is None:
+        stop_reason = f"max_hours={max_hours}"
+    if bad_in_a_row >= max_bad_steps:
+        stop_reason = f"{bad_in_a_row} non-finite steps in a row (max_bad_steps={max_bad_steps})"
+    stop = torch.tensor(float(stop_reason is not None), device=device)
+    if ddp:
+        dist.all_reduce(stop, op=dist.ReduceOp.MAX)   # every rank stops at the same step
+
+    if step % log_interval == 0 or step == max_steps or stop:
+        stats = all_sum(stats)
+        now = time.time()
+        n = stats[1].clamp(min=1).item()
+        ips = (step - step_at_log) * global_batch / (now - t_log)
+        record = dict(step=step, loss=stats[0].item() / n, grad_norm=grad_norm, grad_norm_max=grad_norm_max,
+                      lr=lr_now, img_per_s=ips, v_norm=stats[2].item() / n,
+                      elapsed_s=elapsed_before + now - t_start,
+                      eta_s=(max_steps - step) * global_batch / max(ips, 1e-9),
+                      bad_steps=bad_steps, oom_steps=oom_steps, bad_samples=bad_samples)
+        for b in range(N_BINS):
+            record[f"loss_t{b}"] = stats[3 + b].item() / max(stats[3 + N_BINS + b].item(), 1)
+        log(f"step {step}/{max_steps} | loss {record['loss']:.4f} | grad {grad_norm:.3f} | lr {lr_now:.2e} | "
+            f"{ips:.1f} img/s | elapsed {record['elapsed_s'] / 60:.1f} min | eta {record['eta_s'] / 60:.1f} min")
+        write_metrics(record)
+        stats.zero_()
+        grad_norm_max, t_log, step_at_log = 0.0, now, step
+    if val_interval and (step % val_interval == 0 or step == max_steps):
+        val = validate()
+        log(f"step {step} | validation " + " | ".join(f"{k} {v:.4f}" for k, v in val.items()))
+        write_metrics(dict(step=step, **val))
+        if val["val_loss"] < best_val:
+            best_val = val["val_loss"]
+            save_checkpoint(os.path.join(out_dir, "best.pt"))
+    if master and (sample_interval and step % sample_interval == 0 or step == max_steps):
+        log(f"samples: {sample_grid(f'step-{step:08d}')}")
+    if step % ckpt_interval == 0 or step == max_steps or stop:
+        if save_checkpoint(os.path.join(out_dir, f"ckpt-{step:08d}.pt")) and master:
+            prune_checkpoints()
+        last_ckpt_step = step
+    if stop:
+        log(f"stopping at step {step}: {stop_reason or 'another rank asked to stop'}")
+        break
+
+# ---------------------------------------------------------------------------------------------- teardown
+if writer:
+    writer.close()
+if ddp:
+    dist.destroy_process_group()
+if bad_in_a_row >= max_bad_steps:
+    sys.exit(f"train.py: stopped after {bad_in_a_row} non-finite steps in a row; last checkpoint at step {last_ckpt_step}")
