@@ -11,6 +11,7 @@ optimizer step as any other split with the same global batch b * A * W, and a re
 exactly where the interrupted one stopped.
 """
 import copy
+import errno
 import json
 import math
 import os
@@ -82,7 +83,7 @@ log_interval = 10             # optimizer steps between log lines
 ckpt_interval = 500           # optimizer steps between checkpoints (a final one is always written)
 keep_last_n = 3               # checkpoints kept, newest first
 keep_every = 0                # also keep every checkpoint whose step is a multiple of this; 0 = none
-sample_interval = 500         # steps between EMA sample grids in out_dir/samples; 0 = only at the end
+sample_interval = 500         # steps between EMA sample grids in out_dir/samples (and one at the end); 0 = off
 sample_steps = 32             # Euler steps for sample grids
 sample_text_scale = 2.0       # guidance scale (text and class) for sample grids
 sample_image_scale = 1.0      # guidance scale (image) for sample grids
@@ -172,6 +173,7 @@ model_args = dict(
     num_classes=index["num_classes"] if use_class else 0,
     text_dim=index["text_encoder"]["dim"] if use_text and index["text_encoder"] else 0,
     image_dim=index["image_encoder"]["dim"] if use_image and index["image_encoder"] else 0)
+torch.manual_seed(seed)   # the same initial weights on every rank and for every batch split (FSDP does not broadcast)
 try:
     raw_model = DiT(DiTConfig(**model_args))
 except ValueError as e:
@@ -265,6 +267,9 @@ if state is not None:
     if saved_batch != global_batch:
         fail(f"checkpoint {resume_path} used global batch {saved_batch}; this run has {global_batch}. "
              "Keep batch_size * grad_accum_steps * ranks equal to resume exactly.")
+    if state["config"].get("fsdp", False) != fsdp:   # FSDP saves optimizer state by parameter name, DDP by index
+        fail(f"checkpoint {resume_path} was written with fsdp={state['config'].get('fsdp', False)}; "
+             f"resume it with the same setting")
 step = state["step"] if state else 0
 micro_batches = step * grad_accum_steps    # per rank; every step consumes grad_accum_steps micro-batches
 best_val = state.get("best_val", float("inf")) if state else float("inf")
@@ -371,6 +376,8 @@ def save_checkpoint(path):
             os.makedirs(out_dir, exist_ok=True)
             with open(tmp, "wb") as f:
                 torch.save(state, f)
+                if "diskfull" in inject.get(step, ()):
+                    raise OSError(errno.ENOSPC, "No space left on device (NANODIT_INJECT)")
                 f.flush()
                 os.fsync(f.fileno())
             os.replace(tmp, path)
@@ -393,8 +400,24 @@ def prune_checkpoints():
 
 
 # ---------------------------------------------------------------------------------------------- evaluation
-def sample_grid(tag):
-    """Write an EMA sample grid with fixed seeds to out_dir/samples (rank 0 only, no collectives)."""
+def plain_ema():
+    """The EMA as an ordinary module on rank 0 (None elsewhere). Under FSDP the EMA is sharded and its
+    forward needs every rank, so this gathers the full weights into an unsharded copy: call it on
+    every rank."""
+    if not fsdp:
+        return ema_model
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    ema_sd = get_model_state_dict(ema_model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if not master:
+        return None
+    with torch.device("meta"):     # no init work and no draws from the global RNG
+        net = DiT(DiTConfig(**model_args))
+    net.load_state_dict(ema_sd, assign=True)
+    return net.to(device).requires_grad_(False).eval()
+
+
+def sample_grid(tag, net):
+    """Write a sample grid of `net` (plain_ema()) with fixed seeds to out_dir/samples (rank 0 only, no collectives)."""
     from sample import decode, euler_sample, guided_velocity, save_grid
     g = torch.Generator(device=device).manual_seed(seed)
     if model_args["num_classes"]:
@@ -409,7 +432,7 @@ def sample_grid(tag):
         cond = {k: v for k, v in conditions(to_device(batch)).items() if v is not None}
         n, (H, W), nrow = len(batch["x"]), (H_max, W_max), 4
     noise = torch.randn(n, model_args["in_channels"], H, W, generator=g, device=device)
-    v_fn = guided_velocity(ema_model, cond, sample_text_scale, sample_image_scale)
+    v_fn = guided_velocity(net, cond, sample_text_scale, sample_image_scale)
     with autocast:
         x = euler_sample(v_fn, noise, sample_steps)
     path = os.path.join(out_dir, "samples", f"{tag}.png")
@@ -424,13 +447,14 @@ def validate():
     prediction (a model that ignores one shows ~0 there)."""
     grid = torch.linspace(0.05, 0.95, 8, device=device)
     sums = torch.zeros(5, device=device)   # loss sum, count, text effect, image effect, text-vs-image
-    for i, batch in enumerate(iterate_split(data_dir, "val", batch_size=batch_size)):
-        if i // world_size >= val_batches:
-            break
-        if i % world_size != rank:
-            continue
-        batch = to_device(batch)
-        x, cond, valid = batch["x"], conditions(batch), batch["valid"].float()
+    n = min(val_batches * world_size, sum(math.ceil(sum(s["count"] for s in shards) / batch_size)
+                                          for shards in index["splits"]["val"].values()))   # batches
+    mine = [b for i, b in zip(range(n), iterate_split(data_dir, "val", batch_size=batch_size)) if i % world_size == rank]
+    mine = mine or [next(iterate_split(data_dir, "val", batch_size=batch_size))]
+    for j in range(math.ceil(n / world_size)):   # as many forwards on every rank: under FSDP each needs all ranks
+        i = j * world_size + rank                  # batch i; a rank short of batches reruns one with weight 0
+        batch = to_device(mine[min(j, len(mine) - 1)])
+        x, cond, valid = batch["x"], conditions(batch), batch["valid"].float() * (i < n)
         g = torch.Generator(device=device).manual_seed(seed + i)
         for t_val in grid:
             noise = torch.randn(x.shape, generator=g, device=device)
@@ -488,23 +512,33 @@ def write_metrics(record):
 
 # ---------------------------------------------------------------------------------------------- signals
 stop_reason = None
+signalled_at = None   # time of the first stop signal
+SIGNAL_ECHO_S = 2.0   # signals this close together are one request: a terminal's Ctrl+C reaches both torchrun
+                      # and the ranks, and torchrun forwards it; SLURM signals every process of the step too
 
 
 def request_stop(signum, frame):
-    global stop_reason
-    if stop_reason is not None:        # a second signal: leave now
-        os._exit(128 + signum)
+    global stop_reason, signalled_at
+    if signalled_at is not None:
+        if time.time() - signalled_at > SIGNAL_ECHO_S:   # a second request: leave now
+            os._exit(128 + signum)
+        return
+    signalled_at = time.time()
     stop_reason = signal.Signals(signum).name
     print(f"rank {rank}: {stop_reason} received; finishing this step, saving, exiting (again to quit now)", flush=True)
 
 
 signal.signal(signal.SIGINT, request_stop)
 signal.signal(signal.SIGTERM, request_stop)
-# Fault injection for tests: NANODIT_INJECT="nan@3,oom@5" poisons the batch / raises OOM at those steps.
+# Fault injection for tests, NANODIT_INJECT="kind@step,...": nan (poisons a sample of the batch), oom
+# (raises out-of-memory), sigterm (signals this process), diskfull (the checkpoint write fails), raise
+# (a plain error). "kind@step:rank" injects on that rank only.
 inject = {}
 for item in filter(None, os.environ.get("NANODIT_INJECT", "").split(",")):
     kind, _, at = item.partition("@")
-    inject.setdefault(int(at), set()).add(kind)
+    at, _, only_rank = at.partition(":")
+    if not only_rank or int(only_rank) == rank:
+        inject.setdefault(int(at), set()).add(kind)
 
 # ---------------------------------------------------------------------------------------------- loop
 N_BINS = 4                                          # t bins for the per-t loss: [0, .25), ... [.75, 1]
@@ -530,8 +564,12 @@ while step < max_steps:
             if "nan" in inject.get(step, ()):
                 x = x.clone()
                 x[0] = float("nan")
+            if "sigterm" in inject.get(step, ()) and micro == 0:
+                os.kill(os.getpid(), signal.SIGTERM)
             if "oom" in inject.get(step, ()) and micro == 0:
                 raise torch.OutOfMemoryError("injected out-of-memory (NANODIT_INJECT)")
+            if "raise" in inject.get(step, ()) and micro == 0:
+                raise RuntimeError(f"rank {rank}: injected failure at step {step} (NANODIT_INJECT)")
             t, noise, u = per_sample_draws(batch["sid"], x.shape[1:])   # (B,), (B, C, H, W), (B,)
             xt = interpolate(x, noise, t)
             drop_all = u < p_uncond
@@ -621,8 +659,10 @@ while step < max_steps:
         if val["val_loss"] < best_val:
             best_val = val["val_loss"]
             save_checkpoint(os.path.join(out_dir, "best.pt"))
-    if master and (sample_interval and step % sample_interval == 0 or step == max_steps):
-        log(f"samples: {sample_grid(f'step-{step:08d}')}")
+    if sample_interval and (step % sample_interval == 0 or step == max_steps):
+        net = plain_ema()                                 # a collective under FSDP: every rank
+        if master:
+            log(f"samples: {sample_grid(f'step-{step:08d}', net)}")
     if step % ckpt_interval == 0 or step == max_steps or stop:
         if save_checkpoint(os.path.join(out_dir, f"ckpt-{step:08d}.pt")) and master:
             prune_checkpoints()

@@ -1,0 +1,276 @@
+"""train.py end to end, run as a user runs it: learning, accumulation, checkpoints and exact resume,
+stops, faults and monitoring."""
+import json
+import os
+import pickle
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from conftest import REPO, TINY, run
+
+
+def ckpts(out):
+    return sorted(p for p in os.listdir(out) if p.startswith("ckpt-") and p.endswith(".pt"))
+
+
+def load(path):
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def metrics(out):
+    with open(os.path.join(out, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def flat(state_dict):
+    return {k: v for k, v in state_dict.items() if torch.is_tensor(v)}
+
+
+def assert_same_state(a, b, exact=True, atol=0.0):
+    """Model, EMA and optimizer state of two checkpoints are equal (bitwise when exact)."""
+    for part in ("model", "ema"):
+        assert a[part].keys() == b[part].keys()
+        for k in a[part]:
+            if exact:
+                assert torch.equal(a[part][k], b[part][k]), f"{part}.{k} differs"
+            else:
+                assert torch.allclose(a[part][k], b[part][k], atol=atol, rtol=0), f"{part}.{k} differs"
+    sa, sb = a["optimizer"]["state"], b["optimizer"]["state"]
+    assert sa.keys() == sb.keys()
+    for i in sa:
+        for k in sa[i]:
+            if exact:
+                assert torch.equal(sa[i][k], sb[i][k]), f"optimizer state {i}.{k} differs"
+            else:
+                assert torch.allclose(sa[i][k], sb[i][k], atol=atol, rtol=0), f"optimizer state {i}.{k} differs"
+
+
+def test_tiny_model_overfits_a_handful_of_images(tmp_path):
+    data = tmp_path / "data"
+    run("prepare_data.py", f"--out_dir={data}", "--max_examples=8")
+    out = tmp_path / "out"
+    # 8 digits in one batch, class-conditional: an untrained (zero-output) model scores
+    # E|noise - x|^2 = 1 + E[x^2] ~ 1.8 on MNIST in [-1, 1]; memorising the 8 images drives it down
+    run("train.py", *TINY, f"--data_dir={data}", f"--out_dir={out}", "--hidden=64", "--heads=4",
+        "--max_steps=400", "--lr=2e-3", "--log_interval=50", "--ckpt_interval=1000", "--p_uncond=0")
+    m = metrics(out)
+    first, last = m[0]["loss"], sum(r["loss"] for r in m[-2:]) / 2
+    assert first > 0.9 and last < 0.45, (first, last)
+
+
+def test_checkpoint_is_weights_only_and_sampling_reproduces(tmp_path, mnist_dir):
+    out = tmp_path / "out"
+    run("train.py", *TINY, f"--data_dir={mnist_dir}", f"--out_dir={out}", "--max_steps=4", "--ckpt_interval=2")
+    assert ckpts(out) == ["ckpt-00000002.pt", "ckpt-00000004.pt"]
+    state = load(out / "ckpt-00000004.pt")                      # weights_only=True
+    assert state["step"] == 4 and state["micro_batches"] == 4 and not any(
+        k.startswith(("module.", "_orig_mod.")) for k in state["model"])
+    shots = []
+    for name, seed in (("a", 1), ("b", 1), ("c", 2)):
+        run("sample.py", f"--ckpt={out}", "--steps=4", "--per_class=2", f"--seed={seed}", f"--out={tmp_path / name}.png",
+            "--dtype=float32")
+        shots.append((tmp_path / f"{name}.png").read_bytes())
+        settings = json.loads((tmp_path / f"{name}.json").read_text())
+        assert settings["seed"] == seed and settings["step"] == 4 and settings["checkpoint"].endswith("ckpt-00000004.pt")
+    assert shots[0] == shots[1] and shots[0] != shots[2]
+
+
+def test_gradient_accumulation_equals_a_larger_batch(tmp_path, mnist_dir):
+    """k micro-batches of b equal one batch of k*b: same samples, same per-sample noise and t, and
+    the loss normalised by the nominal batch, so the weights agree to float rounding."""
+    outs = []
+    for b, k in ((8, 2), (16, 1), (4, 4)):
+        out = tmp_path / f"b{b}k{k}"
+        run("train.py", *TINY, f"--data_dir={mnist_dir}", f"--out_dir={out}", f"--batch_size={b}",
+            f"--grad_accum_steps={k}", "--max_steps=5", "--ckpt_interval=5")
+        outs.append((load(out / "ckpt-00000005.pt"), metrics(out)))
+    for state, m in outs[1:]:
+        assert_same_state(outs[0][0], state, exact=False, atol=2e-6)
+        assert [r["loss"] for r in m] == pytest.approx([r["loss"] for r in outs[0][1]], rel=1e-5)
+    # and the check has teeth: another seed gives other weights
+    out = tmp_path / "seed1"
+    run("train.py", *TINY, f"--data_dir={mnist_dir}", f"--out_dir={out}", "--batch_size=16", "--max_steps=5",
+        "--ckpt_interval=5", "--seed=1")
+    with pytest.raises(AssertionError):
+        assert_same_state(outs[0][0], load(out / "ckpt-00000005.pt"), exact=False, atol=2e-6)
+
+
+@pytest.mark.slow
+def test_resume_is_bitwise_exact_with_shards_and_workers(tmp_path, mnist_dir):
+    """N steps straight == stop at N/2 (a real SIGTERM), resume, N/2 more: model, EMA, optimizer."""
+    common = [*TINY, f"--data_dir={mnist_dir}", "--max_steps=8", "--ckpt_interval=100", "--num_workers=2",
+              "--batch_size=16", "--val_interval=4", "--flip_prob=0"]
+    run("train.py", *common, f"--out_dir={tmp_path / 'straight'}")
+    out = tmp_path / "resumed"
+    first = run("train.py", *common, f"--out_dir={out}", env={"NANODIT_INJECT": "sigterm@3"})
+    assert "SIGTERM received" in first.stdout and ckpts(out) == ["ckpt-00000004.pt"]
+    second = run("train.py", *common, f"--out_dir={out}")
+    assert "resuming from" in second.stdout and "at step 4" in second.stdout
+    a, b = load(tmp_path / "straight" / "ckpt-00000008.pt"), load(out / "ckpt-00000008.pt")
+    assert_same_state(a, b, exact=True)
+    assert a["micro_batches"] == b["micro_batches"] == 8
+    # the logged losses of the resumed half equal the straight run's
+    straight = {r["step"]: r["loss"] for r in metrics(tmp_path / "straight") if "loss" in r}
+    resumed = {r["step"]: r["loss"] for r in metrics(out) if "loss" in r and r["step"] > 4}
+    assert resumed and all(straight[s] == v for s, v in resumed.items())
+
+
+def test_sigterm_saves_the_current_step_and_exits_zero(tmp_path, mnist_dir):
+    out = tmp_path / "out"
+    proc = subprocess.Popen([sys.executable, "train.py", *TINY, f"--data_dir={mnist_dir}", f"--out_dir={out}",
+                             "--max_steps=100000", "--ckpt_interval=100000"], cwd=REPO, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 60
+    while not (out / "metrics.jsonl").exists() or len(metrics(out)) < 3:
+        assert time.time() < deadline and proc.poll() is None
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGTERM)
+    text = proc.communicate(timeout=60)[0]
+    assert proc.returncode == 0, text
+    last = metrics(out)[-1]["step"]
+    assert ckpts(out) == [f"ckpt-{last:08d}.pt"] and load(out / ckpts(out)[0])["step"] == last
+    assert "stopping at step" in text and "SIGTERM" in text
+
+
+@pytest.mark.slow
+def test_kill_9_at_random_moments_always_leaves_a_loadable_checkpoint(tmp_path, mnist_dir):
+    """Saves every step, so kills land during saves too; every time the newest complete checkpoint
+    loads and the run resumes from it, and the run completes in the end."""
+    out = tmp_path / "out"
+    args = [sys.executable, "train.py", *TINY, f"--data_dir={mnist_dir}", f"--out_dir={out}", "--hidden=64",
+            "--heads=4", "--max_steps=60", "--ckpt_interval=1", "--keep_last_n=2", "--log_interval=5"]
+    rng = torch.Generator().manual_seed(0)
+    for i in range(4):
+        before = ckpts(out) if out.exists() else []
+        proc = subprocess.Popen(args, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.time() + 60                       # wait for a fresh save, then a random delay
+        while (ckpts(out) if out.exists() else []) == before:
+            assert time.time() < deadline and proc.poll() is None
+            time.sleep(0.02)
+        time.sleep(0.05 + 0.3 * torch.rand(1, generator=rng).item())
+        proc.kill()
+        proc.wait()
+        state = load(out / ckpts(out)[-1])
+        assert state["step"] >= 1
+    run(*args[1:])
+    assert load(out / ckpts(out)[-1])["step"] == 60 and not any(n.endswith(".tmp") for n in os.listdir(out))
+
+
+def test_nan_batch_is_skipped_and_counted(tmp_path, mnist_dir):
+    out = tmp_path / "out"
+    proc = run("train.py", *TINY, f"--data_dir={mnist_dir}", f"--out_dir={out}", "--max_steps=6",
+               env={"NANODIT_INJECT": "nan@2"})
+    assert "step 2: non-finite loss or gradient; update skipped" in proc.stdout
+    m = metrics(out)
+    assert m[-1]["bad_steps"] == 1 and m[-1]["step"] == 6
+    state = load(out / "ckpt-00000006.pt")
+    assert all(torch.isfinite(v).all() for v in state["model"].values())
+
+
+def test_repeated_nans_stop_with_a_checkpoint(tmp_path, mnist_dir):
+    out = tmp_path / "out"
+    proc = run("train.py", *TINY, f"--data_dir={mnist_dir}", f"--out_dir={out}", "--max_steps=50",
+               "--max_bad_steps=3", env={"NANODIT_INJECT": "nan@2,nan@3,nan@4"}, check=False)
+    assert proc.returncode != 0 and "stopped after 3 non-finite steps in a row" in proc.stderr
+    assert ckpts(out) == ["ckpt-00000005.pt"]
+
+
+def test_out_of_memory_batch_is_skipped(tmp_path, mnist_dir):
+    out = tmp_path / "out"
+    proc = run("train.py", *TINY, f"--data_dir={mnist_dir}", f"--out_dir={out}", "--max_steps=5",
+               "--grad_accum_steps=2", env={"NANODIT_INJECT": "oom@1"})
+    assert "step 1: out of memory; batch skipped" in proc.stdout
+    state = load(out / "ckpt-00000005.pt")
+    assert metrics(out)[-1]["oom_steps"] == 1 and state["micro_batches"] == 10   # data position kept
+
+
+def test_corrupt_checkpoint_falls_back_and_crafted_pickle_is_refused(tmp_path, mnist_dir):
+    out = tmp_path / "out"
+    common = [*TINY, f"--data_dir={mnist_dir}", f"--out_dir={out}", "--ckpt_interval=2"]
+    run("train.py", *common, "--max_steps=4")
+    newest = out / "ckpt-00000004.pt"
+    newest.write_bytes(newest.read_bytes()[:1000])               # truncated, as by a failing disk
+    (out / "ckpt-00000006.pt.tmp").write_bytes(b"partial")       # an interrupted save is ignored
+    proc = run("train.py", *common, "--max_steps=6")
+    assert "ckpt-00000004.pt cannot be loaded safely" in proc.stdout and "falling back" in proc.stdout
+    assert "resuming from" in proc.stdout and "at step 2" in proc.stdout
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, (f"touch {tmp_path / 'pwned'}",))
+    crafted = tmp_path / "evil.pt"
+    with open(crafted, "wb") as f:
+        pickle.dump({"model": Evil()}, f)
+    proc = run("train.py", *common, "--max_steps=8", f"--resume={crafted}", check=False)
+    assert proc.returncode != 0 and "cannot be loaded safely" in proc.stderr
+    proc = run("sample.py", f"--ckpt={crafted}", check=False)
+    assert proc.returncode != 0 and "cannot load checkpoint" in proc.stderr
+    assert not (tmp_path / "pwned").exists()
+
+
+def test_failed_save_keeps_previous_checkpoints(tmp_path, mnist_dir):
+    out = tmp_path / "out"
+    proc = run("train.py", *TINY, f"--data_dir={mnist_dir}", f"--out_dir={out}", "--max_steps=6",
+               "--ckpt_interval=2", "--keep_last_n=1", env={"NANODIT_INJECT": "diskfull@6"})
+    assert "saving" in proc.stdout and "failed" in proc.stdout and "previous checkpoints are kept" in proc.stdout
+    assert ckpts(out) == ["ckpt-00000004.pt"] and not any(n.endswith(".tmp") for n in os.listdir(out))
+    assert load(out / "ckpt-00000004.pt")["step"] == 4
+
+
+def test_retention_keeps_last_n_and_every_kth(tmp_path, mnist_dir):
+    out = tmp_path / "out"
+    run("train.py", *TINY, f"--data_dir={mnist_dir}", f"--out_dir={out}", "--max_steps=9", "--ckpt_interval=1",
+        "--keep_last_n=2", "--keep_every=4")
+    assert ckpts(out) == ["ckpt-00000004.pt", "ckpt-00000008.pt", "ckpt-00000009.pt"]
+
+
+def test_validation_best_checkpoint_and_monitoring(tmp_path, mnist_dir):
+    out = tmp_path / "out"
+    run("train.py", *TINY, f"--data_dir={mnist_dir}", f"--out_dir={out}", "--max_steps=6", "--val_interval=3",
+        "--val_batches=2", "--sample_interval=3", "--sample_steps=2")
+    m = metrics(out)
+    vals = [r for r in m if "val_loss" in r]
+    assert [r["step"] for r in vals] == [3, 6] and all(r["val_loss"] > 0 for r in vals)
+    best = load(out / "best.pt")
+    assert best["best_val"] == min(r["val_loss"] for r in vals)
+    train = [r for r in m if "loss" in r]
+    for key in ("loss_t0", "loss_t3", "v_norm", "grad_norm", "lr", "img_per_s", "eta_s"):
+        assert key in train[-1]
+    assert sorted(os.listdir(out / "samples")) == ["step-00000003.png", "step-00000006.png"]
+
+
+def test_max_hours_stops_cleanly(tmp_path, mnist_dir):
+    out = tmp_path / "out"
+    proc = run("train.py", *TINY, f"--data_dir={mnist_dir}", f"--out_dir={out}", "--max_steps=100000",
+               "--max_hours=0.0000001")
+    assert "stopping at step 1: max_hours" in proc.stdout and ckpts(out) == ["ckpt-00000001.pt"]
+
+
+def test_dry_run_prints_the_plan_and_writes_nothing(tmp_path, mnist_dir):
+    out = tmp_path / "out"
+    proc = run("train.py", "config/small.py", f"--data_dir={mnist_dir}", f"--out_dir={out}", "--dry_run")
+    text = proc.stdout
+    assert "dry run: params" in text and "GiB" in text and "effective batch 8" in text and "50000 steps" in text
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["--max_step=3"], "unknown config key 'max_step' (nearest valid: max_steps"),
+    (["--batch_size=0"], "batch_size=0 must be at least 1"),
+    (["--p_uncond=0.8", "--p_text_only=0.5"], "> 1"),
+    (["--val_interval=5", "--data_dir=WITHOUT_VAL"], "has no 'val' split"),
+    (["--flip_prob=0.5"], "prepared without flip views"),
+    (["--hidden=30", "--heads=4"], "hidden=30 is not divisible by heads=4"),
+    (["--data_dir=/nonexistent"], "/nonexistent"),
+])
+def test_bad_config_names_the_problem(tmp_path, mnist_dir, args, needle):
+    if "--data_dir=WITHOUT_VAL" in args:
+        data = tmp_path / "noval"
+        run("prepare_data.py", f"--out_dir={data}", "--max_examples=20")
+        args = [a.replace("WITHOUT_VAL", str(data)) for a in args]
+    proc = run("train.py", *TINY, f"--data_dir={mnist_dir}", f"--out_dir={tmp_path / 'o'}", *args, check=False)
+    assert proc.returncode != 0 and needle in proc.stderr, proc.stderr[-2000:]
