@@ -31,7 +31,7 @@ per_class = 8        # images per class (one grid row per class)
 prompts = ""         # text file, one prompt per line (encoded with the checkpoint's text encoder)
 images = ""          # comma-separated image paths for image conditioning (checkpoint's image encoder)
 num = 16             # images per prompt/image, or in total for an unconditional model
-height = 0           # output size in model input cells; 0 = the largest training bucket
+height = 0           # output size in pixels; 0 = the largest training bucket
 width = 0
 seed = 0
 ema = True           # sample with the EMA weights (false: the raw trained weights)
@@ -88,13 +88,9 @@ def decode(x, meta):
     through the VAE named in the data index, undoing the stored scaling and shift."""
     if meta["space"] == "pixels":
         return ((x + 1) / 2).clamp(0, 1)
-    try:
-        from diffusers import AutoencoderKL
-    except ImportError:
-        raise SystemExit("decoding latents needs diffusers: pip install diffusers") from None
-    vae_meta = meta["vae"]
-    vae = AutoencoderKL.from_pretrained(vae_meta["name"]).to(x.device).eval()
-    z = x / vae_meta["scaling_factor"] + (vae_meta.get("shift_factor") or 0.0)
+    from prepare_data import load_vae
+    vae, vae_meta = load_vae(meta["vae"]["name"], x.device)
+    z = x / vae_meta["scaling_factor"] + vae_meta["shift_factor"]
     with torch.no_grad():
         images = torch.cat([vae.decode(chunk).sample for chunk in z.split(8)])
     return ((images.float() + 1) / 2).clamp(0, 1)
@@ -151,6 +147,10 @@ def main():
     H, W = height, width
     if not (H and W):
         H, W = max(meta["buckets"].values(), key=lambda hw: hw[0] * hw[1])
+    down = meta["vae"]["downsample"] if meta["vae"] else 1                    # pixels per latent cell
+    if H % (down * cfg.patch_size) or W % (down * cfg.patch_size):
+        sys.exit(f"sample.py: height={H}, width={W} must be multiples of {down * cfg.patch_size} "
+                 f"(VAE downsampling {down} x patch size {cfg.patch_size})")
     cond, nrow = {}, 8
     if cfg.num_classes and not prompts:
         labels = list(range(cfg.num_classes)) if classes == "all" else [int(c) for c in classes.split(",")]
@@ -164,12 +164,17 @@ def main():
     if prompts:
         if not cfg.text_dim:
             sys.exit("sample.py: prompts given but this model has no text conditioning")
-        from prepare_data import encode_captions, load_text_encoder
+        from prepare_data import encode_text, load_text_encoder
         with open(prompts) as f:
             lines = [ln.strip() for ln in f if ln.strip()]
-        enc = load_text_encoder(meta["text_encoder"]["name"], dev)
-        text, mask = encode_captions(enc, lines, meta["text_encoder"]["max_length"])
-        cond["text"] = text.to(dev).float().repeat_interleave(num, 0)
+        L = meta["text_encoder"]["max_length"]
+        enc, _ = load_text_encoder(meta["text_encoder"]["name"], L, dev)
+        text = torch.zeros(len(lines), L, cfg.text_dim)
+        mask = torch.zeros(len(lines), L, dtype=torch.bool)
+        for i, emb in enumerate(encode_text(enc, lines, L, dev)):    # (n_valid, D) each, padded here
+            text[i, :len(emb)] = torch.from_numpy(emb).float()
+            mask[i, :len(emb)] = True
+        cond["text"] = text.to(dev).repeat_interleave(num, 0)
         cond["text_mask"] = mask.to(dev).repeat_interleave(num, 0)
         n, nrow = len(lines) * num, num
     if images:
@@ -179,13 +184,13 @@ def main():
 
         from prepare_data import encode_images, load_image_encoder
         paths = images.split(",")
-        enc = load_image_encoder(meta["image_encoder"]["name"], dev)
-        emb = encode_images(enc, [Image.open(p).convert("RGB") for p in paths]).to(dev).float()
+        enc, _ = load_image_encoder(meta["image_encoder"]["name"], dev)
+        emb = torch.from_numpy(encode_images(enc, [Image.open(p).convert("RGB") for p in paths], dev)).to(dev).float()
         reps = n // len(paths) if n % len(paths) == 0 else sys.exit(
             f"sample.py: {n} images to draw is not a multiple of {len(paths)} conditioning images")
         cond["image_emb"] = emb.repeat_interleave(reps, 0)
     g = torch.Generator(device=dev).manual_seed(seed)
-    noise = torch.randn(n, cfg.in_channels, H, W, generator=g, device=dev)
+    noise = torch.randn(n, cfg.in_channels, H // down, W // down, generator=g, device=dev)
     with autocast:
         x = euler_sample(guided_velocity(model, cond, text_scale, image_scale), noise, steps)
     target = out or os.path.join(os.path.dirname(path), "samples", f"sample-{state['step']:08d}.png")

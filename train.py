@@ -164,7 +164,8 @@ if flip_prob > 0 and not index["has_flip"]:
 global_batch = batch_size * grad_accum_steps * world_size
 if max_images > 0:
     max_steps = math.ceil(max_images / global_batch)
-buckets = index["buckets"]                            # {"HxW": [H, W]}
+down = index["vae"]["downsample"] if index["vae"] else 1    # image pixels per latent cell
+buckets = {name: (H // down, W // down) for name, (H, W) in index["buckets"].items()}   # model input sizes
 
 # ---------------------------------------------------------------------------------------------- model, EMA, optimizer
 model_args = dict(
@@ -180,7 +181,7 @@ except ValueError as e:
     fail(e)
 for name, (H, W) in buckets.items():
     if H % patch_size or W % patch_size:
-        fail(f"bucket {name} is not divisible by patch_size={patch_size}")
+        fail(f"bucket {name} (model input {H}x{W}) is not divisible by patch_size={patch_size}")
 text_len = index["text_encoder"]["max_length"] if model_args["text_dim"] else 0
 largest = max(H * W for H, W in buckets.values())
 H_max, W_max = next((H, W) for H, W in buckets.values() if H * W == largest)
@@ -428,7 +429,7 @@ def sample_grid(tag, net):
         nrow = per_class
     else:   # conditions of the first validation (else training) samples of the largest bucket
         split = "val" if has_val else "train"
-        batch = next(b for b in iterate_split(data_dir, split, batch_size=16) if list(b["x"].shape[-2:]) == [H_max, W_max])
+        batch = next(b for b in iterate_split(data_dir, split, batch_size=16) if b["x"].shape[-2:] == (H_max, W_max))
         cond = {k: v for k, v in conditions(to_device(batch)).items() if v is not None}
         n, (H, W), nrow = len(batch["x"]), (H_max, W_max), 4
     noise = torch.randn(n, model_args["in_channels"], H, W, generator=g, device=device)
