@@ -641,12 +641,14 @@ class ShardReader:
 class ShardStream(torch.utils.data.IterableDataset):
     """Infinite stream of collated batches of one rank; use DataLoader(stream, batch_size=None).
 
-    Each epoch has J = len(epoch_plan) // world_size batches per rank. The rank's n-th batch (counting
-    across epochs, starting at `start` = batches already consumed, which is how resume works) is global
-    batch g = e*J*W + (n % J)*W + rank of epoch e = n // J. So ranks x accumulation steps see the same
-    global batches whatever the world size. Each sample also carries `sid` = epoch * N + its position
-    in the split, and all per-sample randomness (flips here, timesteps and noise in train.py) is keyed
-    by it, so it does not depend on how global batches are split into micro-batches either.
+    The epochs' plans, concatenated, form one world-size-independent sequence of global batches
+    (P = len(epoch_plan) per epoch). The rank's n-th batch, counting from `start` (the batches it
+    already consumed: that is how resume works), is global batch g = n * W + rank, from epoch g // P.
+    So ranks x accumulation steps see the same global batches whatever the split, every rank gets
+    the same number of batches (the stream never ends, and an epoch may end mid-step), and each
+    epoch's samples are read exactly once between them. Each sample also carries `sid` = epoch * N
+    + its position in the split; all per-sample randomness (flips here, timesteps and noise in
+    train.py) is keyed by it, so it does not depend on how global batches are split either.
     """
 
     def __init__(self, root, split='train', batch_size=8, rank=0, world_size=1, seed=0, start=0,
@@ -658,35 +660,31 @@ class ShardStream(torch.utils.data.IterableDataset):
             raise ValueError(f'flip_prob={flip_prob} but {root} was prepared without flipped views (has_flip false)')
         self.root, self.split, self.batch_size, self.rank, self.world_size = root, split, batch_size, rank, world_size
         self.seed, self.start, self.flip_prob, self.text_max_length = seed, start, flip_prob, text_max_length
-        n_batches = len(epoch_plan(self.index, split, batch_size, 0, seed))  # the same every epoch
+        self.batches_per_epoch = len(epoch_plan(self.index, split, batch_size, 0, seed))  # the same every epoch
         self.first_id, self.n_samples = {}, 0   # bucket -> id of each shard's first sample
         for bucket, shards in sorted(self.index['splits'][split].items()):
             self.first_id[bucket] = []
             for shard in shards:
                 self.first_id[bucket].append(self.n_samples)
                 self.n_samples += shard['count']
-        self.batches_per_rank = n_batches // world_size
-        if self.batches_per_rank == 0:
+        if self.batches_per_epoch == 0:
             counts = {b: sum(s['count'] for s in lst) for b, lst in self.index['splits'][split].items()}
-            raise ValueError(f'{root} split {split!r} has too few samples per bucket {counts} for batch_size {batch_size} '
-                             f'x world_size {world_size}: {n_batches} full batches per epoch')
+            raise ValueError(f'{root} split {split!r} has too few samples per bucket {counts} for one full batch of '
+                             f'batch_size {batch_size}')
 
     def __iter__(self):
         info = torch.utils.data.get_worker_info()
         worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
         reader = ShardReader(self.root, self.index, self.text_max_length)
-        J, W = self.batches_per_rank, self.world_size
+        P, W = self.batches_per_epoch, self.world_size
         plan, plan_epoch = None, -1
         n = self.start + worker  # DataLoader takes workers round-robin, so batches arrive as n = start, start+1, ...
         while True:
-            epoch = n // J
+            g = n * W + self.rank
+            epoch = g // P
             if epoch != plan_epoch:
                 plan, plan_epoch = epoch_plan(self.index, self.split, self.batch_size, epoch, self.seed), epoch
-            g_epoch = (n % J) * W + self.rank
-            g = epoch * J * W + g_epoch
-            bucket, slots = plan[g_epoch]
-            # sid names the sample's draw in this epoch, whatever the batch split: train.py keys the
-            # sample's timestep, noise and guidance dropout by it, and the flip is keyed by it here
+            bucket, slots = plan[g % P]
             sid = [epoch * self.n_samples + self.first_id[bucket][s] + p for s, p in slots]
             flips = [np.random.default_rng([self.seed, FLIP_RNG, i]).random() < self.flip_prob for i in sid]
             yield {**reader.read_batch(self.split, bucket, slots, flips), 'g': g, 'epoch': epoch,

@@ -313,7 +313,7 @@ def test_bad_arguments(tmp_path):
 def test_stream_ddp_equivalence_workers_and_resume(digits):
     B = 4  # 48 train samples -> 12 global batches per epoch, 6 per rank with 2 ranks
     one = pd.ShardStream(digits, batch_size=B, flip_prob=0.5, seed=1)
-    assert one.batches_per_rank == 12
+    assert one.batches_per_epoch == 12
     it = iter(one)
     world1 = [next(it) for _ in range(24)]  # two epochs
     assert [b['g'] for b in world1] == list(range(24)) and [b['epoch'] for b in world1] == [0] * 12 + [1] * 12
@@ -354,10 +354,16 @@ def test_stream_ddp_equivalence_workers_and_resume(digits):
 
 
 def test_stream_errors(digits, tmp_path):
-    with pytest.raises(ValueError, match='batch_size 64 x world_size 1'):
+    with pytest.raises(ValueError, match='for one full batch of batch_size 64'):
         pd.ShardStream(digits, batch_size=64)
-    with pytest.raises(ValueError, match='batch_size 4 x world_size 16'):
-        pd.ShardStream(digits, batch_size=4, world_size=16)
+    # 12 global batches an epoch over 5 ranks: epochs end mid-step, yet the ranks' batches, merged in
+    # g order, are epoch after epoch of every sample exactly once, and every rank keeps getting batches
+    streams = [iter(pd.ShardStream(digits, batch_size=4, rank=r, world_size=5)) for r in range(5)]
+    merged = sorted((b for s in streams for b in (next(s) for _ in range(6))), key=lambda b: b['g'])
+    assert [b['g'] for b in merged] == list(range(30))
+    for e in range(2):
+        keys = [k for b in merged[12 * e:12 * (e + 1)] for k in b['key']]
+        assert sorted(keys) == [f'{i:09d}' for i in range(48)] and {b['epoch'] for b in merged[12 * e:12 * (e + 1)]} == {e}
     plain = str(tmp_path / 'plain')
     pd.prepare(out_dir=plain, max_examples=20)
     with pytest.raises(ValueError, match='has_flip'):
