@@ -231,8 +231,13 @@ def test_retention_keeps_last_n_and_every_kth(tmp_path, mnist_dir):
 def test_validation_best_checkpoint_and_monitoring(tmp_path, mnist_dir):
     out = tmp_path / "out"
     run("train.py", *TINY, f"--data_dir={mnist_dir}", f"--out_dir={out}", "--max_steps=6", "--val_interval=3",
-        "--val_batches=2", "--sample_interval=3", "--sample_steps=2")
+        "--val_batches=2", "--sample_interval=3", "--sample_steps=2", "--tensorboard=true")
     m = metrics(out)
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    events = EventAccumulator(str(out / "tb"))
+    events.Reload()
+    assert [e.step for e in events.Scalars("loss")] == [r["step"] for r in m if "loss" in r]
+    assert [e.value for e in events.Scalars("val_loss")] == pytest.approx([r["val_loss"] for r in m if "val_loss" in r])
     vals = [r for r in m if "val_loss" in r]
     assert [r["step"] for r in vals] == [3, 6] and all(r["val_loss"] > 0 for r in vals)
     best = load(out / "best.pt")

@@ -1,0 +1,285 @@
+"""Speed of NanoDiT on this machine: matmul peak, train steps and MFU, attention, sampling, data loading.
+
+    python benchmark.py                     # the full run (~4 minutes on an idle 2-core CPU), a markdown table
+    python benchmark.py --quick=true        # tiny sizes and one repeat, a few seconds (the smoke test)
+
+Every timing is the median over `repeats` runs after `warmup` untimed ones; variants compared with
+each other run interleaved. MFU = 3 * forward FLOPs (model.flops_per_image) * images/s / matmul peak
+of the same dtype: the fraction of what this device's best square matmul does. Numbers: BENCHMARKS.md.
+"""
+import ast
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from contextlib import nullcontext
+
+import numpy as np
+import torch
+
+import prepare_data
+from configurator import apply_overrides
+from model import DiT, DiTConfig, attention, interpolate, velocity_target
+from sample import euler_sample, guided_velocity
+
+# ----------------------------------------------------------------------------------------------
+quick = False             # tiny sizes, one repeat, no train.py subprocess: a smoke test in seconds
+repeats = 5               # timed runs per measurement (the median is reported)
+warmup = 1                # untimed runs before them
+matmul_size = 2048        # side of the square matmuls for the peak
+recipes = "mnist,small"   # config/<name>.py recipes to train and sample
+sample_steps = 32         # Euler steps per sample (2 guidance branches each)
+loader_batches = 50       # batches drawn per data-loader measurement
+end_to_end = True         # also run the real train.py on MNIST in a subprocess
+e2e_steps = 60            # its optimizer steps (metrics every 20; the first record is warm-up)
+# ----------------------------------------------------------------------------------------------
+HERE = os.path.dirname(os.path.abspath(__file__))
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+# recipe -> the input it is measured at (C, H, W): MNIST pixels, and 32x32x4 latents (256x256 images
+# through an 8x VAE) for small, which is what small is for; 256 tokens at patch 2
+INPUTS = {"mnist": (1, 28, 28), "small": (4, 32, 32), "medium": (4, 32, 32), "large": (4, 64, 64)}
+SAMPLE_BATCH = {"mnist": 16, "small": 2, "medium": 2, "large": 1}   # images per sampling call (time, not memory)
+IMPLS = ("sdpa", "math")
+
+
+def median_times(fns, n_repeats, n_warmup):
+    """{name: median seconds} of each fn() in `fns`, run interleaved (a, b, a, b, ...) so that load
+    from other processes hits every variant alike and their ratios stay meaningful."""
+    for _ in range(n_warmup):
+        for fn in fns.values():
+            fn()
+    times = {name: [] for name in fns}
+    for _ in range(n_repeats):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t0)
+    return {name: statistics.median(ts) for name, ts in times.items()}
+
+
+def autocast_for(dtype):
+    return torch.autocast("cpu", dtype=torch.bfloat16) if dtype == torch.bfloat16 else nullcontext()
+
+
+def train_defaults():
+    """train.py's module-level defaults, parsed (not imported: train.py trains on import)."""
+    tree = ast.parse(open(os.path.join(HERE, "train.py")).read())
+    out = {}
+    for node in tree.body:
+        if isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name):
+            try:
+                out[node.targets[0].id] = ast.literal_eval(node.value)
+            except ValueError:
+                pass
+    return out
+
+
+def recipe(name):
+    """train.py's defaults overridden by config/<name>.py, exactly as train.py resolves them."""
+    cfg = train_defaults()
+    apply_overrides(cfg, [os.path.join(HERE, "config", f"{name}.py")])
+    return cfg
+
+
+def build_model(cfg, in_channels, num_classes, **changes):
+    args = dict(in_channels=in_channels, patch_size=cfg["patch_size"], hidden=cfg["hidden"], depth=cfg["depth"],
+                heads=cfg["heads"], mlp_ratio=cfg["mlp_ratio"], qk_norm=cfg["qk_norm"],
+                grad_checkpoint=cfg["grad_checkpoint"], attn_impl=cfg["attn_impl"], num_classes=num_classes)
+    return DiT(DiTConfig(**{**args, **changes}))
+
+
+def matmul_fn(n, dtype):
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    return lambda: a @ b
+
+
+def train_step_fn(model, batch_size, shape, dtype, p_uncond=0.1):
+    """One optimizer step of train.py's loop (forward, per-sample velocity MSE, backward, clip, AdamW, EMA)."""
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    opt = torch.optim.AdamW([{"params": decay}, {"params": no_decay, "weight_decay": 0.0}], lr=1e-4)
+    ema = [p.detach().clone() for p in model.parameters()]
+    x = torch.randn(batch_size, *shape)
+    y = torch.randint(0, model.cfg.num_classes or 1, (batch_size,))
+
+    def step():
+        t = torch.sigmoid(torch.randn(batch_size))
+        noise = torch.randn_like(x)
+        drop = torch.rand(batch_size) < p_uncond
+        with autocast_for(dtype):
+            v = model(interpolate(x, noise, t), t, y=y if model.cfg.num_classes else None, drop_y=drop)
+        loss = (v.float() - velocity_target(x, noise)).pow(2).mean(dim=(1, 2, 3)).sum() / batch_size
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        with torch.no_grad():
+            torch._foreach_lerp_(ema, list(model.parameters()), 1e-3)
+    return step
+
+
+def attention_fn(impl, dtype, B=8, heads=6, N=256, d=64):
+    q, k, v = (torch.randn(B, heads, N, d, dtype=dtype, requires_grad=True) for _ in range(3))
+    grad = torch.randn(B, heads, N, d, dtype=dtype)
+    return lambda: attention(q, k, v, None, impl).backward(grad)
+
+
+def forward_fn(model, n, shape, dtype):
+    """One guided sampling step's forward (n images = 2 branches x n/2) without autograd."""
+    model.eval()
+    x, t, y = torch.randn(n, *shape), torch.rand(n), torch.arange(n) % max(model.cfg.num_classes, 1)
+
+    @torch.no_grad()
+    def run():
+        with autocast_for(dtype):
+            model(x, t, y=y if model.cfg.num_classes else None)
+    return run
+
+
+def sample_fn(model, n, shape, dtype, steps):
+    model.eval()
+    cond = {"y": torch.arange(n) % model.cfg.num_classes} if model.cfg.num_classes else {}
+    noise = torch.randn(n, *shape)
+
+    def run():
+        with autocast_for(dtype):
+            euler_sample(guided_velocity(model, cond, 2.0, 1.0), noise, steps)
+    return run
+
+
+def write_latent_shards(root, n_samples, shape=(4, 32, 32), text_len=77, text_dim=384, shard_size=100):
+    """Synthetic shards shaped like the small recipe's data: float16 latents + T5-sized token embeddings."""
+    rng = np.random.default_rng(0)
+    d = 8
+    bucket = f"{shape[1] * d}x{shape[2] * d}"
+    shards = []
+    for s in range(0, n_samples, shard_size):
+        rel = f"train/{bucket}/shard-{s // shard_size:06d}.tar"
+        os.makedirs(os.path.dirname(os.path.join(root, rel)), exist_ok=True)
+        count = min(shard_size, n_samples - s)
+        prepare_data.write_shard(os.path.join(root, rel), (
+            (f"{s + i:09d}", {"x.npy": prepare_data.npy_bytes(rng.standard_normal(shape).astype(np.float16)),
+                              "txt": b"a synthetic caption",
+                              "text.npy": prepare_data.npy_bytes(rng.standard_normal((text_len, text_dim)).astype(np.float16))})
+            for i in range(count)))
+        shards.append({"path": rel, "count": count})
+    index = {"format": prepare_data.FORMAT, "version": prepare_data.VERSION, "complete": True, "space": "latents",
+             "channels": shape[0], "vae": {"name": "synthetic", "downsample": d, "scaling_factor": 1.0},
+             "text_encoder": {"name": "synthetic", "dim": text_dim, "max_length": text_len}, "image_encoder": None,
+             "num_classes": 0, "class_names": [], "has_flip": False, "buckets": {bucket: [shape[1] * d, shape[2] * d]},
+             "splits": {"train": {bucket: shards}, "val": {}}}
+    with open(os.path.join(root, "index.json"), "w") as f:
+        json.dump(index, f)
+    return root
+
+
+def loader_rate(root, num_workers, n_batches, batch_size=8):
+    """Samples/s drawn through a DataLoader as train.py builds it, after the first batch (worker start-up)."""
+    stream = prepare_data.ShardStream(root, "train", batch_size=batch_size)
+    loader = torch.utils.data.DataLoader(stream, batch_size=None, num_workers=num_workers)
+    it = iter(loader)
+    next(it)
+    t0 = time.perf_counter()
+    for _ in range(n_batches):
+        next(it)
+    rate = n_batches * batch_size / (time.perf_counter() - t0)
+    del it
+    return rate
+
+
+def prepare_mnist(data):
+    subprocess.run([sys.executable, "prepare_data.py", f"--out_dir={data}"], cwd=HERE, check=True, capture_output=True)
+    return data
+
+
+def run_train_py(data, out, steps):
+    """img/s of the real `python train.py config/mnist.py`, median over its metrics records after the first."""
+    subprocess.run([sys.executable, "train.py", "config/mnist.py", f"--max_steps={steps}", "--log_interval=20",
+                    "--sample_interval=0", f"--out_dir={out}", f"--data_dir={data}", "--resume=never"],
+                   cwd=HERE, check=True, capture_output=True)
+    with open(os.path.join(out, "metrics.jsonl")) as f:
+        records = [json.loads(line) for line in f if "img_per_s" in line]
+    return statistics.median(r["img_per_s"] for r in records[1:])
+
+
+def main():
+    n_rep, n_warm = (1, 1) if quick else (repeats, warmup)
+    tiny = dict(depth=2, hidden=64, heads=4)
+    rows = []   # (section, measurement, value, unit, note)
+
+    def add(*row):
+        rows.append(row)
+        print(" | ".join(map(str, row)), file=sys.stderr, flush=True)   # progress: a full run takes minutes
+
+    n = 256 if quick else matmul_size
+    t = median_times({name: matmul_fn(n, dtype) for name, dtype in DTYPES.items()}, max(n_rep, 5), 2)
+    peak = {name: 2 * n ** 3 / t[name] / 1e9 for name in DTYPES}
+    for name in DTYPES:
+        add("matmul peak", f"{n}x{n}x{n} {name}", peak[name], "GFLOP/s", "")
+    train_ips = {}
+    for rname in recipes.split(","):
+        cfg = recipe(rname)
+        shape, batch, n_sample, steps = INPUTS[rname], cfg["batch_size"], SAMPLE_BATCH[rname], sample_steps
+        if quick:
+            cfg.update(tiny)
+            shape, batch, n_sample, steps = (shape[0], 8, 8), 4, 2, 2
+        size = "x".join(map(str, shape))
+        models = {name: build_model(cfg, shape[0], 10) for name in DTYPES}
+        fns = {name: train_step_fn(models[name], batch, shape, dtype) for name, dtype in DTYPES.items()}
+        t = median_times(fns, n_rep, max(n_warm, 1))
+        for name in DTYPES:
+            train_ips[rname, name] = batch / t[name]
+            mfu = 3 * models[name].flops_per_image(*shape[1:]) * batch / t[name] / (peak[name] * 1e9)
+            add("train step", f"{rname} {name}, {size}, batch {batch}", batch / t[name], "img/s", f"MFU {100 * mfu:.1f}%")
+        fns = {name: sample_fn(models[name], n_sample, shape, dtype, steps) for name, dtype in DTYPES.items()}
+        t = median_times(fns, n_rep, 0)
+        for name in DTYPES:
+            add("sampling", f"{rname} {name}, {size}, {steps} Euler steps x 2 branches, batch {n_sample}",
+                n_sample / t[name], "img/s", f"attn_impl={cfg['attn_impl']}" + (
+                    f" ({'math' if name == 'bf16' else 'sdpa'} here)" if cfg["attn_impl"] == "auto" else ""))
+    # attention implementations: the kernel alone, then the small model (bf16 train step, bf16 inference)
+    N = 16 if quick else 256
+    for name, dtype in DTYPES.items():
+        t = median_times({impl: attention_fn(impl, dtype, N=N) for impl in IMPLS}, max(n_rep, 5), 2)
+        for impl in IMPLS:
+            add("attention fwd+bwd", f"{impl} {name}, q/k/v 8x6x{N}x64", 1e3 * t[impl], "ms", "")
+        add("attention fwd+bwd", f"math / sdpa time, {name}", t["math"] / t["sdpa"], "ratio", "> 1: sdpa faster")
+    cfg = recipe("small")
+    shape, batch = INPUTS["small"], cfg["batch_size"]
+    if quick:
+        cfg.update(tiny)
+        shape, batch = (4, 8, 8), 4
+    models = {impl: build_model(cfg, shape[0], 10, attn_impl=impl) for impl in IMPLS}
+    for what, n_img, make in (("train step", batch, train_step_fn), ("no-grad forward", 2 * batch, forward_fn)):
+        t = median_times({impl: make(models[impl], n_img, shape, torch.bfloat16) for impl in IMPLS}, n_rep, max(n_warm, 1))
+        for impl in IMPLS:
+            add(f"small bf16 {what}", f"attn_impl={impl}, batch {n_img}", n_img / t[impl], "img/s", "")
+        add(f"small bf16 {what}", "math / sdpa time", t["math"] / t["sdpa"], "ratio", "> 1: sdpa faster")
+    # data loading, against what the small recipe's training consumes (its faster dtype)
+    consume = max((v for (r, _), v in train_ips.items() if r == "small"), default=float("nan"))
+    with tempfile.TemporaryDirectory() as tmp:
+        sets = {"MNIST 28x28x1": prepare_mnist(os.path.join(tmp, "mnist"))}
+        if end_to_end and not quick:
+            e2e = statistics.median(run_train_py(sets["MNIST 28x28x1"], os.path.join(tmp, f"out{i}"), e2e_steps)
+                                    for i in range(n_rep))
+            add("end to end", f"train.py config/mnist.py, {e2e_steps} steps, {n_rep} runs", e2e, "img/s",
+                f"{e2e / train_ips.get(('mnist', 'bf16'), float('nan')):.2f}x the bf16 step alone")
+        sets["latents 4x32x32 + text 77x384"] = write_latent_shards(os.path.join(tmp, "latents"), 64 if quick else 400)
+        for label, root in sets.items():
+            for w in (0, 1, 2):
+                rate = statistics.median(loader_rate(root, w, 4 if quick else loader_batches) for _ in range(n_rep))
+                add("data loader", f"{label}, {w} workers, batch 8", rate, "samples/s",
+                    f"{rate / consume:.0f}x small's training")
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, quick={quick}\n")
+    print("| section | measurement | value | unit | note |\n|---|---|---:|---|---|")
+    for section, what, value, unit, note in rows:
+        print(f"| {section} | {what} | {value:.3g} | {unit} | {note} |")
+    return rows
+
+
+if __name__ == "__main__":
+    apply_overrides(globals(), sys.argv[1:])
+    main()

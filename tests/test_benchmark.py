@@ -1,0 +1,52 @@
+"""benchmark.py: its pieces run at tiny sizes and measure what they claim (the numbers live in BENCHMARKS.md)."""
+import time
+
+import torch
+
+import benchmark
+from prepare_data import ShardStream
+
+
+def test_median_times_reports_each_variant_and_keeps_their_ratio():
+    t = benchmark.median_times({"short": lambda: time.sleep(0.01), "long": lambda: time.sleep(0.03)}, 3, 1)
+    assert set(t) == {"short", "long"}
+    assert 0.009 < t["short"] < t["long"]
+    assert 1.5 < t["long"] / t["short"] < 5
+
+
+def test_recipes_resolve_like_train_py():
+    mnist, small = benchmark.recipe("mnist"), benchmark.recipe("small")
+    assert (mnist["patch_size"], mnist["hidden"], mnist["depth"], mnist["heads"], mnist["batch_size"]) == (4, 192, 6, 6, 64)
+    assert (small["patch_size"], small["hidden"], small["depth"], small["batch_size"]) == (2, 384, 12, 8)
+    assert small["mlp_ratio"] == 4.0 and small["attn_impl"] == "auto"   # train.py defaults the recipe keeps
+
+
+def test_train_step_updates_the_weights_in_both_dtypes():
+    cfg = {**benchmark.recipe("mnist"), "depth": 2, "hidden": 32, "heads": 2}
+    for dtype in benchmark.DTYPES.values():
+        model = benchmark.build_model(cfg, 1, 10)
+        out, gate = model.out.weight.detach().clone(), model.blocks[-1].adaLN[-1].weight.detach().clone()
+        step = benchmark.train_step_fn(model, 4, (1, 8, 8), dtype)
+        for _ in range(3):   # adaLN-Zero: the output layer moves first, then the gates behind it
+            step()
+        assert not torch.equal(out, model.out.weight) and not torch.equal(gate, model.blocks[-1].adaLN[-1].weight)
+        assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_attention_variants_and_sampling_run():
+    for dtype in benchmark.DTYPES.values():
+        for impl in benchmark.IMPLS:
+            benchmark.attention_fn(impl, dtype, B=1, heads=2, N=8, d=8)()
+    cfg = {**benchmark.recipe("small"), "depth": 1, "hidden": 32, "heads": 2}
+    model = benchmark.build_model(cfg, 4, 10)
+    benchmark.sample_fn(model, 2, (4, 8, 8), torch.float32, steps=2)()
+    benchmark.forward_fn(model, 2, (4, 8, 8), torch.bfloat16)()
+
+
+def test_synthetic_latent_shards_have_the_small_recipe_shapes(tmp_path):
+    root = benchmark.write_latent_shards(str(tmp_path), 24, shard_size=10)
+    batch = next(iter(ShardStream(root, "train", batch_size=8)))
+    assert batch["x"].shape == (8, 4, 32, 32) and batch["text"].shape == (8, 77, 384)
+    assert batch["valid"].all() and batch["text_mask"].all() and batch["n_bad"] == 0
+    rate = benchmark.loader_rate(root, 0, 2)
+    assert 10 < rate < 1e7   # samples/s
