@@ -23,7 +23,6 @@ from datetime import timedelta
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from model import DiT, DiTConfig, interpolate, velocity_target

@@ -1,11 +1,9 @@
 """sample.py: the Euler solver, the guidance formulas and the grid writer."""
-import json
 
 import numpy as np
 import torch
 from PIL import Image
 
-from model import interpolate
 from sample import euler_sample, guided_velocity, save_grid
 
 
