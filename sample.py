@@ -24,7 +24,7 @@ from model import DiT, DiTConfig
 ckpt = ""            # a checkpoint file, or an out_dir (its newest checkpoint)
 out = ""             # output PNG; default <checkpoint folder>/samples/sample-<step>.png
 steps = 32           # Euler steps from t=1 to t=0
-text_scale = 2.0     # guidance on text and class labels; 1 = none
+text_scale = 3.0     # guidance on text and class labels; 1 = none
 image_scale = 1.0    # guidance on the image embedding; 1 = none
 classes = "all"      # for class-conditional models: 'all' or comma-separated labels, e.g. '3,7'
 per_class = 8        # images per class (one grid row per class)
