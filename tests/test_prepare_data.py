@@ -193,6 +193,16 @@ def test_swap_left_right():
     assert pd.swap_left_right('') == ''
 
 
+def test_bucket_sizes_exact():
+    design = pd.parse_sizes('1024x1024,832x1216,1216x832,768x1280,1280x768', 16)
+    assert design == {'1024x1024': (1024, 1024), '1216x832': (1216, 832), '832x1216': (832, 1216),
+                      '1280x768': (1280, 768), '768x1280': (768, 1280)}
+    with pytest.raises(SystemExit, match="'830x1216' needs positive sides that are multiples of .* = 16"):
+        pd.parse_sizes('830x1216', 16)
+    with pytest.raises(SystemExit, match="cannot parse '832-1216'"):
+        pd.parse_sizes('832-1216', 16)
+
+
 def test_make_buckets():
     full = pd.make_buckets(1024 * 1024, pd.parse_ratios('1:1,832:1216,1216:832'), 16)
     for name, (h, w) in full.items():
