@@ -194,10 +194,10 @@ log(f"world size {world_size} | device {device} | dtype {dtype} | global batch {
     f"{flops_per_step / 1e12:.3f} TFLOP per step at {H_max}x{W_max}")
 if dry_run:
     # Memory per GPU: fp32 weights, grads, two Adam moments and the EMA (20 bytes a parameter,
-    # all but the EMA sharded by FSDP) plus 16-bit activations per block after Korthikanti et al.
+    # all sharded by FSDP) plus 16-bit activations per block after Korthikanti et al.
     # 2022 (arXiv:2205.05198): ~N*b*D*(34 + 5*heads*N/D) bytes without, 2*N*b*D with recomputation.
     N = (H_max // patch_size) * (W_max // patch_size)
-    state_bytes = n_params * (16 / (world_size if fsdp else 1) + 4)
+    state_bytes = n_params * 20 / (world_size if fsdp else 1)
     per_block = N * batch_size * hidden * (34 + 5 * heads * N / hidden)
     act_bytes = depth * 2 * N * batch_size * hidden + per_block if grad_checkpoint else depth * per_block
     log(f"dry run: params {n_params:,} | forward {raw_model.flops_per_image(H_max, W_max, text_len) / 1e9:.2f} "
