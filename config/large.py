@@ -1,4 +1,4 @@
-# Large: 28 blocks x 1024 wide (~520M parameters with text cross-attention off; DiT-XL depth),
+# Large: 28 blocks x 1024 wide (~530M parameters without text cross-attention; DiT-XL depth),
 # meant for VAE latents (e.g. 1024x1024 images -> 128x128x4 latents -> 4,096 tokens at patch 2).
 # Effective batch = 4 per rank x 64 accumulation x 8 ranks = 2,048 images per step; on one GPU
 # it is 256. Gradient checkpointing trades ~1/3 more compute for activations of one block at a time.
