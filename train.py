@@ -84,7 +84,7 @@ keep_last_n = 3               # checkpoints kept, newest first
 keep_every = 0                # also keep every checkpoint whose step is a multiple of this; 0 = none
 sample_interval = 500         # steps between EMA sample grids in out_dir/samples (and one at the end); 0 = off
 sample_steps = 32             # Euler steps for sample grids
-sample_text_scale = 2.0       # guidance scale (text and class) for sample grids
+sample_text_scale = 3.0       # guidance scale (text and class) for sample grids, as sample.py
 sample_image_scale = 1.0      # guidance scale (image) for sample grids
 val_interval = 0              # steps between validations on the 'val' split; 0 = off
 val_batches = 8               # validation batches per rank
@@ -555,20 +555,21 @@ while step < max_steps:
     for group in optimizer.param_groups:
         group["lr"] = lr_now
     loss_step = torch.zeros((), device=device)
+    faults = inject.get(step, ())                  # NANODIT_INJECT kinds for this step (tests only)
     try:
         for micro in range(grad_accum_steps):
             batch = to_device(next(batches))
             micro_batches += 1
             x, valid = batch["x"], batch["valid"]                  # (B, C, H, W), (B,) bool
             bad_samples += batch["n_bad"]
-            if "nan" in inject.get(step, ()):
+            if "nan" in faults:
                 x = x.clone()
                 x[0] = float("nan")
-            if "sigterm" in inject.get(step, ()) and micro == 0:
+            if "sigterm" in faults and micro == 0:
                 os.kill(os.getpid(), signal.SIGTERM)
-            if "oom" in inject.get(step, ()) and micro == 0:
+            if "oom" in faults and micro == 0:
                 raise torch.OutOfMemoryError("injected out-of-memory (NANODIT_INJECT)")
-            if "raise" in inject.get(step, ()) and micro == 0:
+            if "raise" in faults and micro == 0:
                 raise RuntimeError(f"rank {rank}: injected failure at step {step} (NANODIT_INJECT)")
             t, noise, u = per_sample_draws(batch["sid"], x.shape[1:])   # (B,), (B, C, H, W), (B,)
             xt = interpolate(x, noise, t)
