@@ -19,7 +19,7 @@ from torch.utils.checkpoint import checkpoint
 # The rectified-flow convention, stated once and used by train.py and sample.py:
 #   xt = (1 - t) * x + t * noise,  t in [0, 1]: t = 0 is clean data, t = 1 is pure N(0, I) noise.
 #   The network predicts the velocity v = d xt / dt = noise - x.
-#   Sampling integrates d xt / dt = v from t = 1 down to t = 0 (see sample.euler_sample).
+#   Sampling integrates d xt / dt = v from t = 1 down to t = 0 (see sample.sample_ode).
 
 
 def interpolate(x, noise, t):
@@ -31,6 +31,12 @@ def interpolate(x, noise, t):
 def velocity_target(x, noise):
     """The velocity the network is trained to predict at every t."""
     return noise - x
+
+
+def shift_time(t, shift):
+    """t' = s t / (1 + (s - 1) t) (SD3, arXiv:2403.03206, eq. 23): s > 1 moves time towards noise, as
+    larger images need (more pixels keep more signal at a given t). Monotone, fixes 0 and 1."""
+    return t if shift == 1 else shift * t / (1 + (shift - 1) * t)
 
 
 # ---------------------------------------------------------------------------------------------

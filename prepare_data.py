@@ -43,7 +43,8 @@ captions = ''             # '' = sidecar <image stem>.txt; or a .jsonl {"path","
 class_from_dir = False    # folders: the first-level subfolder name is the class label
 out_dir = 'data/mnist'    # shards and index.json go here
 max_examples = 0          # examples taken from the source (a seeded subset, kept in listing order), 0 = all
-val_examples = 0          # readable examples held out into the 'val' split (seeded choice)
+val_examples = -1         # readable examples held out into the 'val' split (seeded choice); -1 = auto: MNIST
+                          # keeps 1,000 of its 5,000 (the evaluation's real-vs-real floor at n = 1,000), folders 0
 shard_size = 1000         # samples per shard
 seed = 0                  # seeds the subset and the val choice
 image_size = 28           # pixels, side of the single square bucket when bucket_area == 0
@@ -67,6 +68,7 @@ RESUME_FREE_KEYS = ('out_dir', 'encode_batch_size')  # settings that do not chan
 
 FORMAT, VERSION = 'nanodit-shards', 1
 SKIP_REASONS = ('unreadable', 'too_small', 'extreme_aspect')
+MNIST_VAL = 1000          # val_examples=-1 (auto) on MNIST: held-out digits, at most a fifth of those kept
 MNIST_CLASS_NAMES = ['zero', 'one', 'two', 'three', 'four', 'five', 'six', 'seven', 'eight', 'nine']
 IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.webp', '.bmp', '.gif', '.tif', '.tiff')
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -381,8 +383,8 @@ def load_image_encoder(name, device):
 
 
 @torch.inference_mode()
-def encode_images(image, images, device):
-    """RGB images -> float16 (B, D): pooler_output, else the CLS token."""
+def encode_images(image, images, device, dtype=np.float16):
+    """RGB images -> (B, D) of `dtype` (float16 in shards): pooler_output, else the CLS token."""
     processor, model = image
     if processor is not None:
         pixel_values = processor(images=images, return_tensors='pt')['pixel_values']
@@ -393,7 +395,7 @@ def encode_images(image, images, device):
         pixel_values = torch.from_numpy(((a - IMAGENET_MEAN) / IMAGENET_STD).transpose(0, 3, 1, 2).astype(np.float32))
     out = model(pixel_values=pixel_values.to(device))
     emb = out.pooler_output if getattr(out, 'pooler_output', None) is not None else out.last_hidden_state[:, 0]
-    return emb.float().cpu().numpy().astype(np.float16)
+    return emb.float().cpu().numpy().astype(dtype)
 
 
 # ----------------------------------------------------------------------------- prepare
@@ -445,7 +447,9 @@ def check_settings(cfg):
     for key in ('shard_size', 'patch_size', 'encode_batch_size', 'text_max_length'):
         if cfg[key] < 1:
             raise SystemExit(f'{key}={cfg[key]!r}: must be >= 1')
-    for key in ('max_examples', 'val_examples', 'bucket_area', 'image_size'):
+    if cfg['val_examples'] < -1:
+        raise SystemExit(f"val_examples={cfg['val_examples']!r}: must be >= 0, or -1 for auto")
+    for key in ('max_examples', 'bucket_area', 'image_size'):
         if cfg[key] < 0:
             raise SystemExit(f'{key}={cfg[key]!r}: must be >= 0')
     if str(cfg['flip']).lower() not in ('auto', 'true', 'false', '1', '0'):
@@ -528,9 +532,10 @@ def prepare(**settings):
         kept.append(e)
     if not kept:
         raise SystemExit(f"source={cfg['source']!r}: none of the {len(examples)} images is usable (skipped: {skipped})")
-    if cfg['val_examples'] > len(kept):
+    n_val = cfg['val_examples'] if cfg['val_examples'] >= 0 else (min(MNIST_VAL, len(kept) // 5) if mnist else 0)
+    if n_val > len(kept):
         raise SystemExit(f"val_examples={cfg['val_examples']}: only {len(kept)} readable examples")
-    val = set(rng.choice(len(kept), cfg['val_examples'], replace=False).tolist()) if cfg['val_examples'] else set()
+    val = set(rng.choice(len(kept), n_val, replace=False).tolist()) if n_val else set()
 
     # assignment: keys run in listing order per split; (split, bucket) lists cut into shards in order
     plan, next_key = {}, {'train': 0, 'val': 0}

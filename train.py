@@ -21,11 +21,13 @@ import time
 from contextlib import nullcontext
 from datetime import timedelta
 
+t_process = time.time()     # max_minutes counts from here
+
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from model import DiT, DiTConfig, interpolate, velocity_target
+from model import DiT, DiTConfig, interpolate, shift_time, velocity_target
 from prepare_data import ShardStream, iterate_split, load_index
 
 # ----------------------------------------------------------------------------------------------
@@ -50,6 +52,7 @@ use_image = True              # condition on image embeddings when the data has 
 t_sampling = "logit_normal"   # 'logit_normal' (SD3, arXiv:2403.03206) or 'uniform'
 t_loc = 0.0                   # logit-normal location
 t_scale = 1.0                 # logit-normal scale
+t_shift = 1.0                 # then t -> s t / (1 + (s - 1) t) (model.shift_time; SD3): s > 1 trains nearer noise
 p_uncond = 0.1                # probability of dropping every condition (class labels only here)
 p_text_only = 0.0             # probability of keeping the text (and class) but dropping the image
 p_image_only = 0.0            # probability of keeping the image but dropping the text
@@ -59,6 +62,9 @@ batch_size = 32               # micro-batch per rank, in images
 grad_accum_steps = 1          # micro-batches per optimizer step; global batch = batch_size * this * ranks
 max_steps = 2000              # optimizer steps (ignored when max_images > 0)
 max_images = 0                # training budget in images; sets max_steps = ceil(max_images / global batch)
+max_minutes = 0.0             # training budget in wall-clock minutes from start: times the steps after the first
+                              # budget_probe_steps, then fixes max_steps (kept by a resume); 0 = off
+budget_probe_steps = 20       # steps timed for max_minutes (the first 5 of them are not counted: warm-up)
 # optimizer and schedule
 lr = 3e-4                     # peak learning rate (AdamW)
 min_lr_ratio = 0.1            # cosine decays to lr * min_lr_ratio at max_steps
@@ -83,11 +89,20 @@ ckpt_interval = 500           # optimizer steps between checkpoints (a final one
 keep_last_n = 3               # checkpoints kept, newest first
 keep_every = 0                # also keep every checkpoint whose step is a multiple of this; 0 = none
 sample_interval = 500         # steps between EMA sample grids in out_dir/samples (and one at the end); 0 = off
-sample_steps = 32             # Euler steps for sample grids
+sample_steps = 32             # solver steps for sample grids and evaluation
+sample_solver = "euler"       # 'euler' | 'heun' (sample.py)
+sample_shift = 1.0            # time shift of the sampling grid (sample.py)
+sample_guidance_interval = (0.0, 1.0)  # guide only for t in [lo, hi] (sample.py)
 sample_text_scale = 3.0       # guidance scale (text and class) for sample grids, as sample.py
 sample_image_scale = 1.0      # guidance scale (image) for sample grids
 val_interval = 0              # steps between validations on the 'val' split; 0 = off
 val_batches = 8               # validation batches per rank
+eval_interval = 0             # steps between evaluations of the EMA (sample.evaluate: FD, precision/recall,
+                              # class accuracy) and one at the end; 0 = off
+eval_samples = 1000           # images generated per evaluation, split across ranks
+eval_features = "efficientnet-lite0"  # feature network (sample.py): 'efficientnet-lite0' or a HF vision model
+eval_batch_size = 100         # images generated per batch per evaluation
+best_by = "val_loss"          # what keeps out_dir/best.pt: 'val_loss' (needs val_interval) or 'fd' (eval_interval)
 grad_warn = 10.0              # warn when the grad norm (before clipping) exceeds this
 max_bad_steps = 5             # stop after this many non-finite steps in a row
 max_hours = 0.0               # save and stop after this many hours; 0 = no limit
@@ -113,6 +128,15 @@ if p_uncond + p_text_only + p_image_only > 1:
 for key in ("batch_size", "grad_accum_steps", "keep_last_n", "log_interval", "ckpt_interval"):
     if globals()[key] < 1:
         fail(f"{key}={globals()[key]} must be at least 1")
+if best_by not in ("val_loss", "fd"):
+    fail(f"best_by={best_by!r}: expected 'val_loss' or 'fd'")
+if best_by == "fd" and not eval_interval:
+    fail("best_by='fd' needs eval_interval > 0 (evaluation measures FD)")
+if sample_solver not in ("euler", "heun"):
+    fail(f"sample_solver={sample_solver!r}: expected 'euler' or 'heun'")
+if max_minutes and budget_probe_steps > warmup_steps:
+    fail(f"max_minutes needs budget_probe_steps={budget_probe_steps} <= warmup_steps={warmup_steps}: the learning "
+         "rate after warm-up depends on max_steps, which the probe has not fixed yet")
 if dtype not in ("auto", "bfloat16", "float32"):
     fail(f"dtype={dtype!r}: expected 'auto', 'bfloat16' or 'float32' (fp16 would need loss scaling)")
 
@@ -161,8 +185,13 @@ if val_interval and not has_val:
 if flip_prob > 0 and not index["has_flip"]:
     fail(f"flip_prob={flip_prob} but {data_dir} was prepared without flip views (prepare_data.py --flip=true)")
 global_batch = batch_size * grad_accum_steps * world_size
+if eval_interval and not dry_run:
+    from sample import check_eval_request
+    check_eval_request(index, eval_samples, "auto", data_dir)
 if max_images > 0:
     max_steps = math.ceil(max_images / global_batch)
+if max_minutes > 0:           # takes precedence over both; fixed after budget_probe_steps (the loop's plan)
+    max_steps = 10 ** 9
 down = index["vae"]["downsample"] if index["vae"] else 1    # image pixels per latent cell
 buckets = {name: (H // down, W // down) for name, (H, W) in index["buckets"].items()}   # model input sizes
 
@@ -189,8 +218,10 @@ n_params = raw_model.num_params()
 
 log(json.dumps(config, indent=1))
 log(f"world size {world_size} | device {device} | dtype {dtype} | global batch {global_batch} = "
-    f"{batch_size} per rank x {grad_accum_steps} accumulation x {world_size} ranks | {max_steps} steps "
-    f"= {max_steps * global_batch:,} images | {n_params / 1e6:.2f}M parameters | "
+    f"{batch_size} per rank x {grad_accum_steps} accumulation x {world_size} ranks | "
+    + (f"steps fitted to max_minutes={max_minutes} after {budget_probe_steps} timed steps" if max_minutes else
+       f"{max_steps} steps = {max_steps * global_batch:,} images")
+    + f" | {n_params / 1e6:.2f}M parameters | "
     f"{flops_per_step / 1e12:.3f} TFLOP per step at {H_max}x{W_max}")
 if dry_run:
     # Memory per GPU: fp32 weights, grads, two Adam moments and the EMA (20 bytes a parameter,
@@ -273,6 +304,10 @@ if state is not None:
 step = state["step"] if state else 0
 micro_batches = step * grad_accum_steps    # per rank; every step consumes grad_accum_steps micro-batches
 best_val = state.get("best_val", float("inf")) if state else float("inf")
+best_fd = state.get("best_fd", float("inf")) if state else float("inf")
+budget_planned = bool(max_minutes and state and state.get("budget_steps"))   # a resume keeps the time plan
+if budget_planned:
+    max_steps = state["budget_steps"]
 elapsed_before = state.get("elapsed", 0.0) if state else 0.0
 log(f"resuming from {resume_path} at step {step}" if state else "starting from scratch")
 
@@ -334,7 +369,7 @@ def per_sample_draws(sid, shape):
         n = torch.randn(shape, generator=gen, device=device)
         z = torch.randn(1, generator=gen, device=device)
         uu = torch.rand(2, generator=gen, device=device)
-        t.append(torch.sigmoid(t_loc + t_scale * z) if t_sampling == "logit_normal" else uu[1:])
+        t.append(shift_time(torch.sigmoid(t_loc + t_scale * z) if t_sampling == "logit_normal" else uu[1:], t_shift))
         noise.append(n)
         u.append(uu[:1])
     return torch.cat(t), torch.stack(noise), torch.cat(u)
@@ -367,7 +402,8 @@ def save_checkpoint(path):
     ok = True
     if master:
         state = dict(model=model_sd, ema=ema_sd, optimizer=optim_sd, step=step, micro_batches=micro_batches,
-                     world_size=world_size, best_val=best_val, elapsed=elapsed_before + time.time() - t_start,
+                     world_size=world_size, best_val=best_val, best_fd=best_fd,
+                     budget_steps=max_steps if budget_planned else 0, elapsed=elapsed_before + time.time() - t_start,
                      config=config, model_args=model_args,
                      data={k: index[k] for k in ("space", "channels", "vae", "text_encoder", "image_encoder",
                                                  "num_classes", "class_names", "buckets")})
@@ -418,7 +454,7 @@ def plain_ema():
 
 def sample_grid(tag, net):
     """Write a sample grid of `net` (plain_ema()) with fixed seeds to out_dir/samples (rank 0 only, no collectives)."""
-    from sample import decode, euler_sample, guided_velocity, save_grid
+    from sample import decode, guided_velocity, sample_ode, save_grid
     g = torch.Generator(device=device).manual_seed(seed)
     if model_args["num_classes"]:
         per_class = 8
@@ -432,9 +468,9 @@ def sample_grid(tag, net):
         cond = {k: v for k, v in conditions(to_device(batch)).items() if v is not None}
         n, (H, W), nrow = len(batch["x"]), (H_max, W_max), 4
     noise = torch.randn(n, model_args["in_channels"], H, W, generator=g, device=device)
-    v_fn = guided_velocity(net, cond, sample_text_scale, sample_image_scale)
+    v_fn = guided_velocity(net, cond, sample_text_scale, sample_image_scale, sample_guidance_interval)
     with autocast:
-        x = euler_sample(v_fn, noise, sample_steps)
+        x = sample_ode(v_fn, noise, sample_steps, sample_solver, sample_shift)
     path = os.path.join(out_dir, "samples", f"{tag}.png")
     save_grid(decode(x.float(), index), path, nrow=nrow)
     return path
@@ -477,6 +513,35 @@ def validate():
     if model_args["text_dim"] and model_args["image_dim"]:
         out.update(text_effect=(sums[2] / count).item(), image_effect=(sums[3] / count).item(),
                    text_vs_image=(sums[4] / count).item())
+    return out
+
+
+feature_net = None
+
+
+def run_eval():
+    """sample.evaluate on the EMA with the grid's sampler, generation split across ranks (every rank calls
+    it); writes out_dir/samples/eval-<step>.json and returns the headline numbers on every rank."""
+    global feature_net
+    from sample import evaluate, format_eval, load_feature_net
+    feature_net = feature_net or load_feature_net(eval_features, device)
+    sampler = dict(steps=sample_steps, solver=sample_solver, shift=sample_shift, text_scale=sample_text_scale,
+                   image_scale=sample_image_scale, interval=sample_guidance_interval)
+    meta = {k: index[k] for k in ("space", "channels", "vae", "num_classes", "buckets")}
+    result = evaluate(ema_model, meta, data_dir, eval_samples, sampler, eval_features, "auto", eval_batch_size,
+                      seed, device, autocast, rank=rank, world_size=world_size, features=feature_net)
+    keys = ("fd", "precision", "recall", "class_acc")
+    head = torch.tensor([result["model"].get(k, float("nan")) if master else 0.0 for k in keys], device=device)
+    if ddp:
+        dist.broadcast(head, 0)
+    if master:
+        log(format_eval(result))
+        os.makedirs(os.path.join(out_dir, "samples"), exist_ok=True)
+        with open(os.path.join(out_dir, "samples", f"eval-{step:08d}.json"), "w") as f:
+            json.dump(dict(result, step=step, weights="ema", sampler=sampler, checkpoint_config=config), f, indent=1)
+    out = {k: v for k, v in zip(keys, head.tolist()) if not math.isnan(v)}
+    if master and "per_class" in result["model"]:
+        out.update({f"class_acc_{c}": e["acc"] for c, e in result["model"]["per_class"].items()})
     return out
 
 
@@ -546,7 +611,8 @@ stats = torch.zeros(3 + 2 * N_BINS, device=device)  # loss sum, valid count, |v|
 bad_in_a_row = bad_steps = oom_steps = bad_samples = 0
 grad_norm_max = 0.0
 t_start = t_log = time.time()
-step_at_log = step
+step_at_log = step_at_start = step
+BUDGET_WARMUP_STEPS = 5     # first steps of a max_minutes probe left untimed (allocator, caches, workers)
 last_ckpt_step = step
 if ddp:
     dist.barrier()
@@ -627,6 +693,21 @@ while step < max_steps:
         log(f"step {step}: non-finite loss or gradient; update skipped ({bad_in_a_row} in a row)")
     optimizer.zero_grad(set_to_none=True)
     step += 1
+    if max_minutes and not budget_planned:
+        if step == step_at_start + BUDGET_WARMUP_STEPS:
+            t_probe = time.time()
+        elif step == step_at_start + budget_probe_steps:
+            # seconds per step over the probe, the slowest rank's; the steps that fit the rest of the budget
+            per_step = torch.tensor((time.time() - t_probe) / (budget_probe_steps - BUDGET_WARMUP_STEPS), device=device)
+            if ddp:
+                dist.all_reduce(per_step, op=dist.ReduceOp.MAX)
+            left = max_minutes * 60 - (time.time() - t_process)
+            max_steps, budget_planned = step + max(0, int(left / per_step.item())), True
+            if max_steps < warmup_steps:
+                fail(f"max_minutes={max_minutes}: at {per_step.item():.3f} s per step the budget fits {max_steps} steps, "
+                     f"fewer than warmup_steps={warmup_steps}; raise max_minutes or lower warmup_steps")
+            log(f"time budget: {per_step.item():.3f} s per step, so max_steps = {max_steps} ({max_steps * global_batch:,} "
+                f"images) to end near {max_minutes} min; the same run as --max_steps={max_steps} --max_minutes=0")
 
     if max_hours and time.time() - t_start > max_hours * 3600 and stop_reason is None:
         stop_reason = f"max_hours={max_hours}"
@@ -659,7 +740,15 @@ while step < max_steps:
         write_metrics(dict(step=step, **val))
         if val["val_loss"] < best_val:
             best_val = val["val_loss"]
-            save_checkpoint(os.path.join(out_dir, "best.pt"))
+            if best_by == "val_loss":
+                save_checkpoint(os.path.join(out_dir, "best.pt"))
+    if eval_interval and (step % eval_interval == 0 or step == max_steps):
+        scores = run_eval()
+        write_metrics(dict(step=step, **scores))
+        if scores["fd"] < best_fd:
+            best_fd = scores["fd"]
+            if best_by == "fd":
+                save_checkpoint(os.path.join(out_dir, "best.pt"))
     if sample_interval and (step % sample_interval == 0 or step == max_steps):
         net = plain_ema()                                 # a collective under FSDP: every rank
         if master:

@@ -84,3 +84,11 @@ def test_text_and_image_conditioned_latent_run(conditioned, tmp_path):
     assert "4 images" in proc.stdout
     a = np.asarray(Image.open(png))
     assert a.shape == (2 * 34 + 2, 2 * 34 + 2, 3)   # 2 prompts x 2 images, 16x16 latents -> 32x32 pixels
+    # evaluation of a text + image model: conditions from the val split's samples, each at its own bucket,
+    # FD-DINOv2-style features from a Hugging Face model (the tiny DINOv2), no classes so no probe
+    proc = run("sample.py", f"--ckpt={out}", "--eval=true", "--num_samples=8", "--steps=2",
+               f"--eval_features={tmp / 'dino'}", "--text_scale=2", "--image_scale=1.5")
+    result = json.loads((out / "samples" / "eval-00000004.json").read_text())
+    assert result["condition_split"] == "val" and result["model"]["n"] == 8 and "class_acc" not in result["model"]
+    assert result["feature_dim"] == 32 and result["floor"]["n"] == 4 and result["forwards_per_image"] == 2 * 3
+    assert result["model"]["fd"] > 0 and "fd" in proc.stdout

@@ -411,3 +411,15 @@ def test_iterate_split(digits):
     assert all(torch.equal(a['x'], b['x']) for a, b in zip(batches, again))
     samples, _ = read_shards(digits, 'val')
     np.testing.assert_array_equal(batches[0]['x'][0].numpy(), npy(samples['000000000']['x.npy']).astype(np.float32))
+
+
+def test_mnist_holds_out_a_val_split_by_default_and_folders_do_not(tmp_path):
+    import json
+
+    from conftest import run
+    run("prepare_data.py", f"--out_dir={tmp_path / 'm'}", "--max_examples=100")
+    index = json.loads((tmp_path / "m" / "index.json").read_text())
+    counts = {split: sum(s["count"] for b in index["splits"][split].values() for s in b) for split in ("train", "val")}
+    assert counts == {"train": 80, "val": 20}                       # auto: a fifth, up to 1,000
+    proc = run("prepare_data.py", f"--out_dir={tmp_path / 'bad'}", "--val_examples=-2", check=False)
+    assert proc.returncode != 0 and "val_examples=-2" in proc.stderr

