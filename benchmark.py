@@ -23,7 +23,7 @@ import torch
 import prepare_data
 from configurator import apply_overrides
 from model import DiT, DiTConfig, attention, interpolate, velocity_target
-from sample import euler_sample, guided_velocity
+from sample import guided_velocity, sample_ode
 
 # ----------------------------------------------------------------------------------------------
 quick = False             # tiny sizes, one repeat, no train.py subprocess: a smoke test in seconds
@@ -146,7 +146,7 @@ def sample_fn(model, n, shape, dtype, steps):
 
     def run():
         with autocast_for(dtype):
-            euler_sample(guided_velocity(model, cond, 2.0, 1.0), noise, steps)
+            sample_ode(guided_velocity(model, cond, 2.0, 1.0), noise, steps, "euler")
     return run
 
 

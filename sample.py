@@ -1,11 +1,13 @@
-"""Sample images from a trained NanoDiT checkpoint with an Euler ODE solver and guidance.
+"""Sample images from a trained NanoDiT checkpoint (Euler or Heun ODE solver, guidance), and evaluate them.
 
     python sample.py --ckpt=out/mnist                            # class grid: one row per class
     python sample.py --ckpt=out/mnist/ckpt-00002000.pt --classes=3,7 --per_class=16 --text_scale=3
     python sample.py --ckpt=out/photos --prompts=prompts.txt --text_scale=4.5
     python sample.py --ckpt=out/photos --prompts=prompts.txt --images=ref.jpg --text_scale=4 --image_scale=2
+    python sample.py --ckpt=out/mnist --eval=true --num_samples=1000       # FD, precision/recall, class accuracy
+    python sample.py --ckpt=out/photos --eval=true --eval_features=facebook/dinov2-base --ema=both
 
-Writes a PNG grid and, beside it, a JSON of the settings that made it. Guidance (all channels):
+Writes a PNG grid (or, with --eval, eval-<step>.json and a preview grid) and a JSON of the settings. Guidance (all channels):
 with text/class condition c_t and image condition c_i, and v(.,.) the model's velocity,
     text only:  v = v(0,0) + s_t * (v(c_t,0) - v(0,0))
     image only: v = v(0,0) + s_i * (v(0,c_i) - v(0,0))
@@ -80,10 +82,6 @@ def sample_ode(v_fn, noise, steps, solver="euler", shift=1.0):
             v = 0.5 * (v + v_fn(x + dt * v, ts[i + 1].expand(len(x))).to(x.dtype))
         x = x + dt * v
     return x
-
-
-def euler_sample(v_fn, noise, steps):
-    return sample_ode(v_fn, noise, steps, "euler")
 
 
 def velocity_evals(steps, solver):

@@ -11,14 +11,14 @@ import pytest
 import scipy.linalg
 
 from model import shift_time
-from sample import (check_eval_request, euler_sample, fit_probe, frechet_distance, guided_velocity, load_feature_net,
+from sample import (check_eval_request, fit_probe, frechet_distance, guided_velocity, load_feature_net,
                     precision_recall, probe_predict, reference, sample_ode, save_grid, stats, time_grid)
 
 
 def test_euler_on_the_exact_field_of_one_point_recovers_it():
     x0 = torch.randn(1, 2, 4, 4)
     v = lambda xt, t: (xt - x0) / t.view(-1, 1, 1, 1)          # noqa: E731  exact field for data {x0}
-    out = euler_sample(v, torch.randn(5, 2, 4, 4), steps=10)
+    out = sample_ode(v, torch.randn(5, 2, 4, 4), steps=10)
     assert torch.allclose(out, x0.expand(5, -1, -1, -1), atol=1e-5)
 
 
@@ -33,7 +33,7 @@ def test_euler_on_a_two_point_mixture_lands_on_the_data():
         x_hat = (w * data[None]).sum(1)
         return (xt - x_hat) / t
     noise = torch.randn(200, 2, generator=torch.Generator().manual_seed(0))
-    out = euler_sample(v, noise, steps=200)
+    out = sample_ode(v, noise, steps=200)
     dist = torch.cdist(out, data).min(dim=1).values
     assert dist.max() < 0.05
     # and both modes are reached, in about equal shares
