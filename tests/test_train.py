@@ -51,7 +51,7 @@ def assert_same_state(a, b, exact=True, atol=0.0):
 
 def test_tiny_model_overfits_a_handful_of_images(tmp_path):
     data = tmp_path / "data"
-    run("prepare_data.py", f"--out_dir={data}", "--max_examples=8")
+    run("prepare_data.py", f"--out_dir={data}", "--max_examples=8", "--val_examples=0")
     out = tmp_path / "out"
     # 8 digits in one batch, class-conditional: an untrained (zero-output) model scores
     # E|noise - x|^2 = 1 + E[x^2] ~ 1.8 on MNIST in [-1, 1]; memorising the 8 images drives it down
@@ -275,7 +275,7 @@ def test_dry_run_prints_the_plan_and_writes_nothing(tmp_path, mnist_dir):
 def test_bad_config_names_the_problem(tmp_path, mnist_dir, args, needle):
     if "--data_dir=WITHOUT_VAL" in args:
         data = tmp_path / "noval"
-        run("prepare_data.py", f"--out_dir={data}", "--max_examples=20")
+        run("prepare_data.py", f"--out_dir={data}", "--max_examples=20", "--val_examples=0")
         args = [a.replace("WITHOUT_VAL", str(data)) for a in args]
     proc = run("train.py", *TINY, f"--data_dir={mnist_dir}", f"--out_dir={tmp_path / 'o'}", *args, check=False)
     assert proc.returncode != 0 and needle in proc.stderr, proc.stderr[-2000:]
