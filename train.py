@@ -134,6 +134,9 @@ if best_by == "fd" and not eval_interval:
     fail("best_by='fd' needs eval_interval > 0 (evaluation measures FD)")
 if sample_solver not in ("euler", "heun"):
     fail(f"sample_solver={sample_solver!r}: expected 'euler' or 'heun'")
+BUDGET_WARMUP_STEPS = 5       # first steps of a max_minutes probe left untimed (allocator, caches, workers)
+if max_minutes and budget_probe_steps <= BUDGET_WARMUP_STEPS:
+    fail(f"budget_probe_steps={budget_probe_steps} must exceed the {BUDGET_WARMUP_STEPS} untimed warm-up steps")
 if max_minutes and budget_probe_steps > warmup_steps:
     fail(f"max_minutes needs budget_probe_steps={budget_probe_steps} <= warmup_steps={warmup_steps}: the learning "
          "rate after warm-up depends on max_steps, which the probe has not fixed yet")
@@ -612,7 +615,6 @@ bad_in_a_row = bad_steps = oom_steps = bad_samples = 0
 grad_norm_max = 0.0
 t_start = t_log = time.time()
 step_at_log = step_at_start = step
-BUDGET_WARMUP_STEPS = 5     # first steps of a max_minutes probe left untimed (allocator, caches, workers)
 last_ckpt_step = step
 if ddp:
     dist.barrier()

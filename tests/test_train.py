@@ -322,6 +322,9 @@ def test_max_minutes_that_cannot_fit_warmup_is_an_error(mnist_dir, tmp_path):
     proc = run("train.py", *TINY, f"--data_dir={mnist_dir}", f"--out_dir={tmp_path}", "--max_minutes=1",
                "--warmup_steps=5", check=False)
     assert proc.returncode != 0 and "budget_probe_steps=20 <= warmup_steps=5" in proc.stderr
+    proc = run("train.py", *TINY, f"--data_dir={mnist_dir}", f"--out_dir={tmp_path}", "--max_minutes=1",
+               "--budget_probe_steps=3", check=False)
+    assert proc.returncode != 0 and "budget_probe_steps=3 must exceed" in proc.stderr
 
 
 def test_evaluation_during_training_logs_metrics_and_keeps_best_by_fd(mnist_dir, tmp_path):
