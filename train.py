@@ -132,8 +132,10 @@ if best_by not in ("val_loss", "fd"):
     fail(f"best_by={best_by!r}: expected 'val_loss' or 'fd'")
 if best_by == "fd" and not eval_interval:
     fail("best_by='fd' needs eval_interval > 0 (evaluation measures FD)")
-if sample_solver not in ("euler", "heun"):
-    fail(f"sample_solver={sample_solver!r}: expected 'euler' or 'heun'")
+from sample import SOLVERS  # noqa: E402  (sample.py owns the samplers)
+
+if sample_solver not in SOLVERS:
+    fail(f"sample_solver={sample_solver!r}: expected one of {', '.join(SOLVERS)}")
 BUDGET_WARMUP_STEPS = 5       # first steps of a max_minutes probe left untimed (allocator, caches, workers)
 if max_minutes and budget_probe_steps <= BUDGET_WARMUP_STEPS:
     fail(f"budget_probe_steps={budget_probe_steps} must exceed the {BUDGET_WARMUP_STEPS} untimed warm-up steps")
