@@ -33,6 +33,15 @@ def velocity_target(x, noise):
     return noise - x
 
 
+X_PRED_MIN_T = 0.05   # an x-predicting model divides by max(t, this): the velocity stays bounded near t = 0
+
+
+def velocity_from_x(xt, x_hat, t):
+    """The velocity implied by a clean-image estimate x_hat at xt, t (B,): v = (xt - x_hat) / t."""
+    t = t.float().clamp(min=X_PRED_MIN_T).view(-1, *([1] * (xt.dim() - 1)))
+    return (xt.float() - x_hat.float()) / t
+
+
 def shift_time(t, shift):
     """t' = s t / (1 + (s - 1) t) (SD3, arXiv:2403.03206, eq. 23): s > 1 moves time towards noise, as
     larger images need (more pixels keep more signal at a given t). Monotone, fixes 0 and 1."""
@@ -40,6 +49,17 @@ def shift_time(t, shift):
 
 
 # ---------------------------------------------------------------------------------------------
+
+
+# erf GELU costs 2.5x less than the tanh approximation on CPUs (BENCHMARKS.md), at equal quality
+MLP_ACTS = {"gelu": lambda: nn.GELU(), "gelu_tanh": lambda: nn.GELU(approximate="tanh"), "silu": nn.SiLU}
+# DiTConfig fields added after checkpoints were first written, with the value those checkpoints meant
+LEGACY_MODEL_ARGS = {"mlp_act": "gelu_tanh", "prediction": "v"}
+
+
+def config_from_checkpoint(model_args):
+    """DiTConfig for a checkpoint's model_args, filling fields it predates with what it was trained with."""
+    return DiTConfig(**{**LEGACY_MODEL_ARGS, **model_args})
 
 
 @dataclass
@@ -56,6 +76,13 @@ class DiTConfig:
     qk_norm: bool = True      # RMS-normalise queries and keys per head (stabilises attention logits)
     grad_checkpoint: bool = False  # recompute each block in backward: less memory, ~1/3 more compute
     attn_impl: str = "auto"   # 'sdpa', 'math' (explicit softmax), or 'auto' (fastest per device)
+    mlp_act: str = "gelu"     # MLP activation: 'gelu' (erf), 'gelu_tanh' (DiT's), 'silu'
+    moe_experts: int = 0      # MLP experts per block; 0 = the dense MLP
+    moe_top_k: int = 2        # experts each token is routed to (token choice)
+    moe_capacity: float = 1.25  # expert capacity = ceil(capacity * tokens * top_k / experts); 0 = no limit
+    moe_shared_expert: bool = False  # also one always-on dense MLP of the same width (DeepSeekMoE)
+    prediction: str = "v"     # what the last layer outputs: 'v' (velocity) or 'x' (clean image, turned into
+                              # the velocity (xt - x) / t, so callers always get v; JiT, arXiv:2511.13720)
 
     def __post_init__(self):
         if self.hidden % self.heads:
@@ -64,6 +91,15 @@ class DiTConfig:
             raise ValueError(f"patch_size={self.patch_size}: expected 1, 2, 4 or 8")
         if self.attn_impl not in ("auto", "sdpa", "math"):
             raise ValueError(f"attn_impl={self.attn_impl!r}: expected 'auto', 'sdpa' or 'math'")
+        if self.mlp_act not in MLP_ACTS:
+            raise ValueError(f"mlp_act={self.mlp_act!r}: expected one of {', '.join(MLP_ACTS)}")
+        if self.prediction not in ("v", "x"):
+            raise ValueError(f"prediction={self.prediction!r}: expected 'v' or 'x'")
+        if self.moe_experts < 0 or (self.moe_experts and not 1 <= self.moe_top_k <= self.moe_experts):
+            raise ValueError(f"moe_experts={self.moe_experts}, moe_top_k={self.moe_top_k}: need 0 experts, or "
+                             f"1 <= top_k <= experts")
+        if self.moe_capacity < 0:
+            raise ValueError(f"moe_capacity={self.moe_capacity} must be >= 0 (0 = no limit)")
 
 
 def modulate(x, shift, scale):
@@ -140,6 +176,66 @@ class Attention(nn.Module):
         return self.proj(out.transpose(1, 2).reshape(B, N, D))
 
 
+def mlp(cfg):
+    dim = cfg.hidden
+    return nn.Sequential(nn.Linear(dim, int(dim * cfg.mlp_ratio)), MLP_ACTS[cfg.mlp_act](),
+                         nn.Linear(int(dim * cfg.mlp_ratio), dim))
+
+
+class MoE(nn.Module):
+    """Mixture-of-experts MLP with token-choice top-k routing (Switch Transformer, arXiv:2101.03961;
+    top-k weights renormalised as in Mixtral). Each expert takes at most `capacity` of the (token,
+    choice) assignments, first choices before second ones and tokens in order; the rest are dropped
+    (the token keeps its residual). After each forward, `aux_loss` holds the load-balancing loss
+    E * sum_e f_e * P_e (1 at uniform routing: f_e the fraction of assignments to expert e, P_e its mean
+    router probability), `dropped` the fraction of assignments over capacity and `load` (E,) the f_e."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        E, D, M = cfg.moe_experts, cfg.hidden, int(cfg.hidden * cfg.mlp_ratio)
+        self.top_k, self.capacity, self.act = cfg.moe_top_k, cfg.moe_capacity, MLP_ACTS[cfg.mlp_act]()
+        self.router = nn.Linear(D, E, bias=False)
+        self.w1 = nn.Parameter(torch.empty(E, D, M))
+        self.b1 = nn.Parameter(torch.zeros(E, M))
+        self.w2 = nn.Parameter(torch.empty(E, M, D))
+        self.b2 = nn.Parameter(torch.zeros(E, D))
+        with torch.no_grad():   # each expert initialised like the dense MLP's nn.Linear
+            for w in (self.w1, self.w2):
+                for e in range(E):
+                    nn.init.xavier_uniform_(w[e].T)
+        self.shared = mlp(cfg) if cfg.moe_shared_expert else None
+
+    def forward(self, x):
+        shape, E = x.shape, self.w1.shape[0]
+        x = x.reshape(-1, shape[-1])                                            # (T, D)
+        T = x.shape[0]
+        probs = self.router(x).float().softmax(dim=-1)                          # (T, E)
+        top_p, top_e = probs.topk(self.top_k, dim=-1)                           # (T, k)
+        gates = (top_p / top_p.sum(dim=-1, keepdim=True)).to(x.dtype)
+        # assignments ordered choice-major (every token's 1st choice, then 2nd, ...), so capacity drops
+        # the lower choices first; pos = the assignment's place in its expert's queue
+        expert = top_e.T.reshape(-1)                                            # (k T,)
+        one_hot = F.one_hot(expert, E)
+        pos = ((one_hot.cumsum(dim=0) - 1) * one_hot).sum(dim=1)
+        cap = math.ceil(self.capacity * T * self.top_k / E) if self.capacity else T
+        keep = pos < cap
+        token = torch.arange(T, device=x.device).repeat(self.top_k)
+        gate = gates.T.reshape(-1)
+        out = torch.zeros_like(x)
+        for e in range(E):
+            sel = torch.nonzero(keep & (expert == e)).squeeze(1)
+            tok = token[sel]
+            h = self.act(torch.addmm(self.b1[e], x[tok], self.w1[e]))
+            out.index_add_(0, tok, torch.addmm(self.b2[e], h, self.w2[e]) * gate[sel, None])
+        if self.shared is not None:
+            out = out + self.shared(x)
+        load = one_hot.float().mean(dim=0)                                      # f_e, before capacity
+        self.aux_loss = E * (load * probs.mean(dim=0)).sum()
+        self.dropped = 1 - keep.float().mean()
+        self.load = load.detach()
+        return out.reshape(shape)
+
+
 class DiTBlock(nn.Module):
     def __init__(self, cfg):
         super().__init__()
@@ -150,8 +246,7 @@ class DiTBlock(nn.Module):
             self.norm_cross = nn.LayerNorm(dim, eps=1e-6)
             self.cross = Attention(dim, cfg.heads, cfg.qk_norm, cfg.attn_impl)
         self.norm2 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
-        mlp_hidden = int(dim * cfg.mlp_ratio)
-        self.mlp = nn.Sequential(nn.Linear(dim, mlp_hidden), nn.GELU(approximate="tanh"), nn.Linear(mlp_hidden, dim))
+        self.mlp = MoE(cfg) if cfg.moe_experts else mlp(cfg)
         self.adaLN = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))
 
     def forward(self, x, c, ctx, ctx_mask):
@@ -188,7 +283,8 @@ class DiT(nn.Module):
         for m in self.modules():
             if isinstance(m, nn.Linear):
                 nn.init.xavier_uniform_(m.weight)
-                nn.init.zeros_(m.bias)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
         w = self.patch_embed.weight
         nn.init.xavier_uniform_(w.view(w.shape[0], -1))
         nn.init.zeros_(self.patch_embed.bias)
@@ -209,8 +305,24 @@ class DiT(nn.Module):
             nn.init.zeros_(m.weight)
             nn.init.zeros_(m.bias)
 
-    def num_params(self):
-        return sum(p.numel() for p in self.parameters())
+    def num_params(self, active=False):
+        """Parameters in all; with active=True, those one token uses (top_k of each block's experts)."""
+        n = sum(p.numel() for p in self.parameters())
+        cfg = self.cfg
+        if active and cfg.moe_experts:
+            per_expert = sum(p[0].numel() for p in (self.blocks[0].mlp.w1, self.blocks[0].mlp.b1,
+                                                     self.blocks[0].mlp.w2, self.blocks[0].mlp.b2))
+            n -= cfg.depth * (cfg.moe_experts - cfg.moe_top_k) * per_expert
+        return n
+
+    def moe_stats(self):
+        """From the last forward of an MoE model: (load-balancing loss summed over blocks, fraction of
+        assignments dropped over capacity (mean over blocks), per-expert load (depth, E)); None if dense."""
+        if not self.cfg.moe_experts:
+            return None
+        moes = [block.mlp for block in self.blocks]
+        return (sum(m.aux_loss for m in moes), torch.stack([m.dropped for m in moes]).mean(),
+                torch.stack([m.load for m in moes]))
 
     def forward(self, xt, t, y=None, text=None, text_mask=None, image_emb=None,
                 drop_y=None, drop_text=None, drop_image=None):
@@ -265,7 +377,8 @@ class DiT(nn.Module):
         shift, scale = self.adaLN_out(c).unsqueeze(1).chunk(2, dim=-1)
         x = self.out(modulate(self.norm_out(x), shift, scale))                     # (B, h*w, p*p*C)
         x = x.view(B, h, w, p, p, -1).permute(0, 5, 1, 3, 2, 4)                     # (B, C, h, p, w, p)
-        return x.reshape(B, -1, H, W)
+        x = x.reshape(B, -1, H, W)
+        return velocity_from_x(xt, x, t) if cfg.prediction == "x" else x
 
     def flops_per_image(self, height, width, text_len=0):
         """Forward FLOPs (2 per multiply-add) of the matmuls for one image of height x width inputs.
@@ -277,11 +390,13 @@ class DiT(nn.Module):
         D, p, C = cfg.hidden, cfg.patch_size, cfg.in_channels
         N = (height // p) * (width // p)
         M = int(cfg.mlp_ratio * D)
+        mlps = (cfg.moe_top_k + cfg.moe_shared_expert) if cfg.moe_experts else 1
         L = text_len if cfg.text_dim else 0
         per_block = (2 * N * D * 3 * D          # q, k, v
                      + 2 * 2 * N * N * D        # scores and weighted sum
                      + 2 * N * D * D            # output projection
-                     + 2 * 2 * N * D * M        # MLP
+                     + 2 * 2 * N * D * M * mlps  # MLP (the active experts of an MoE)
+                     + 2 * N * D * cfg.moe_experts  # router
                      + 2 * D * 6 * D)           # adaLN modulation
         if L:
             per_block += 2 * N * D * D + 2 * L * D * 2 * D + 2 * 2 * N * L * D + 2 * N * D * D

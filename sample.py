@@ -24,7 +24,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from model import DiT, DiTConfig, shift_time
+from model import DiT, config_from_checkpoint, shift_time
 
 SOLVERS = {"euler": 1, "heun": 2}   # velocity evaluations per step
 
@@ -173,7 +173,7 @@ def load_model(path, use_ema=True, device="cpu"):
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
         raise SystemExit(f"sample.py: cannot load checkpoint {path}: {type(e).__name__}: {str(e)[:200]}") from None
-    model = DiT(DiTConfig(**state["model_args"]))
+    model = DiT(config_from_checkpoint(state["model_args"]))
     model.load_state_dict(state["ema" if use_ema else "model"])
     return model.to(device).eval(), state
 

@@ -27,7 +27,7 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from model import DiT, DiTConfig, interpolate, shift_time, velocity_target
+from model import LEGACY_MODEL_ARGS, DiT, DiTConfig, interpolate, shift_time, velocity_target
 from prepare_data import ShardStream, iterate_split, load_index
 
 # ----------------------------------------------------------------------------------------------
@@ -45,6 +45,13 @@ mlp_ratio = 4.0               # MLP width / hidden
 qk_norm = True                # RMS-normalise queries and keys
 grad_checkpoint = False       # recompute blocks in backward (memory for compute)
 attn_impl = "auto"            # 'auto' | 'sdpa' | 'math'
+mlp_act = "gelu"              # 'gelu' | 'gelu_tanh' | 'silu' (model.MLP_ACTS)
+moe_experts = 0               # mixture-of-experts MLP: experts per block; 0 = dense
+moe_top_k = 2                 # experts per token (token-choice routing)
+moe_capacity = 1.25           # expert capacity factor: assignments over ceil(capacity * tokens * top_k / experts) drop; 0 = none
+moe_shared_expert = False     # add one always-on dense MLP to the experts
+moe_aux_weight = 0.01         # weight of the load-balancing loss (Switch Transformer's 0.01, arXiv:2101.03961)
+prediction = "v"              # network output: 'v' (velocity) or 'x' (clean image; the model still returns v)
 use_class = True              # condition on class labels when the data has them
 use_text = True               # condition on text embeddings when the data has them
 use_image = True              # condition on image embeddings when the data has them
@@ -66,12 +73,17 @@ max_minutes = 0.0             # training budget in wall-clock minutes from start
                               # budget_probe_steps, then fixes max_steps (kept by a resume); 0 = off
 budget_probe_steps = 20       # steps timed for max_minutes (the first 5 of them are not counted: warm-up)
 # optimizer and schedule
+optimizer = "adamw"           # 'adamw', or 'muon': Muon for the blocks' weight matrices, AdamW for the rest
 lr = 3e-4                     # peak learning rate (AdamW)
 min_lr_ratio = 0.1            # cosine decays to lr * min_lr_ratio at max_steps
 warmup_steps = 100            # linear warmup from 0, in optimizer steps
 weight_decay = 0.0            # AdamW decoupled decay on matrices only
 beta1 = 0.9
 beta2 = 0.99
+muon_lr = 0.0                 # peak lr of the Muon group; 0 = lr (Muon's update is scaled to AdamW's RMS,
+                              # 0.2 sqrt(max(A, B)), so AdamW's lr carries over: Moonshot, arXiv:2502.16982)
+muon_weight_decay = -1.0      # decoupled weight decay of the Muon group; -1 = weight_decay (same source)
+muon_momentum = 0.95          # Nesterov momentum of the Muon group (Keller Jordan's Muon; torch's default)
 grad_clip = 1.0               # max global grad norm; 0 = off
 ema_decay = 0.9999            # final EMA decay per optimizer step
 ema_warmup_steps = 1000       # EMA decay ramps linearly from 0 to ema_decay over these steps
@@ -128,6 +140,13 @@ if p_uncond + p_text_only + p_image_only > 1:
 for key in ("batch_size", "grad_accum_steps", "keep_last_n", "log_interval", "ckpt_interval"):
     if globals()[key] < 1:
         fail(f"{key}={globals()[key]} must be at least 1")
+if lr <= 0 or muon_lr < 0:
+    fail(f"lr={lr}, muon_lr={muon_lr}: the peak learning rates must be positive (muon_lr 0 = lr)")
+if optimizer not in ("adamw", "muon"):
+    fail(f"optimizer={optimizer!r}: expected 'adamw' or 'muon'")
+if optimizer == "muon" and fsdp:
+    fail("optimizer='muon' does not work with fsdp=True: Muon orthogonalises each whole weight matrix, and "
+         "FSDP2 shards every matrix across ranks; use DDP (fsdp=False) or optimizer='adamw'")
 if best_by not in ("val_loss", "fd"):
     fail(f"best_by={best_by!r}: expected 'val_loss' or 'fd'")
 if best_by == "fd" and not eval_interval:
@@ -204,6 +223,8 @@ buckets = {name: (H // down, W // down) for name, (H, W) in index["buckets"].ite
 model_args = dict(
     in_channels=index["channels"], patch_size=patch_size, hidden=hidden, depth=depth, heads=heads,
     mlp_ratio=mlp_ratio, qk_norm=qk_norm, grad_checkpoint=grad_checkpoint, attn_impl=attn_impl,
+    mlp_act=mlp_act, prediction=prediction, moe_experts=moe_experts, moe_top_k=moe_top_k,
+    moe_capacity=moe_capacity, moe_shared_expert=moe_shared_expert,
     num_classes=index["num_classes"] if use_class else 0,
     text_dim=index["text_encoder"]["dim"] if use_text and index["text_encoder"] else 0,
     image_dim=index["image_encoder"]["dim"] if use_image and index["image_encoder"] else 0)
@@ -226,7 +247,8 @@ log(f"world size {world_size} | device {device} | dtype {dtype} | global batch {
     f"{batch_size} per rank x {grad_accum_steps} accumulation x {world_size} ranks | "
     + (f"steps fitted to max_minutes={max_minutes} after {budget_probe_steps} timed steps" if max_minutes else
        f"{max_steps} steps = {max_steps * global_batch:,} images")
-    + f" | {n_params / 1e6:.2f}M parameters | "
+    + f" | {n_params / 1e6:.2f}M parameters"
+    + (f" ({raw_model.num_params(active=True) / 1e6:.2f}M active per token)" if moe_experts else "") + " | "
     f"{flops_per_step / 1e12:.3f} TFLOP per step at {H_max}x{W_max}")
 if dry_run:
     # Memory per GPU: fp32 weights, grads, two Adam moments and the EMA (20 bytes a parameter,
@@ -236,7 +258,10 @@ if dry_run:
     state_bytes = n_params * 20 / (world_size if fsdp else 1)
     per_block = N * batch_size * hidden * (34 + 5 * heads * N / hidden)
     act_bytes = depth * 2 * N * batch_size * hidden + per_block if grad_checkpoint else depth * per_block
-    log(f"dry run: params {n_params:,} | forward {raw_model.flops_per_image(H_max, W_max, text_len) / 1e9:.2f} "
+    log(f"dry run: params {n_params:,}"
+        + (f" ({raw_model.num_params(active=True):,} active per token: {moe_top_k} of {moe_experts} experts"
+           f"{' + shared' if moe_shared_expert else ''})" if moe_experts else "")
+        + f" | forward {raw_model.flops_per_image(H_max, W_max, text_len) / 1e9:.2f} "
         f"GFLOP per image | {flops_per_step / 1e12:.3f} TFLOP per step | memory per GPU ~"
         f"{(state_bytes + act_bytes) / 2**30:.2f} GiB (states {state_bytes / 2**30:.2f}, activations "
         f"{act_bytes / 2**30:.2f}) | effective batch {global_batch} | {max_steps} steps")
@@ -294,8 +319,9 @@ elif resume == "auto":
         except ValueError as e:
             log(f"warning: {e}; falling back to the previous checkpoint")
 if state is not None:
-    if state["model_args"] != model_args:
-        diff = {k: (state["model_args"].get(k), v) for k, v in model_args.items() if state["model_args"].get(k) != v}
+    saved_args = {**LEGACY_MODEL_ARGS, **state["model_args"]}
+    if saved_args != model_args:
+        diff = {k: (saved_args.get(k), v) for k, v in model_args.items() if saved_args.get(k) != v}
         fail(f"checkpoint {resume_path} was trained with other model settings (checkpoint, now): {diff}")
     raw_model.load_state_dict(state["model"])
     ema_model.load_state_dict(state["ema"])
@@ -330,17 +356,108 @@ else:
 if compile:
     model = torch.compile(model)
 # built after sharding: FSDP replaces the parameters with sharded ones
-decay, no_decay = [], []
-for p in raw_model.parameters():
-    (decay if p.dim() >= 2 else no_decay).append(p)
-optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
-                               {"params": no_decay, "weight_decay": 0.0}],
-                              lr=lr, betas=(beta1, beta2), fused=device_type == "cuda")
-if state is not None and fsdp:
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
-    set_optimizer_state_dict(raw_model, optimizer, state["optimizer"], options=StateDictOptions(full_state_dict=True))
-elif state is not None:
-    optimizer.load_state_dict(state["optimizer"])
+class Optimizers:
+    """Several optimizers stepped as one: param_groups in order, state_dict {name: state}."""
+
+    def __init__(self, **opts):
+        self.opts = opts
+
+    @property
+    def param_groups(self):   # read each time: load_state_dict replaces the optimizers' group lists
+        return [g for o in self.opts.values() for g in o.param_groups]
+
+    def step(self):
+        for o in self.opts.values():
+            o.step()
+
+    def zero_grad(self, set_to_none=True):
+        for o in self.opts.values():
+            o.zero_grad(set_to_none=set_to_none)
+
+    def state_dict(self):
+        return {name: o.state_dict() for name, o in self.opts.items()}
+
+    def load_state_dict(self, sd):
+        if set(sd) != set(self.opts):
+            raise ValueError(f"optimizer state holds {sorted(sd)}, this run has {sorted(self.opts)}")
+        for name, o in self.opts.items():
+            o.load_state_dict(sd[name])
+
+
+class Muon(torch.optim.Optimizer):
+    """Muon (Keller Jordan, 2024): momentum SGD whose update of each weight matrix is orthogonalised by
+    a quintic Newton-Schulz iteration, scaled by 0.2 sqrt(max(A, B)) so its RMS matches AdamW's
+    (Moonshot, arXiv:2502.16982). The math of torch.optim.Muon(adjust_lr_fn='match_rms_adamw'), with
+    two changes for speed: the iteration runs in `ns_dtype` (torch's always uses bf16, which is emulated
+    and made training 7x slower on a CPU without avx512_bf16), and matrices of one shape are
+    orthogonalised together, one batched matmul per iteration instead of one per block."""
+    NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
+    NS_STEPS = 5
+
+    def __init__(self, params, lr, weight_decay, momentum, ns_dtype):
+        super().__init__(params, dict(lr=lr, weight_decay=weight_decay, momentum=momentum))
+        self.ns_dtype = ns_dtype
+
+    @staticmethod
+    def orthogonalise(g, dtype):
+        """Newton-Schulz on a stack of matrices (n, A, B) -> ~U V^T of each (singular values ~0.5-1.5)."""
+        a, b, c = Muon.NS_COEFFICIENTS
+        x = g.to(dtype)
+        wide = x.shape[1] <= x.shape[2]
+        x = x if wide else x.transpose(1, 2)
+        x = x / x.norm(dim=(1, 2), keepdim=True).clamp(min=1e-7)   # spectral norm <= 1
+        for _ in range(Muon.NS_STEPS):
+            gram = x @ x.transpose(1, 2)
+            x = a * x + torch.baddbmm(gram, gram, gram, beta=b, alpha=c) @ x
+        return (x if wide else x.transpose(1, 2)).to(g.dtype)
+
+    @torch.no_grad()
+    def step(self):
+        for group in self.param_groups:
+            lr, mu = group["lr"], group["momentum"]
+            by_shape = {}
+            for p in group["params"]:
+                if p.grad is not None:
+                    by_shape.setdefault(p.shape, []).append(p)
+            for shape, ps in by_shape.items():
+                updates = []
+                for p in ps:
+                    buf = self.state[p].setdefault("momentum_buffer", torch.zeros_like(p))
+                    buf.lerp_(p.grad, 1 - mu)
+                    updates.append(p.grad.lerp(buf, mu))                    # Nesterov
+                ortho = self.orthogonalise(torch.stack(updates), self.ns_dtype)
+                for p, u in zip(ps, ortho):
+                    p.mul_(1 - lr * group["weight_decay"])
+                    p.add_(u, alpha=-lr * 0.2 * math.sqrt(max(shape)))
+
+
+# AdamW decays matrices only. Muon takes the 2-D weights inside the blocks (attention, MLP, adaLN); the embeddings, norms,
+# biases, patch embedding and output layers stay with AdamW, as Muon's authors prescribe.
+adamw_decay, adamw_no_decay, muon_params = [], [], []
+for name, p in raw_model.named_parameters():
+    if optimizer == "muon" and p.dim() == 2 and name.startswith("blocks."):
+        muon_params.append(p)
+    else:
+        (adamw_decay if p.dim() >= 2 else adamw_no_decay).append(p)
+adamw = torch.optim.AdamW([{"params": adamw_decay, "weight_decay": weight_decay},
+                           {"params": adamw_no_decay, "weight_decay": 0.0}],
+                          lr=lr, betas=(beta1, beta2), fused=device_type == "cuda")
+if optimizer == "muon":
+    muon_peak_lr = muon_lr or lr
+    muon = Muon(muon_params, lr=muon_peak_lr, momentum=muon_momentum,
+                weight_decay=weight_decay if muon_weight_decay < 0 else muon_weight_decay,
+                ns_dtype=torch.bfloat16 if dtype == "bfloat16" else torch.float32)
+    opt = Optimizers(muon=muon, adamw=adamw)
+else:
+    opt = adamw
+try:
+    if state is not None and fsdp:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+        set_optimizer_state_dict(raw_model, opt, state["optimizer"], options=StateDictOptions(full_state_dict=True))
+    elif state is not None:
+        opt.load_state_dict(state["optimizer"])
+except (ValueError, KeyError) as e:
+    fail(f"checkpoint {resume_path}: its optimizer state does not fit optimizer={optimizer!r} ({e})")
 del state
 
 
@@ -401,9 +518,9 @@ def save_checkpoint(path):
         opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
         model_sd = get_model_state_dict(raw_model, options=opts)          # collectives: every rank
         ema_sd = get_model_state_dict(ema_model, options=opts)
-        optim_sd = get_optimizer_state_dict(raw_model, optimizer, options=opts)
+        optim_sd = get_optimizer_state_dict(raw_model, opt, options=opts)
     else:
-        model_sd, ema_sd, optim_sd = raw_model.state_dict(), ema_model.state_dict(), optimizer.state_dict()
+        model_sd, ema_sd, optim_sd = raw_model.state_dict(), ema_model.state_dict(), opt.state_dict()
     ok = True
     if master:
         state = dict(model=model_sd, ema=ema_sd, optimizer=optim_sd, step=step, micro_batches=micro_batches,
@@ -613,6 +730,7 @@ for item in filter(None, os.environ.get("NANODIT_INJECT", "").split(",")):
 # ---------------------------------------------------------------------------------------------- loop
 N_BINS = 4                                          # t bins for the per-t loss: [0, .25), ... [.75, 1]
 stats = torch.zeros(3 + 2 * N_BINS, device=device)  # loss sum, valid count, |v| sum, bin sums, bin counts
+moe_sums = torch.zeros(3 + moe_experts, device=device)  # MoE: aux loss, dropped fraction, micro-batches, load per expert
 bad_in_a_row = bad_steps = oom_steps = bad_samples = 0
 grad_norm_max = 0.0
 t_start = t_log = time.time()
@@ -622,8 +740,11 @@ if ddp:
     dist.barrier()
 while step < max_steps:
     lr_now = lr_at(step)
-    for group in optimizer.param_groups:
+    for group in adamw.param_groups:
         group["lr"] = lr_now
+    if optimizer == "muon":   # the same schedule, scaled to its own peak
+        for group in muon.param_groups:
+            group["lr"] = lr_now * muon_peak_lr / lr
     loss_step = torch.zeros((), device=device)
     faults = inject.get(step, ())                  # NANODIT_INJECT kinds for this step (tests only)
     try:
@@ -653,6 +774,12 @@ while step < max_steps:
                 per_sample = per_sample * valid          # unreadable samples add nothing
                 # mean over the nominal batch, so k micro-batches sum to the mean of one k-times batch
                 loss = per_sample.sum() / (batch_size * grad_accum_steps)
+                moe = raw_model.moe_stats()
+                if moe is not None:      # the load-balancing loss, on the mean of the micro-batches
+                    aux, dropped, load = moe
+                    loss = loss + moe_aux_weight * aux / grad_accum_steps
+                    moe_sums += torch.cat([torch.stack([aux.detach(), dropped, torch.ones((), device=device)]),
+                                           load.mean(dim=0)])
                 loss.backward()
             with torch.no_grad():
                 loss_step += loss.detach()
@@ -666,7 +793,7 @@ while step < max_steps:
         if ddp:
             raise   # the other ranks are inside a collective: only a restart resynchronises them
         del e
-        optimizer.zero_grad(set_to_none=True)
+        opt.zero_grad(set_to_none=True)
         if device_type == "cuda":
             torch.cuda.empty_cache()
         oom_steps += 1
@@ -683,7 +810,7 @@ while step < max_steps:
     grad_norm = grad_norm.item()                   # identical on every rank: grads are already reduced
     finite = math.isfinite(grad_norm) and math.isfinite(loss_step.item())
     if finite:
-        optimizer.step()
+        opt.step()
         with torch.no_grad():
             ema_params, params = list(ema_model.parameters()), list(raw_model.parameters())
             torch._foreach_lerp_(ema_params, params, 1.0 - ema_decay_at(step))
@@ -695,7 +822,7 @@ while step < max_steps:
         bad_in_a_row += 1
         bad_steps += 1
         log(f"step {step}: non-finite loss or gradient; update skipped ({bad_in_a_row} in a row)")
-    optimizer.zero_grad(set_to_none=True)
+    opt.zero_grad(set_to_none=True)
     step += 1
     if max_minutes and not budget_planned:
         if step == step_at_start + BUDGET_WARMUP_STEPS:
@@ -723,6 +850,8 @@ while step < max_steps:
 
     if step % log_interval == 0 or step == max_steps or stop:
         stats = all_sum(stats)
+        if moe_experts:
+            moe_sums = all_sum(moe_sums)
         now = time.time()
         n = stats[1].clamp(min=1).item()
         ips = (step - step_at_log) * global_batch / (now - t_log)
@@ -731,6 +860,13 @@ while step < max_steps:
                       elapsed_s=elapsed_before + now - t_start,
                       eta_s=(max_steps - step) * global_batch / max(ips, 1e-9),
                       bad_steps=bad_steps, oom_steps=oom_steps, bad_samples=bad_samples)
+        if moe_experts:   # means over micro-batches (and ranks) since the last record; load averaged over blocks
+            m = moe_sums[2].clamp(min=1).item()
+            record.update(moe_aux=moe_sums[0].item() / m, moe_dropped=moe_sums[1].item() / m,
+                          **{f"moe_load_{e}": moe_sums[3 + e].item() / m for e in range(moe_experts)})
+            moe_sums.zero_()
+        if optimizer == "muon":
+            record["lr_muon"] = lr_now * muon_peak_lr / lr
         for b in range(N_BINS):
             record[f"loss_t{b}"] = stats[3 + b].item() / max(stats[3 + N_BINS + b].item(), 1)
         log(f"step {step}/{max_steps} | loss {record['loss']:.4f} | grad {grad_norm:.3f} | lr {lr_now:.2e} | "

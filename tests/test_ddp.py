@@ -38,7 +38,7 @@ sys.argv[0] = os.path.join(repo, "train.py")
 sys.path.insert(0, repo)
 g = runpy.run_path(sys.argv[0], run_name="__main__")
 torch.save({"model": g["raw_model"].state_dict(), "ema": g["ema_model"].state_dict(),
-            "optimizer": g["optimizer"].state_dict()}, os.path.join(g["out_dir"], f"rank{g['rank']}.pt"))
+            "optimizer": g["opt"].state_dict()}, os.path.join(g["out_dir"], f"rank{g['rank']}.pt"))
 """
 
 
@@ -256,3 +256,21 @@ def test_evaluation_split_across_ranks_equals_one_process(tmp_path, mnist_dir):
     with open(tmp_path / "ddp" / "samples" / "eval-00000006.json") as f:
         assert json.load(f)["model"]["n"] == 30
     assert (tmp_path / "ddp" / "best.pt").exists()
+
+
+def test_muon_and_moe_on_two_ranks_equal_one_process(tmp_path, mnist_dir):
+    """optimizer='muon' with an MoE model under DDP: Muon orthogonalises the all-reduced gradient, and
+    each rank routes its own micro-batch as one process routes each accumulated one, so 2 ranks x 4 equal
+    one process with 2 x 4 accumulated: model, EMA, both optimizers' state, the logged routing."""
+    common = [*ARGS, f"--data_dir={mnist_dir}", "--optimizer=muon", "--batch_size=4", "--val_interval=0",
+              "--moe_experts=4", "--moe_capacity=1.0"]
+    torchrun("train.py", *common, f"--out_dir={tmp_path / 'ddp'}")
+    run("train.py", *common, "--grad_accum_steps=2", f"--out_dir={tmp_path / 'one'}")
+    a, b = ckpt(tmp_path / "ddp", STEPS), ckpt(tmp_path / "one", STEPS)
+    assert set(a["optimizer"]) == {"muon", "adamw"}
+    for key in ("model", "ema", "optimizer"):
+        assert_close(a[key], b[key], atol=1e-5, where=key)
+    (train_a, _), (train_b, _) = metrics(tmp_path / "ddp"), metrics(tmp_path / "one")
+    for s in train_a:
+        for k in ("loss", "moe_aux", "moe_dropped", "moe_load_0"):
+            assert train_a[s][k] == pytest.approx(train_b[s][k], rel=1e-5, abs=1e-7), (s, k)

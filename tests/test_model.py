@@ -3,7 +3,7 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from model import DiT, DiTConfig, interpolate, velocity_target
+from model import MoE, DiT, DiTConfig, config_from_checkpoint, interpolate, velocity_from_x, velocity_target
 
 
 def tiny(**kw):
@@ -118,4 +118,100 @@ def test_flops_match_torch_counter():
         model(x, t, **c)
     counted = counter.get_total_flops()
     ours = model.flops_per_image(16, 8, text_len=5)
+    assert abs(ours - counted) / counted < 0.05, (ours, counted)
+
+
+def test_x_prediction_returns_the_velocity_its_clean_estimate_implies():
+    v_model, x_model = randomise(tiny()), randomise(tiny(prediction="x"))
+    x, t, c = torch.randn(3, 3, 8, 8), torch.tensor([0.01, 0.5, 1.0]), conds()
+    x_hat = v_model(x, t, **c)           # the same weights: the last layer's output read as a clean image
+    v = x_model(x, t, **c)
+    assert torch.allclose(v, velocity_from_x(x, x_hat, t), atol=1e-6)
+    assert torch.allclose(v[1], (x[1] - x_hat[1]) / 0.5, atol=1e-5)
+    assert torch.allclose(v[0], (x[0] - x_hat[0]) / 0.05, atol=1e-4)   # t is floored near 0: v stays bounded
+
+
+def test_checkpoints_from_before_new_settings_load_as_they_were_trained():
+    old = {k: v for k, v in vars(DiTConfig()).items() if k not in ("mlp_act", "prediction")}
+    cfg = config_from_checkpoint(old)
+    assert cfg.mlp_act == "gelu_tanh" and cfg.prediction == "v"
+    assert config_from_checkpoint({**old, "mlp_act": "silu"}).mlp_act == "silu"
+
+
+def moe_cfg(**kw):
+    return DiTConfig(**{**dict(hidden=16, heads=2, mlp_ratio=2.0, moe_experts=4, moe_top_k=2), **kw})
+
+
+def test_one_expert_top_1_equals_the_dense_mlp_with_its_weights():
+    torch.manual_seed(0)
+    dense = randomise(tiny(hidden=32, mlp_ratio=2.0))
+    moe = tiny(hidden=32, mlp_ratio=2.0, moe_experts=1, moe_top_k=1, moe_capacity=0)
+    sd = dense.state_dict()
+    for i in range(2):
+        for name, (mlp_key, transpose) in {"w1": ("mlp.0.weight", True), "b1": ("mlp.0.bias", False),
+                                           "w2": ("mlp.2.weight", True), "b2": ("mlp.2.bias", False)}.items():
+            w = sd.pop(f"blocks.{i}.{mlp_key}")
+            sd[f"blocks.{i}.mlp.{name}"] = (w.T if transpose else w)[None].contiguous()
+        sd[f"blocks.{i}.mlp.router.weight"] = torch.randn(1, 32)
+    moe.load_state_dict(sd)
+    x, t, c = torch.randn(3, 3, 8, 8), torch.rand(3), conds()
+    assert torch.allclose(moe(x, t, **c), dense(x, t, **c), atol=1e-5)
+    aux, dropped, load = moe.moe_stats()
+    assert aux.item() == pytest.approx(2.0) and dropped.item() == 0 and torch.equal(load, torch.ones(2, 1))
+
+
+def test_load_balancing_loss_is_minimal_at_uniform_routing_and_has_a_gradient():
+    moe = MoE(moe_cfg())
+    x = torch.randn(2, 16, 16)
+    with torch.no_grad():
+        moe.router.weight.zero_()            # equal probabilities: ties go to the lowest experts, but
+    moe(x)                                   # P_e = 1/E makes E * sum f_e P_e = sum f_e = 1 exactly
+    assert moe.aux_loss.item() == pytest.approx(1.0)
+    x[..., 0] = 1.0
+    with torch.no_grad():
+        moe.router.weight[0, 0] = 2.0        # every token prefers expert 0: half the assignments
+    moe(x)
+    assert moe.aux_loss.item() > 1.2 and moe.load[0] == 0.5
+    moe.aux_loss.backward()
+    assert moe.router.weight.grad.abs().sum() > 0                  # the loss trains the router
+    with torch.no_grad():                                          # and a step down its gradient balances
+        moe.router.weight -= 0.5 * moe.router.weight.grad / moe.router.weight.grad.norm()
+    before = moe.aux_loss.item()
+    moe(x)
+    assert moe.aux_loss.item() < before
+
+
+def test_capacity_drops_are_counted_and_dropped_tokens_keep_only_their_kept_choices():
+    torch.manual_seed(0)
+    moe = MoE(moe_cfg(moe_capacity=0.5, moe_top_k=1))
+    x = torch.randn(1, 32, 16)
+    with torch.no_grad():
+        moe.router.weight.zero_()
+        moe.router.weight[2, 0] = 10.0          # every token with x[..., 0] > 0 goes to expert 2
+    x[0, :, 0] = 1.0                            # all 32 tokens choose expert 2
+    out = moe(x)
+    cap = 4                                     # ceil(0.5 * 32 * 1 / 4)
+    assert moe.dropped.item() == pytest.approx(1 - cap / 32)
+    assert moe.load.tolist() == [0.0, 0.0, 1.0, 0.0]
+    assert out[0, :cap].abs().sum() > 0 and out[0, cap:].abs().max() == 0   # tokens in order; the rest drop
+    unlimited = MoE(moe_cfg(moe_capacity=0, moe_top_k=1))
+    unlimited.load_state_dict(moe.state_dict())
+    assert torch.allclose(unlimited(x)[0, :cap], out[0, :cap]) and unlimited.dropped.item() == 0
+
+
+def test_moe_counts_active_parameters_and_flops():
+    dense, moe = tiny(depth=3), tiny(depth=3, moe_experts=4, moe_top_k=2, moe_shared_expert=True)
+    expert = 2 * 64 * 256 + 256 + 64
+    router = 64 * 4
+    assert moe.num_params() == dense.num_params() + 3 * (4 * expert + router)        # 4 experts + shared vs 1
+    assert moe.num_params(active=True) == dense.num_params() + 3 * (2 * expert + router)
+    moe.cfg.attn_impl = "math"
+    for block in moe.blocks:
+        block.attn.impl = block.cross.impl = "math"
+    x, t, c = torch.randn(1, 3, 16, 8), torch.rand(1), conds(B=1)
+    with FlopCounterMode(display=False) as counter:
+        moe(x, t, **c)
+    # the counter sees every expert's matmul on the tokens routed to it: top_k + shared per token
+    counted = counter.get_total_flops()
+    ours = moe.flops_per_image(16, 8, text_len=5)
     assert abs(ours - counted) / counted < 0.05, (ours, counted)

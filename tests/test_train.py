@@ -39,14 +39,19 @@ def assert_same_state(a, b, exact=True, atol=0.0):
                 assert torch.equal(a[part][k], b[part][k]), f"{part}.{k} differs"
             else:
                 assert torch.allclose(a[part][k], b[part][k], atol=atol, rtol=0), f"{part}.{k} differs"
-    sa, sb = a["optimizer"]["state"], b["optimizer"]["state"]
-    assert sa.keys() == sb.keys()
-    for i in sa:
-        for k in sa[i]:
-            if exact:
-                assert torch.equal(sa[i][k], sb[i][k]), f"optimizer state {i}.{k} differs"
-            else:
-                assert torch.allclose(sa[i][k], sb[i][k], atol=atol, rtol=0), f"optimizer state {i}.{k} differs"
+    oa, ob = a["optimizer"], b["optimizer"]
+    if "state" in oa:            # one optimizer; optimizer='muon' saves {'muon': ..., 'adamw': ...}
+        oa, ob = {"": oa}, {"": ob}
+    assert oa.keys() == ob.keys()
+    for name in oa:
+        sa, sb = oa[name]["state"], ob[name]["state"]
+        assert sa.keys() == sb.keys()
+        for i in sa:
+            for k in sa[i]:
+                if exact:
+                    assert torch.equal(sa[i][k], sb[i][k]), f"optimizer {name} state {i}.{k} differs"
+                else:
+                    assert torch.allclose(sa[i][k], sb[i][k], atol=atol, rtol=0), f"optimizer {name} state {i}.{k} differs"
 
 
 def test_tiny_model_overfits_a_handful_of_images(tmp_path):
@@ -270,6 +275,11 @@ def test_dry_run_prints_the_plan_and_writes_nothing(tmp_path, mnist_dir):
     (["--val_interval=5", "--data_dir=WITHOUT_VAL"], "has no 'val' split"),
     (["--flip_prob=0.5"], "prepared without flip views"),
     (["--hidden=30", "--heads=4"], "hidden=30 is not divisible by heads=4"),
+    (["--optimizer=sgd"], "optimizer='sgd': expected 'adamw' or 'muon'"),
+    (["--optimizer=muon", "--fsdp=true"], "FSDP2 shards every matrix"),
+    (["--muon_lr=-1"], "peak learning rates must be positive"),
+    (["--prediction=eps"], "prediction='eps': expected 'v' or 'x'"),
+    (["--mlp_act=relu"], "mlp_act='relu'"),
     (["--data_dir=/nonexistent"], "/nonexistent"),
 ])
 def test_bad_config_names_the_problem(tmp_path, mnist_dir, args, needle):
@@ -355,3 +365,64 @@ def test_evaluation_during_training_logs_metrics_and_keeps_best_by_fd(mnist_dir,
         ema_result = json.load(f)
     with open(out / "samples" / "eval-00000006-raw.json") as f:
         assert json.load(f)["model"]["fd"] != ema_result["model"]["fd"]
+
+
+def test_muon_takes_the_block_matrices_resumes_bitwise_and_accumulates(tmp_path, mnist_dir):
+    """optimizer='muon': Muon holds exactly the 2-D weights inside the blocks, AdamW the rest; a run
+    stopped by SIGTERM and resumed equals the straight run bitwise; 2 x 4 accumulated equals a batch of 8;
+    a checkpoint cannot be resumed with the other optimizer."""
+    common = [*TINY, f"--data_dir={mnist_dir}", "--optimizer=muon", "--max_steps=6", "--ckpt_interval=100",
+              "--lr=3e-3", "--muon_lr=1e-2"]
+    run("train.py", *common, "--batch_size=8", f"--out_dir={tmp_path / 'straight'}")
+    out = tmp_path / "resumed"
+    run("train.py", *common, "--batch_size=8", f"--out_dir={out}", env={"NANODIT_INJECT": "sigterm@2"})
+    assert ckpts(out) == ["ckpt-00000003.pt"]
+    run("train.py", *common, "--batch_size=8", f"--out_dir={out}")
+    a = load(tmp_path / "straight" / "ckpt-00000006.pt")
+    assert_same_state(a, load(out / "ckpt-00000006.pt"), exact=True)
+
+    names = list(a["model"])
+    muon_names = [n for n in names if n.startswith("blocks.") and a["model"][n].dim() == 2]
+    # 2 blocks x (q, kv, proj, mlp.0, mlp.2, adaLN.1)
+    assert len(muon_names) == 12 and all(n.endswith(".weight") for n in muon_names)
+    muon_sd, adamw_sd = a["optimizer"]["muon"], a["optimizer"]["adamw"]
+    assert sum(len(g["params"]) for g in muon_sd["param_groups"]) == 12
+    assert sum(len(g["params"]) for g in adamw_sd["param_groups"]) == len(names) - 12
+    assert all("momentum_buffer" in s for s in muon_sd["state"].values()) and len(muon_sd["state"]) == 12
+    last = metrics(tmp_path / "straight")[-1]
+    assert last["lr_muon"] == pytest.approx(last["lr"] * 1e-2 / 3e-3)
+
+    acc = tmp_path / "acc"
+    run("train.py", *common, "--batch_size=4", "--grad_accum_steps=2", f"--out_dir={acc}")
+    assert_same_state(a, load(acc / "ckpt-00000006.pt"), exact=False, atol=2e-5)
+    adamw = tmp_path / "adamw"   # teeth: AdamW alone moves the weights elsewhere
+    run("train.py", *[c for c in common if c != "--optimizer=muon"], "--batch_size=8", f"--out_dir={adamw}")
+    b = load(adamw / "ckpt-00000006.pt")
+    assert not torch.allclose(a["model"][muon_names[0]], b["model"][muon_names[0]], atol=1e-4)
+    proc = run("train.py", *common, "--batch_size=8", f"--out_dir={adamw}", "--max_steps=8", check=False)
+    assert proc.returncode != 0 and "does not fit optimizer='muon'" in proc.stderr, proc.stderr[-2000:]
+
+
+def test_moe_trains_logs_routing_and_resumes_bitwise(tmp_path, mnist_dir):
+    """A tiny mixture-of-experts model: the loss falls, routing statistics are logged per expert, a
+    SIGTERM-and-resume run equals the straight one bitwise, and gradient checkpointing changes nothing."""
+    common = [*TINY, f"--data_dir={mnist_dir}", "--moe_experts=4", "--moe_top_k=2", "--moe_capacity=1.0",
+              "--moe_shared_expert=true", "--max_steps=6", "--ckpt_interval=100", "--lr=3e-3"]
+    proc = run("train.py", *common, f"--out_dir={tmp_path / 'straight'}")
+    assert "active per token" in proc.stdout
+    out = tmp_path / "resumed"
+    run("train.py", *common, f"--out_dir={out}", env={"NANODIT_INJECT": "sigterm@2"})
+    run("train.py", *common, f"--out_dir={out}")
+    a = load(tmp_path / "straight" / "ckpt-00000006.pt")
+    assert_same_state(a, load(out / "ckpt-00000006.pt"), exact=True)
+    assert a["model"]["blocks.0.mlp.w1"].shape == (4, 32, 128)
+    m = metrics(tmp_path / "straight")
+    for r in m:
+        loads = [r[f"moe_load_{e}"] for e in range(4)]
+        assert sum(loads) == pytest.approx(1.0) and r["moe_aux"] >= 1.0 - 1e-6 and 0 <= r["moe_dropped"] < 1
+    assert any(r["moe_dropped"] > 0 for r in m)     # capacity 1.0 with 8 images x 49 tokens drops some
+    ck = tmp_path / "ckpt"
+    run("train.py", *common, "--grad_checkpoint=true", f"--out_dir={ck}")
+    assert_same_state(a, load(ck / "ckpt-00000006.pt"), exact=False, atol=1e-6)
+    proc = run("train.py", *common, "--dry_run=true", f"--out_dir={tmp_path / 'dry'}")
+    assert "active per token: 2 of 4 experts + shared" in proc.stdout
