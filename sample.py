@@ -589,9 +589,12 @@ def main():
             result = evaluate(model, state["data"], root, num_samples, sampler, eval_features, eval_split,
                               eval_batch_size, seed, dev, autocast, eval_ref_max, eval_k, features=features,
                               preview=preview)
-            target = out or os.path.join(os.path.dirname(path), "samples", f"eval-{tag}.json")
+            # --out names the preview grid; the JSON goes beside it (and '-raw' marks the raw weights of --ema=both)
+            stem = (os.path.splitext(out)[0] + ("-raw" if len(which) == 2 and not use_ema else "") if out else
+                    os.path.join(os.path.dirname(path), "samples", f"eval-{tag}"))
+            target = stem + ".json"
             settings.update(result, data_dir=root, forwards_per_image=result["forwards_per_image"])
-            save_grid(torch.stack(preview), os.path.splitext(target)[0] + ".png")
+            save_grid(torch.stack(preview), stem + ".png")
             with open(target, "w") as f:
                 json.dump(settings, f, indent=1)
             print(f"evaluated step {state['step']} {settings['weights']} weights: {steps} {solver} steps, "
@@ -610,8 +613,8 @@ def main():
               f"step {state['step']} {settings['weights']} weights)")
 
 
-SETTINGS = [k for k, v in list(globals().items())
-            if not k.startswith("_") and isinstance(v, (str, int, float, bool, tuple)) and k != "SOLVERS"]
+SETTINGS = [k for k, v in list(globals().items())     # the settings block; constants are UPPER_CASE
+            if not k.startswith("_") and not k.isupper() and isinstance(v, (str, int, float, bool, tuple))]
 
 if __name__ == "__main__":
     from configurator import apply_overrides

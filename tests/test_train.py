@@ -292,14 +292,15 @@ def test_bad_config_names_the_problem(tmp_path, mnist_dir, args, needle):
 
 
 @pytest.mark.slow
-def test_compiled_model_trains_like_eager_and_saves_plain_keys(tmp_path, mnist_dir):
-    """--compile=true (about 45 s of compilation on 2 cores): same losses as eager in fp32, and the
-    checkpoint keys carry no compile or DDP wrapper prefix."""
+@pytest.mark.parametrize("extra", [[], ["--optimizer=muon", "--moe_experts=4"]], ids=["dense-adamw", "moe-muon"])
+def test_compiled_model_trains_like_eager_and_saves_plain_keys(tmp_path, mnist_dir, extra):
+    """--compile=true (about 45 s of compilation on 2 cores): same losses (and MoE routing statistics)
+    as eager in fp32, and the checkpoint keys carry no compile or DDP wrapper prefix."""
     losses = []
     for flag in ("false", "true"):
         out = tmp_path / flag
-        run("train.py", *TINY, f"--data_dir={mnist_dir}", f"--out_dir={out}", "--max_steps=3", f"--compile={flag}")
-        losses.append([r["loss"] for r in metrics(out)])
+        run("train.py", *TINY, f"--data_dir={mnist_dir}", f"--out_dir={out}", "--max_steps=3", f"--compile={flag}", *extra)
+        losses.append([[r[k] for k in ("loss", "moe_aux", "moe_dropped") if k in r] for r in metrics(out)])
     assert losses[1] == pytest.approx(losses[0], rel=1e-4)
     keys = load(tmp_path / "true" / "ckpt-00000003.pt")["model"].keys()
     assert not any(k.startswith(("_orig_mod.", "module.")) for k in keys)
@@ -365,6 +366,14 @@ def test_evaluation_during_training_logs_metrics_and_keeps_best_by_fd(mnist_dir,
         ema_result = json.load(f)
     with open(out / "samples" / "eval-00000006-raw.json") as f:
         assert json.load(f)["model"]["fd"] != ema_result["model"]["fd"]
+    # --out names the preview; each weight's JSON lands beside its own PNG, and holds settings, not constants
+    run("sample.py", f"--ckpt={out}", "--eval=true", "--num_samples=20", "--ema=both", "--steps=2",
+        f"--out={tmp_path / 'ev.png'}")
+    for stem in ("ev", "ev-raw"):
+        assert (tmp_path / f"{stem}.png").read_bytes()[:4] == b"\x89PNG"
+        with open(tmp_path / f"{stem}.json") as f:
+            saved = json.load(f)
+        assert saved["weights"] == ("raw" if "raw" in stem else "ema") and not any(k.isupper() for k in saved)
 
 
 def test_muon_takes_the_block_matrices_resumes_bitwise_and_accumulates(tmp_path, mnist_dir):
