@@ -31,6 +31,8 @@ SOLVERS = {"euler": 1, "heun": 2}   # velocity evaluations per step
 # ----------------------------------------------------------------------------------------------
 ckpt = ""            # a checkpoint file, or an out_dir (its newest checkpoint)
 out = ""             # output PNG; default <checkpoint folder>/samples/sample-<step>.png
+# The sampler: a checkpoint's recipe (train.py's sample_* settings) replaces these six defaults; the
+# command line overrides both.
 steps = 32           # solver steps from t=1 to t=0 (Heun evaluates the velocity twice per step)
 solver = "euler"     # 'euler' (1st order) or 'heun' (2nd order)
 shift = 1.0          # time shift s of the step grid, t' = s t / (1 + (s - 1) t) (SD3); 1 = uniform
@@ -495,6 +497,24 @@ def pick_dtype(dev):
     return torch.autocast(torch.device(dev).type, dtype=torch.bfloat16, enabled=use_bf16)
 
 
+# Sampler settings that a checkpoint's recipe chooses (train.py's sample_*, stored in the checkpoint):
+# sample.py uses them unless the command line sets them, so a recipe is sampled as it was tuned.
+RECIPE_SAMPLER = {"steps": "sample_steps", "solver": "sample_solver", "shift": "sample_shift",
+                  "text_scale": "sample_text_scale", "image_scale": "sample_image_scale",
+                  "guidance_interval": "sample_guidance_interval"}
+GIVEN = set()   # keys set on the command line (filled in __main__)
+
+
+def use_recipe_sampler(config):
+    """Adopt the checkpoint recipe's sampler settings that the command line left at their defaults."""
+    taken = {k: config[v] for k, v in RECIPE_SAMPLER.items() if v in config and k not in GIVEN}
+    taken = {k: tuple(v) if k == "guidance_interval" else v for k, v in taken.items() if globals()[k] != v}
+    if taken:
+        globals().update(taken)
+        print("sampler settings from the checkpoint's recipe: " + ", ".join(f"{k}={v}" for k, v in taken.items()))
+        check_settings()
+
+
 def check_settings():
     if solver not in SOLVERS:
         sys.exit(f"sample.py: solver={solver!r}: expected one of {', '.join(SOLVERS)}")
@@ -574,6 +594,7 @@ def main():
     features = None
     for use_ema in which:
         model, state = load_model(path, use_ema, dev)
+        use_recipe_sampler(state["config"])
         tag = f"{state['step']:08d}" + ("" if use_ema else "-raw")
         settings = {k: globals()[k] for k in SETTINGS}
         settings.update(checkpoint=path, step=state["step"], weights="ema" if use_ema else "raw",
@@ -619,4 +640,5 @@ SETTINGS = [k for k, v in list(globals().items())     # the settings block; cons
 if __name__ == "__main__":
     from configurator import apply_overrides
     apply_overrides(globals(), sys.argv[1:])
+    GIVEN.update(a[2:].partition("=")[0].replace("-", "_") for a in sys.argv[1:] if a.startswith("--"))
     main()

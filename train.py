@@ -126,7 +126,7 @@ from configurator import apply_overrides  # noqa: E402
 
 apply_overrides(globals(), sys.argv[1:])
 config = {k: v for k, v in globals().items()
-          if not k.startswith("_") and isinstance(v, (int, float, bool, str)) and k != "config"}
+          if not k.startswith("_") and isinstance(v, (int, float, bool, str, tuple)) and k != "config"}
 
 
 def fail(msg):
