@@ -639,6 +639,5 @@ SETTINGS = [k for k, v in list(globals().items())     # the settings block; cons
 
 if __name__ == "__main__":
     from configurator import apply_overrides
-    apply_overrides(globals(), sys.argv[1:])
-    GIVEN.update(a[2:].partition("=")[0].replace("-", "_") for a in sys.argv[1:] if a.startswith("--"))
+    GIVEN.update(apply_overrides(globals(), sys.argv[1:]))
     main()

@@ -21,7 +21,7 @@ import time
 from contextlib import nullcontext
 from datetime import timedelta
 
-t_process = time.time()     # max_minutes counts from here
+_t_process = time.time()    # max_minutes counts from here (private: not a setting)
 
 import torch
 import torch.distributed as dist
@@ -832,7 +832,7 @@ while step < max_steps:
             per_step = torch.tensor((time.time() - t_probe) / (budget_probe_steps - BUDGET_WARMUP_STEPS), device=device)
             if ddp:
                 dist.all_reduce(per_step, op=dist.ReduceOp.MAX)
-            left = max_minutes * 60 - (time.time() - t_process)
+            left = max_minutes * 60 - (time.time() - _t_process)
             max_steps, budget_planned = step + max(0, int(left / per_step.item())), True
             if max_steps < warmup_steps:
                 fail(f"max_minutes={max_minutes}: at {per_step.item():.3f} s per step the budget fits {max_steps} steps, "
