@@ -413,7 +413,7 @@ def test_muon_takes_the_block_matrices_resumes_bitwise_and_accumulates(tmp_path,
 
 
 def test_moe_trains_logs_routing_and_resumes_bitwise(tmp_path, mnist_dir):
-    """A tiny mixture-of-experts model: the loss falls, routing statistics are logged per expert, a
+    """A tiny mixture-of-experts model: routing statistics are logged per expert, a
     SIGTERM-and-resume run equals the straight one bitwise, and gradient checkpointing changes nothing."""
     common = [*TINY, f"--data_dir={mnist_dir}", "--moe_experts=4", "--moe_top_k=2", "--moe_capacity=1.0",
               "--moe_shared_expert=true", "--max_steps=6", "--ckpt_interval=100", "--lr=3e-3"]
