@@ -300,7 +300,7 @@ def test_compiled_model_trains_like_eager_and_saves_plain_keys(tmp_path, mnist_d
     for flag in ("false", "true"):
         out = tmp_path / flag
         run("train.py", *TINY, f"--data_dir={mnist_dir}", f"--out_dir={out}", "--max_steps=3", f"--compile={flag}", *extra)
-        losses.append([[r[k] for k in ("loss", "moe_aux", "moe_dropped") if k in r] for r in metrics(out)])
+        losses.append([r[k] for r in metrics(out) for k in ("loss", "moe_aux", "moe_dropped") if k in r])
     assert losses[1] == pytest.approx(losses[0], rel=1e-4)
     keys = load(tmp_path / "true" / "ckpt-00000003.pt")["model"].keys()
     assert not any(k.startswith(("_orig_mod.", "module.")) for k in keys)
