@@ -422,7 +422,10 @@ class Muon(torch.optim.Optimizer):
             for shape, ps in by_shape.items():
                 updates = []
                 for p in ps:
-                    buf = self.state[p].setdefault("momentum_buffer", torch.zeros_like(p))
+                    state = self.state[p]
+                    if "momentum_buffer" not in state:
+                        state["momentum_buffer"] = torch.zeros_like(p)
+                    buf = state["momentum_buffer"]
                     buf.lerp_(p.grad, 1 - mu)
                     updates.append(p.grad.lerp(buf, mu))                    # Nesterov
                 ortho = self.orthogonalise(torch.stack(updates), self.ns_dtype)
