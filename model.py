@@ -51,7 +51,7 @@ def shift_time(t, shift):
 # ---------------------------------------------------------------------------------------------
 
 
-# erf GELU costs 2.5x less than the tanh approximation on CPUs (BENCHMARKS.md), at equal quality
+# the erf GELU op costs 2.5x less than the tanh approximation on CPUs, 1.03x on the quick-start step (BENCHMARKS.md)
 MLP_ACTS = {"gelu": lambda: nn.GELU(), "gelu_tanh": lambda: nn.GELU(approximate="tanh"), "silu": nn.SiLU}
 # DiTConfig fields added after checkpoints were first written, with the value those checkpoints meant
 LEGACY_MODEL_ARGS = {"mlp_act": "gelu_tanh", "prediction": "v"}

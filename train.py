@@ -389,7 +389,7 @@ class Muon(torch.optim.Optimizer):
     a quintic Newton-Schulz iteration, scaled by 0.2 sqrt(max(A, B)) so its RMS matches AdamW's
     (Moonshot, arXiv:2502.16982). The math of torch.optim.Muon(adjust_lr_fn='match_rms_adamw'), with
     two changes for speed: the iteration runs in `ns_dtype` (torch's always uses bf16, which is emulated
-    and made training 7x slower on a CPU without avx512_bf16), and matrices of one shape are
+    and made training 6.5x slower on a CPU without avx512_bf16), and matrices of one shape are
     orthogonalised together, one batched matmul per iteration instead of one per block."""
     NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
     NS_STEPS = 5
@@ -746,8 +746,9 @@ while step < max_steps:
     for group in adamw.param_groups:
         group["lr"] = lr_now
     if optimizer == "muon":   # the same schedule, scaled to its own peak
+        lr_muon_now = lr_now * muon_peak_lr / lr
         for group in muon.param_groups:
-            group["lr"] = lr_now * muon_peak_lr / lr
+            group["lr"] = lr_muon_now
     loss_step = torch.zeros((), device=device)
     faults = inject.get(step, ())                  # NANODIT_INJECT kinds for this step (tests only)
     try:
@@ -869,7 +870,7 @@ while step < max_steps:
                           **{f"moe_load_{e}": moe_sums[3 + e].item() / m for e in range(moe_experts)})
             moe_sums.zero_()
         if optimizer == "muon":
-            record["lr_muon"] = lr_now * muon_peak_lr / lr
+            record["lr_muon"] = lr_muon_now
         for b in range(N_BINS):
             record[f"loss_t{b}"] = stats[3 + b].item() / max(stats[3 + N_BINS + b].item(), 1)
         log(f"step {step}/{max_steps} | loss {record['loss']:.4f} | grad {grad_norm:.3f} | lr {lr_now:.2e} | "
