@@ -35,6 +35,9 @@ sample_steps = 32         # Euler steps per sample (2 guidance branches each)
 loader_batches = 50       # batches drawn per data-loader measurement
 end_to_end = True         # also run the real train.py on MNIST in a subprocess
 e2e_steps = 60            # its optimizer steps (metrics every 20; the first record is warm-up)
+bf16 = "auto"             # measure bf16 too: 'auto' (only where the CPU has it natively: avx512_bf16), 'true', 'false'
+batch_sweep = "8,16,32,64"  # batch sizes of the quick-start train step sweep ('' = none)
+profile_top = 8           # operators listed from torch.profiler of one quick-start train step (0 = none)
 # ----------------------------------------------------------------------------------------------
 HERE = os.path.dirname(os.path.abspath(__file__))
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -97,10 +100,10 @@ def matmul_fn(n, dtype):
 
 
 def train_step_fn(model, batch_size, shape, dtype, p_uncond=0.1):
-    """One optimizer step of train.py's loop (forward, per-sample velocity MSE, backward, clip, AdamW, EMA)."""
+    """One optimizer step of train.py's loop (forward, per-sample velocity MSE, backward, clip, fused AdamW, EMA)."""
     decay = [p for p in model.parameters() if p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.dim() < 2]
-    opt = torch.optim.AdamW([{"params": decay}, {"params": no_decay, "weight_decay": 0.0}], lr=1e-4)
+    opt = torch.optim.AdamW([{"params": decay}, {"params": no_decay, "weight_decay": 0.0}], lr=1e-4, fused=True)
     ema = [p.detach().clone() for p in model.parameters()]
     x = torch.randn(batch_size, *shape)
     y = torch.randint(0, model.cfg.num_classes or 1, (batch_size,))
@@ -205,9 +208,32 @@ def run_train_py(data, out, steps):
     return statistics.median(r["img_per_s"] for r in records[1:])
 
 
+def measured_dtypes():
+    """{name: dtype} to measure: fp32 always; bf16 where the CPU runs it natively (emulated bf16 says nothing)."""
+    if bf16 not in ("auto", "true", "false"):
+        raise SystemExit(f"benchmark.py: bf16={bf16!r}: expected 'auto', 'true' or 'false'")
+    native = torch.cpu._is_avx512_bf16_supported()
+    return {name: DTYPES[name] for name in ("fp32", "bf16")
+            if name == "fp32" or bf16 == "true" or bf16 == "auto" and native}
+
+
+def profile_step(step, n_steps, top):
+    """[(operator, % of self CPU time, ms per step)] of the `top` heaviest operators over n_steps calls of step."""
+    step()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        for _ in range(n_steps):
+            step()
+    events = [e for e in prof.key_averages() if e.self_cpu_time_total > 0]
+    total = sum(e.self_cpu_time_total for e in events)
+    events.sort(key=lambda e: -e.self_cpu_time_total)
+    return [(e.key, 100 * e.self_cpu_time_total / total, e.self_cpu_time_total / 1e3 / n_steps) for e in events[:top]]
+
+
 def main():
     n_rep, n_warm = (1, 1) if quick else (repeats, warmup)
     tiny = dict(depth=2, hidden=64, heads=4)
+    dts = measured_dtypes()
+    auto = "bf16" if "bf16" in dts and torch.cpu._is_avx512_bf16_supported() else "fp32"   # what dtype=auto trains in
     rows = []   # (section, measurement, value, unit, note)
 
     def add(*row):
@@ -215,10 +241,14 @@ def main():
         print(" | ".join(map(str, row)), file=sys.stderr, flush=True)   # progress: a full run takes minutes
 
     n = 256 if quick else matmul_size
-    t = median_times({name: matmul_fn(n, dtype) for name, dtype in DTYPES.items()}, max(n_rep, 5), 2)
-    peak = {name: 2 * n ** 3 / t[name] / 1e9 for name in DTYPES}
-    for name in DTYPES:
+    t = median_times({name: matmul_fn(n, dtype) for name, dtype in dts.items()}, max(n_rep, 5), 2)
+    peak = {name: 2 * n ** 3 / t[name] / 1e9 for name in dts}
+    for name in dts:
         add("matmul peak", f"{n}x{n}x{n} {name}", peak[name], "GFLOP/s", "")
+
+    def mfu(model, shape, ips, name):
+        return f"MFU {100 * 3 * model.flops_per_image(*shape[1:]) * ips / (peak[name] * 1e9):.1f}%"
+
     train_ips = {}
     for rname in recipes.split(","):
         cfg = recipe(rname)
@@ -227,22 +257,34 @@ def main():
             cfg.update(tiny)
             shape, batch, n_sample, steps = (shape[0], 8, 8), 4, 2, 2
         size = "x".join(map(str, shape))
-        models = {name: build_model(cfg, shape[0], 10) for name in DTYPES}
-        fns = {name: train_step_fn(models[name], batch, shape, dtype) for name, dtype in DTYPES.items()}
+        models = {name: build_model(cfg, shape[0], 10) for name in dts}
+        fns = {name: train_step_fn(models[name], batch, shape, dtype) for name, dtype in dts.items()}
         t = median_times(fns, n_rep, max(n_warm, 1))
-        for name in DTYPES:
+        for name in dts:
             train_ips[rname, name] = batch / t[name]
-            mfu = 3 * models[name].flops_per_image(*shape[1:]) * batch / t[name] / (peak[name] * 1e9)
-            add("train step", f"{rname} {name}, {size}, batch {batch}", batch / t[name], "img/s", f"MFU {100 * mfu:.1f}%")
-        fns = {name: sample_fn(models[name], n_sample, shape, dtype, steps) for name, dtype in DTYPES.items()}
+            add("train step", f"{rname} {name}, {size}, batch {batch}", batch / t[name], "img/s",
+                mfu(models[name], shape, batch / t[name], name))
+        fns = {name: sample_fn(models[name], n_sample, shape, dtype, steps) for name, dtype in dts.items()}
         t = median_times(fns, n_rep, 0)
-        for name in DTYPES:
+        for name in dts:
             add("sampling", f"{rname} {name}, {size}, {steps} Euler steps x 2 branches, batch {n_sample}",
                 n_sample / t[name], "img/s", f"attn_impl={cfg['attn_impl']}" + (
                     f" ({'math' if name == 'bf16' else 'sdpa'} here)" if cfg["attn_impl"] == "auto" else ""))
-    # attention implementations: the kernel alone, then the small model (bf16 train step, bf16 inference)
+        if rname == "mnist" and batch_sweep:
+            # the quick start's batch size is a speed choice too: small batches leave the cores idle
+            sizes = [2, 4] if quick else [int(b) for b in batch_sweep.split(",")]
+            model = build_model(cfg, shape[0], 10)
+            t = median_times({b: train_step_fn(model, b, shape, dts[auto]) for b in sizes}, n_rep, max(n_warm, 1))
+            for b in sizes:
+                add("train step vs batch", f"{rname} {auto}, {size}, batch {b}", b / t[b], "img/s",
+                    mfu(model, shape, b / t[b], auto))
+        if rname == "mnist" and profile_top:
+            step = train_step_fn(build_model(cfg, shape[0], 10), batch, shape, dts[auto])
+            for op, share, ms in profile_step(step, 2 if quick else 20, profile_top):
+                add("profile", f"{rname} {auto} train step, batch {batch}: {op}", share, "% self CPU", f"{ms:.2f} ms/step")
+    # attention implementations: the kernel alone, then the small model (train step, no-grad forward)
     N = 16 if quick else 256
-    for name, dtype in DTYPES.items():
+    for name, dtype in dts.items():
         t = median_times({impl: attention_fn(impl, dtype, N=N) for impl in IMPLS}, max(n_rep, 5), 2)
         for impl in IMPLS:
             add("attention fwd+bwd", f"{impl} {name}, q/k/v 8x6x{N}x64", 1e3 * t[impl], "ms", "")
@@ -254,10 +296,10 @@ def main():
         shape, batch = (4, 8, 8), 4
     models = {impl: build_model(cfg, shape[0], 10, attn_impl=impl) for impl in IMPLS}
     for what, n_img, make in (("train step", batch, train_step_fn), ("no-grad forward", 2 * batch, forward_fn)):
-        t = median_times({impl: make(models[impl], n_img, shape, torch.bfloat16) for impl in IMPLS}, n_rep, max(n_warm, 1))
+        t = median_times({impl: make(models[impl], n_img, shape, dts[auto]) for impl in IMPLS}, n_rep, max(n_warm, 1))
         for impl in IMPLS:
-            add(f"small bf16 {what}", f"attn_impl={impl}, batch {n_img}", n_img / t[impl], "img/s", "")
-        add(f"small bf16 {what}", "math / sdpa time", t["math"] / t["sdpa"], "ratio", "> 1: sdpa faster")
+            add(f"small {auto} {what}", f"attn_impl={impl}, batch {n_img}", n_img / t[impl], "img/s", "")
+        add(f"small {auto} {what}", "math / sdpa time", t["math"] / t["sdpa"], "ratio", "> 1: sdpa faster")
     # data loading, against what the small recipe's training consumes (its faster dtype)
     consume = max((v for (r, _), v in train_ips.items() if r == "small"), default=float("nan"))
     with tempfile.TemporaryDirectory() as tmp:
@@ -265,15 +307,16 @@ def main():
         if end_to_end and not quick:
             e2e = statistics.median(run_train_py(sets["MNIST 28x28x1"], os.path.join(tmp, f"out{i}"), e2e_steps)
                                     for i in range(n_rep))
-            add("end to end", f"train.py config/mnist.py, {e2e_steps} steps, {n_rep} runs", e2e, "img/s",
-                f"{e2e / train_ips.get(('mnist', 'bf16'), float('nan')):.2f}x the bf16 step alone")
+            add("end to end", f"train.py config/mnist.py ({auto}), {e2e_steps} steps, {n_rep} runs", e2e, "img/s",
+                f"{e2e / train_ips.get(('mnist', auto), float('nan')):.2f}x the {auto} step alone")
         sets["latents 4x32x32 + text 77x384"] = write_latent_shards(os.path.join(tmp, "latents"), 64 if quick else 400)
         for label, root in sets.items():
             for w in (0, 1, 2):
                 rate = statistics.median(loader_rate(root, w, 4 if quick else loader_batches) for _ in range(n_rep))
                 add("data loader", f"{label}, {w} workers, batch 8", rate, "samples/s",
                     f"{rate / consume:.0f}x small's training")
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, quick={quick}\n")
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, quick={quick}, "
+          f"bf16 {'measured' if 'bf16' in dts else 'not measured (no native bf16 on this CPU)'}\n")
     print("| section | measurement | value | unit | note |\n|---|---|---:|---|---|")
     for section, what, value, unit, note in rows:
         print(f"| {section} | {what} | {value:.3g} | {unit} | {note} |")

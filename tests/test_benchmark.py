@@ -50,3 +50,26 @@ def test_synthetic_latent_shards_have_the_small_recipe_shapes(tmp_path):
     assert batch["valid"].all() and batch["text_mask"].all() and batch["n_bad"] == 0
     rate = benchmark.loader_rate(root, 0, 2)
     assert 10 < rate < 1e7   # samples/s
+
+
+def test_bf16_is_measured_only_where_native_unless_forced(monkeypatch):
+    for native in (False, True):
+        monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: native)
+        for setting, want in (("auto", native), ("true", True), ("false", False)):
+            monkeypatch.setattr(benchmark, "bf16", setting)
+            assert set(benchmark.measured_dtypes()) == ({"fp32", "bf16"} if want else {"fp32"})
+    monkeypatch.setattr(benchmark, "bf16", "yes")
+    try:
+        benchmark.measured_dtypes()
+        raise AssertionError("an unknown bf16 setting must be refused")
+    except SystemExit as e:
+        assert "bf16='yes'" in str(e)
+
+
+def test_profile_lists_the_heaviest_operators_of_a_train_step():
+    cfg = {**benchmark.recipe("mnist"), "depth": 1, "hidden": 32, "heads": 2}
+    step = benchmark.train_step_fn(benchmark.build_model(cfg, 1, 10), 4, (1, 8, 8), torch.float32)
+    top = benchmark.profile_step(step, 2, 5)
+    assert len(top) == 5 and 0 < sum(share for _, share, _ in top) <= 100.01
+    assert [share for _, share, _ in top] == sorted((share for _, share, _ in top), reverse=True)
+    assert any("mm" in op for op, _, _ in top)   # matmuls are among the heaviest even at this size
