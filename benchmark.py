@@ -46,6 +46,7 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 INPUTS = {"mnist": (1, 28, 28), "small": (4, 32, 32), "medium": (4, 32, 32), "large": (4, 64, 64)}
 SAMPLE_BATCH = {"mnist": 16, "small": 2, "medium": 2, "large": 1}   # images per sampling call (time, not memory)
 IMPLS = ("sdpa", "math")
+ADAMW_IMPLS = ("single", "foreach", "fused")
 
 
 def median_times(fns, n_repeats, n_warmup):
@@ -122,6 +123,16 @@ def train_step_fn(model, batch_size, shape, dtype, p_uncond=0.1):
         with torch.no_grad():
             torch._foreach_lerp_(ema, list(model.parameters()), 1e-3)
     return step
+
+
+def adamw_fn(model, impl):
+    """One AdamW step over `model`'s parameters with random gradients; impl 'single' (torch's default
+    on a CPU: a Python loop over tensors), 'foreach' or 'fused' (what train.py uses)."""
+    params = [p.detach().clone().requires_grad_() for p in model.parameters()]
+    for p in params:
+        p.grad = torch.randn_like(p)
+    kw = {"single": dict(foreach=False), "foreach": dict(foreach=True), "fused": dict(fused=True)}[impl]
+    return torch.optim.AdamW(params, lr=1e-4, **kw).step
 
 
 def attention_fn(impl, dtype, B=8, heads=6, N=256, d=64):
@@ -278,6 +289,12 @@ def main():
             for b in sizes:
                 add("train step vs batch", f"{rname} {auto}, {size}, batch {b}", b / t[b], "img/s",
                     mfu(model, shape, b / t[b], auto))
+        if rname == "mnist":
+            model = build_model(cfg, shape[0], 10)
+            t = median_times({impl: adamw_fn(model, impl) for impl in ADAMW_IMPLS}, max(n_rep, 5) * 4, 2)
+            for impl in ADAMW_IMPLS:
+                add("AdamW step", f"{rname}, {model.num_params() / 1e6:.2f}M parameters, {impl}", 1e3 * t[impl], "ms",
+                    f"{t[impl] / t['fused']:.1f}x fused")
         if rname == "mnist" and profile_top:
             step = train_step_fn(build_model(cfg, shape[0], 10), batch, shape, dts[auto])
             for op, share, ms in profile_step(step, 2 if quick else 20, profile_top):

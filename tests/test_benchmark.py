@@ -66,6 +66,20 @@ def test_bf16_is_measured_only_where_native_unless_forced(monkeypatch):
         assert "bf16='yes'" in str(e)
 
 
+def test_adamw_implementations_take_the_same_step():
+    cfg = {**benchmark.recipe("mnist"), "depth": 1, "hidden": 32, "heads": 2}
+    model = benchmark.build_model(cfg, 1, 10)
+    results = {}
+    for impl in benchmark.ADAMW_IMPLS:
+        torch.manual_seed(0)
+        step = benchmark.adamw_fn(model, impl)
+        step()
+        results[impl] = [p.detach().clone() for p in step.__self__.param_groups[0]["params"]]
+    for impl in ("foreach", "fused"):
+        assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(results[impl], results["single"]))
+    assert any(not torch.equal(a, p) for a, p in zip(results["fused"], model.parameters()))
+
+
 def test_profile_lists_the_heaviest_operators_of_a_train_step():
     cfg = {**benchmark.recipe("mnist"), "depth": 1, "hidden": 32, "heads": 2}
     step = benchmark.train_step_fn(benchmark.build_model(cfg, 1, 10), 4, (1, 8, 8), torch.float32)
