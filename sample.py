@@ -326,11 +326,11 @@ def reference(data_dir, split, feature_name, features, device, max_n, batch_size
     data_dir/eval_cache/, keyed by feature network and split (and the split's shards and max_n), so
     evaluating another checkpoint costs only the generated side. Latents are decoded by the data's VAE
     first, exactly as generated latents are. Returns (dict, whether it came from the cache)."""
-    from prepare_data import iterate_split, load_index, write_atomic
+    from prepare_data import iterate_split, load_index, local_dir, write_atomic
     index = load_index(data_dir)
     key = {"features": feature_name, "split": split, "max_n": max_n, "shards": index["splits"].get(split)}
     slug = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in feature_name)
-    path = os.path.join(data_dir, "eval_cache", f"{slug}-{split}.pt")
+    path = os.path.join(local_dir(data_dir), "eval_cache", f"{slug}-{split}.pt")   # remote data: in the shard cache
     if os.path.isfile(path):
         try:
             ref = torch.load(path, map_location="cpu", weights_only=True)
@@ -601,7 +601,9 @@ def main():
                         velocity_evals_per_image=velocity_evals(steps, solver))
         if eval:
             root = data_dir or state["config"]["data_dir"]
-            if not os.path.isfile(os.path.join(root, "index.json")):
+            from prepare_data import configure_cache, is_remote
+            configure_cache(state["config"].get("cache_dir", ""), state["config"].get("cache_max_gb", 100.0))  # the run's cache
+            if not is_remote(root) and not os.path.isfile(os.path.join(root, "index.json")):
                 sys.exit(f"sample.py: data_dir={root!r} has no index.json; pass --data_dir=<the prepared data>")
             features = features or load_feature_net(eval_features, dev)
             preview = []

@@ -28,12 +28,15 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from model import LEGACY_MODEL_ARGS, DiT, DiTConfig, interpolate, shift_time, velocity_target
-from prepare_data import ShardStream, iterate_split, load_index
+from prepare_data import ShardStream, configure_cache, iterate_split, load_index
 
 # ----------------------------------------------------------------------------------------------
 # defaults; override with a config file and --key=value (configurator.py)
 # I/O
-data_dir = "data/mnist"       # output of prepare_data.py (holds index.json)
+data_dir = "data/mnist"       # output of prepare_data.py (holds index.json): a folder, an http(s):// prefix, or a
+                              # 'pipe:' command with {} for the file, e.g. 'pipe:aws s3 cp s3://bucket/data/{} -'
+cache_dir = ""                # remote data_dir: shards are fetched whole into this folder; '' = ~/.cache/nanodit
+cache_max_gb = 100.0          # remote data_dir: least recently used shards are evicted beyond this size, in GB
 out_dir = "out/mnist"         # checkpoints, metrics.jsonl, samples/
 resume = "auto"               # 'auto': newest good checkpoint in out_dir if any; 'never'; or a path
 # model (see model.DiTConfig)
@@ -202,6 +205,7 @@ def all_sum(tensor):
 
 
 # ---------------------------------------------------------------------------------------------- data
+configure_cache(cache_dir, cache_max_gb)   # for every reader of a remote data_dir, evaluation's included
 index = load_index(data_dir)
 has_val = bool(index["splits"].get("val"))
 if val_interval and not has_val:
