@@ -1,5 +1,6 @@
 """prepare_data.py: shard writing (MNIST, real photos, tiny encoders), resume, errors, and the reader."""
 import io
+import re
 import os
 import shutil
 import subprocess
@@ -423,3 +424,91 @@ def test_mnist_holds_out_a_val_split_by_default_and_folders_do_not(tmp_path):
     assert counts == {"train": 80, "val": 20}                       # auto: a fifth, up to 1,000
     proc = run("prepare_data.py", f"--out_dir={tmp_path / 'bad'}", "--val_examples=-2", check=False)
     assert proc.returncode != 0 and "val_examples=-2" in proc.stderr
+
+
+# ----------------------------------------------------------------------------- distributed, Hugging Face datasets
+
+def torchrun_prepare(*args):
+    cmd = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2', 'prepare_data.py', *args]
+    env = {**os.environ, 'OMP_NUM_THREADS': '1', 'HF_HUB_OFFLINE': '1', 'TRANSFORMERS_OFFLINE': '1'}
+    r = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=180)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    return r.stdout
+
+
+def tree(root):
+    """{relative path: bytes} of every file under root; index.json without the out_dir it names."""
+    files = {os.path.relpath(os.path.join(d, f), root): Path(d, f).read_bytes() for d, _, fs in os.walk(root) for f in fs}
+    index = pd.json.loads(files['index.json'])
+    assert index['config'].pop('out_dir') == str(root)
+    files['index.json'] = pd.json.dumps(index).encode()
+    return files
+
+
+@pytest.mark.slow  # two torchrun starts, ~8 s each on 2 cores
+def test_torchrun_preparation_equals_one_process_and_resumes(tmp_path):
+    settings = ['--max_examples=100', '--val_examples=20', '--shard_size=15', '--flip=true']
+    pd.prepare(out_dir=str(tmp_path / 'one'), max_examples=100, val_examples=20, shard_size=15, flip='true')
+    out = tmp_path / 'two'
+    log = torchrun_prepare(f'--out_dir={out}', *settings)
+    assert 'rank 0: wrote train/28x28/shard-000000.tar' in log and 'rank 1: wrote train/28x28/shard-000001.tar' in log
+    assert 'shards written 8, kept 0' in log and log.count('train: 80 samples') == 1   # the summary: rank 0 only
+    one = tree(tmp_path / 'one')
+    assert len(one) == 9 and tree(out) == one   # 8 shards and index.json, byte for byte
+    # a kill leaves finished shards, one half-written temporary file and an unfinished index
+    index = pd.json.loads((out / 'index.json').read_text())
+    index['complete'], index['splits'] = False, {'train': {}, 'val': {}}
+    (out / 'index.json').write_text(pd.json.dumps(index))
+    lost = ['train/28x28/shard-000002.tar', 'train/28x28/shard-000005.tar']   # one of each rank
+    for rel in lost:
+        os.remove(out / rel)
+    (out / (lost[0] + '.tmp')).write_bytes(one[lost[0]][:5000])
+    kept = {rel: os.stat(out / rel).st_mtime_ns for rel in one if rel.endswith('.tar') and rel not in lost}
+    log = torchrun_prepare(f'--out_dir={out}', *settings)
+    assert 'shards written 2, kept 6' in log and tree(out) == one
+    assert all(os.stat(out / rel).st_mtime_ns == t for rel, t in kept.items())   # finished shards not rewritten
+
+
+def test_hugging_face_datasets_source_equals_the_folder_and_reports_progress(tmp_path):
+    """The same images as a parquet dataset (image, caption, ClassLabel columns) and as a folder (class
+    subfolders, sidecar captions) give byte-identical shards; an imagefolder dataset reads too."""
+    import datasets
+    rng = np.random.default_rng(0)
+    rows = {'image': [], 'caption': [], 'label': []}
+    for c, name in enumerate(['circle', 'square']):
+        (tmp_path / 'src' / name).mkdir(parents=True)
+        for i in range(5):
+            path = tmp_path / 'src' / name / f'{i}.png'
+            Image.fromarray(rng.integers(0, 256, (20 + 2 * i, 24, 3), dtype=np.uint8)).save(path)
+            path.with_suffix('.txt').write_text(f'a {name} on the left, number {i}')
+            rows['image'].append(str(path))
+            rows['caption'].append(f'a {name} on the left, number {i}')
+            rows['label'].append(c)
+    features = datasets.Features({'image': datasets.Image(), 'caption': datasets.Value('string'),
+                                  'label': datasets.ClassLabel(names=['circle', 'square'])})
+    (tmp_path / 'parquet').mkdir()
+    datasets.Dataset.from_dict(rows, features=features).to_parquet(str(tmp_path / 'parquet' / 'train.parquet'))
+    (tmp_path / 'src' / 'circle' / 'notes.md').write_text('not an image')
+    common = ['--image_size=16', '--shard_size=4', '--val_examples=2']
+    env = {'HF_DATASETS_OFFLINE': '1', 'HF_DATASETS_CACHE': str(tmp_path / 'hf-cache')}
+    from conftest import run
+    pd.prepare(source=str(tmp_path / 'src'), class_from_dir=True, out_dir=str(tmp_path / 'folder'), image_size=16,
+               shard_size=4, val_examples=2)
+    r = run('prepare_data.py', f'--source=hf:{tmp_path / "parquet"}', '--caption_column=caption', '--label_column=label',
+            f'--out_dir={tmp_path / "hf"}', '--progress_interval=1e-9', *common, env=env)
+    assert re.search(r'progress: \d+/10 images \(\d+\.\d%\), [\d.]+ img/s \(1 rank\), ETA \d\d:\d\d:\d\d', r.stdout), r.stdout
+    folder, hf = pd.load_index(str(tmp_path / 'folder')), pd.load_index(str(tmp_path / 'hf'))
+    assert hf['class_names'] == folder['class_names'] == ['circle', 'square'] and hf['num_classes'] == 2
+    assert hf['splits'] == folder['splits'] and hf['has_flip']
+    shards = [s['path'] for lst in hf['splits'].values() for b in lst.values() for s in b]
+    assert len(shards) == 3 and all(Path(tmp_path, 'hf', p).read_bytes() == Path(tmp_path, 'folder', p).read_bytes() for p in shards)
+    shutil.copytree(tmp_path / 'src', tmp_path / 'images', ignore=shutil.ignore_patterns('*.txt', '*.md'))
+    run('prepare_data.py', f'--source=hf:{tmp_path / "images"}', '--label_column=label', f'--out_dir={tmp_path / "imagefolder"}',
+        *common, env=env)   # a folder of images alone: datasets' imagefolder, labels from the subfolders
+    index = pd.load_index(str(tmp_path / 'imagefolder'))
+    assert index['class_names'] == ['circle', 'square'] and sum(s['count'] for b in index['splits']['train'].values() for s in b) == 8
+    r = run('prepare_data.py', f'--source=hf:{tmp_path / "parquet"}', '--caption_column=text', f'--out_dir={tmp_path / "bad"}',
+            env=env, check=False)
+    assert r.returncode != 0 and "caption_column='text'" in r.stderr and 'caption' in r.stderr
+    with pytest.raises(SystemExit, match="caption_column='caption': only for source='hf:"):
+        pd.prepare(source=str(tmp_path / 'src'), caption_column='caption', out_dir=str(tmp_path / 'bad2'))
