@@ -31,6 +31,7 @@ by random access like local ones (configure_cache).
 """
 import ast
 import csv
+import fcntl
 import functools
 import hashlib
 import io
@@ -349,11 +350,15 @@ class ShardCache:
 
     def open(self, entry, in_use=()):
         """The shard of an index entry as an open local file, fetched first if not cached whole."""
-        path = os.path.join(self.dir, entry['path'])
+        path = os.path.join(self.dir, entry['path'])  # only ever complete: fetch renames a whole file into place
         for _ in range(2):  # another process may evict it between the check and the open
-            if not os.path.isfile(path) or ('bytes' in entry and os.path.getsize(path) != entry['bytes']):
-                fetch(data_url(self.root, entry['path']), path, entry.get('bytes'))
-                self.evict(keep={path, *in_use})
+            if not os.path.isfile(path):
+                os.makedirs(os.path.dirname(path), exist_ok=True)
+                with open(path + '.lock', 'w') as lock:  # one download per shard among this machine's processes
+                    fcntl.flock(lock, fcntl.LOCK_EX)
+                    if not os.path.isfile(path):
+                        fetch(data_url(self.root, entry['path']), path, entry.get('bytes'))
+                        self.evict(keep={path, *in_use})
             try:
                 f = open(path, 'rb')
                 os.utime(path)
@@ -852,6 +857,9 @@ def prepare(**settings):
         n_written = int(n_written)
     for split, bucket, k, items in shards:  # every rank's shards are on disk now
         rel = f'{split}/{bucket}/shard-{k:06d}.tar'
+        if not os.path.isfile(os.path.join(root, rel)):
+            raise SystemExit(f'{os.path.join(root, rel)} is missing after every rank finished: under torchrun, '
+                             f'out_dir={root!r} must be one folder that all ranks (all nodes) share')
         index['splits'][split].setdefault(bucket, []).append(
             {'path': rel, 'count': len(items), 'bytes': os.path.getsize(os.path.join(root, rel))})
     index['complete'] = True
