@@ -671,7 +671,8 @@ class Progress:
             self.last = now
             done = min(self.total, self.on_disk() + self.partial)
             rate = (done - self.before) / (now - self.t0)
-            eta = time.strftime('%H:%M:%S', time.gmtime((self.total - done) / rate)) if rate > 0 else '?'
+            left = round((self.total - done) / rate) if rate > 0 else None
+            eta = f'{left // 3600}:{left // 60 % 60:02d}:{left % 60:02d}' if left is not None else '?'
             print(f'progress: {done:,}/{self.total:,} images ({100 * done / self.total:.1f}%), {rate:.1f} img/s '
                   f'({self.world_size} rank{"s" if self.world_size > 1 else ""}), ETA {eta}', flush=True)
         return encoded
