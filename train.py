@@ -93,7 +93,8 @@ ema_warmup_steps = 1000       # EMA decay ramps linearly from 0 to ema_decay ove
 # system
 device = "auto"               # 'auto' | 'cpu' | 'cuda' | 'mps'
 dtype = "auto"                # 'auto' (bf16 where the device has it) | 'bfloat16' | 'float32'
-compile = False               # torch.compile the model (first step takes tens of seconds)
+compile = False               # torch.compile the model (first step takes tens of seconds); on a CPU with no
+                              # C++ compiler for inductor it warns and runs eager
 fsdp = False                  # shard parameters, gradients and optimizer state with FSDP2 instead of DDP
 num_workers = 2               # data-loader processes per rank
 seed = 0
@@ -357,6 +358,14 @@ elif ddp:
     model = DDP(raw_model, device_ids=[local_rank] if device_type == "cuda" else None)
 else:
     model = raw_model
+if compile and device_type == "cpu":
+    try:   # inductor's CPU kernels are C++: without a compiler the first step would fail deep inside it
+        from torch._inductor.cpp_builder import get_cpp_compiler
+        get_cpp_compiler()
+    except Exception as e:
+        log(f"compile=True: no C++ compiler for torch.compile on the CPU ({type(e).__name__}: {str(e)[:120]}); "
+            "running eager (install g++ or clang++, or set CXX, for the compiled step)")
+        compile = False
 if compile:
     model = torch.compile(model)
 # built after sharding: FSDP replaces the parameters with sharded ones

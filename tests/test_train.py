@@ -306,6 +306,19 @@ def test_compiled_model_trains_like_eager_and_saves_plain_keys(tmp_path, mnist_d
     assert not any(k.startswith(("_orig_mod.", "module.")) for k in keys)
 
 
+def test_compile_without_a_cpp_compiler_says_so_and_trains_eager(tmp_path, mnist_dir):
+    """The quick start asks for compile; a CPU machine without a C++ compiler must still train (eager:
+    the same weights as --compile=false) and say why it is not compiling."""
+    logs = {}
+    for flag in ("true", "false"):
+        proc = run("train.py", *TINY, f"--data_dir={mnist_dir}", f"--out_dir={tmp_path / flag}", "--max_steps=2",
+                   f"--compile={flag}", env={"CXX": str(tmp_path / "no-such-c++")})
+        logs[flag] = proc.stdout + proc.stderr
+    assert "no C++ compiler for torch.compile on the CPU" in logs["true"]
+    assert "C++ compiler" not in logs["false"]
+    assert_same_state(load(tmp_path / "true" / "ckpt-00000002.pt"), load(tmp_path / "false" / "ckpt-00000002.pt"))
+
+
 def test_max_minutes_plans_steps_finishes_the_schedule_and_resumes_with_the_same_plan(mnist_dir, tmp_path):
     args = [*TINY, f"--data_dir={mnist_dir}", "--max_minutes=0.25", "--warmup_steps=20", "--ckpt_interval=100000",
             "--log_interval=1000000"]
