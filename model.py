@@ -364,7 +364,7 @@ class DiT(nn.Module):
                 first = torch.zeros_like(mask)
                 first[:, 0] = True
                 ctx = torch.where((drop_text[:, None] & first)[..., None], self.null_text.to(ctx.dtype), ctx)
-                mask = torch.where(drop_text[:, None], first, mask)
+                mask = drop_text[:, None] & first | ~drop_text[:, None] & mask   # ONNX Runtime has no bool Where
             # a sample whose mask is all False would give NaN attention: let it see its first token
             mask = mask.clone()
             mask[:, 0] |= ~mask.any(dim=1)

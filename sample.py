@@ -59,6 +59,7 @@ eval_batch_size = 100  # images generated per batch
 eval_ref_max = 50000   # real images in a split's reference statistics (an even subset beyond that)
 eval_k = 3           # k of the k-nearest-neighbour manifolds for precision and recall
 data_dir = ""        # data to evaluate against; '' = the data_dir the checkpoint was trained on
+export_onnx = ""     # instead of sampling: write the guided velocity network as ONNX here, and a .json beside it
 # ----------------------------------------------------------------------------------------------
 
 
@@ -583,12 +584,136 @@ def draw_grid(model, state, path, dev, autocast):
     return (H, W), n, v_fn.forwards
 
 
+# ---------------------------------------------------------------------------------------------- ONNX export
+# One graph: (xt, t, scales, interval, the checkpoint's conditions) -> guided_velocity's velocity, every guidance
+# branch in one batched forward; batch (and text length) dynamic. Made by torch.onnx's dynamo exporter
+# (torch.export + onnxscript): the TorchScript exporter (dynamo=False) has no ONNX form for aten::rms_norm
+# (QK-norm) at its opsets, nor for the text mask's in-place `|=`. SDPA exports as MatMul + Softmax.
+ONNX_OPSET = 18
+ONNX_FORMAT = "nanodit-onnx/1"   # the JSON's format tag: what web/app.js and other samplers check
+
+
+class GuidedVelocity(torch.nn.Module):
+    """guided_velocity as one module for export. Takes every condition the model has (all real: no nulls),
+    scales (2,) = (text/class scale, image scale) and interval (2,) = (lo, hi) in float64. Guided where lo <= t <= hi
+    (per sample) and a scale is not 1, else the fully conditional branch, as guided_velocity does."""
+
+    def __init__(self, model):
+        super().__init__()
+        cfg = model.cfg
+        self.model, self.text_first = model, bool(cfg.num_classes or cfg.text_dim)
+        self.names = [n for n, on in (("y", cfg.num_classes), ("text", cfg.text_dim), ("text_mask", cfg.text_dim),
+                                      ("image_emb", cfg.image_dim)) if on]
+        has_image = bool(cfg.image_dim)
+        # (drop text and class, drop image) per branch; the last is the fully conditional one
+        self.branches = ([(True, True), (True, False), (False, False)] if self.text_first and has_image else
+                         [(True, True), (False, False)] if self.text_first or has_image else [(False, False)])
+
+    def forward(self, xt, t, scales, interval, y=None, text=None, text_mask=None, image_emb=None):
+        k = len(self.branches)
+        given = dict(y=y, text=text, text_mask=text_mask, image_emb=image_emb)
+        rep = {n: torch.cat([given[n]] * k) for n in self.names}
+        keep = torch.zeros_like(t, dtype=torch.bool)
+        drop_t = torch.cat([keep | d for d, _ in self.branches])                    # (k B,)
+        drop_i = torch.cat([keep | d for _, d in self.branches])
+        v = self.model(torch.cat([xt] * k), torch.cat([t] * k), **rep, drop_y=drop_t, drop_text=drop_t,
+                       drop_image=drop_i).float().unflatten(0, (k, -1))  # not chunk(k): torch.export fixes B on it
+        if k == 1:
+            return v[0]
+        if k == 2:
+            s = scales[0] if self.text_first else scales[1]
+            guided, on = v[0] + s * (v[1] - v[0]), s != 1
+        else:
+            guided = v[0] + scales[1] * (v[1] - v[0]) + scales[0] * (v[2] - v[1])
+            on = (scales[0] != 1) | (scales[1] != 1)
+        t64 = t.double()       # interval (2,) float64: compared as guided_velocity compares t[0] with Python floats
+        on = on & (interval[0] <= t64) & (t64 <= interval[1])
+        return torch.where(on.view(-1, 1, 1, 1), guided, v[-1])
+
+
+def export_onnx_model(model, state, path, sampler):
+    """Write model + guidance as ONNX at `path` and beside it a JSON of what a sampler needs (shapes, the flow
+    convention, classes, the default sampler); check it with ONNX Runtime at another batch size. Returns the JSON."""
+    cfg, meta = model.cfg, state["data"]
+    try:
+        import onnxscript  # noqa: F401  the dynamo exporter builds the ONNX graph with it
+    except ImportError:
+        sys.exit("sample.py: --export_onnx needs: pip install onnx onnxscript (and onnxruntime to check the export)")
+    H, W = max(meta["buckets"].values(), key=lambda hw: hw[0] * hw[1])
+    down = meta["vae"]["downsample"] if meta["vae"] else 1
+    shape, L = (cfg.in_channels, H // down, W // down), meta["text_encoder"]["max_length"] if cfg.text_dim else 0
+    net = GuidedVelocity(model.float().eval())
+    names = ["xt", "t", "scales", "interval", *net.names]
+
+    def example(B):
+        g = torch.Generator().manual_seed(B)
+        return {"xt": torch.randn(B, *shape, generator=g), "t": torch.rand(B, generator=g),
+                "scales": torch.tensor([sampler["text_scale"], sampler["image_scale"]], dtype=torch.float32),
+                "interval": torch.tensor(sampler["guidance_interval"], dtype=torch.float64),
+                "y": torch.arange(B) % max(cfg.num_classes, 1), "text": torch.randn(B, L, cfg.text_dim, generator=g),
+                "text_mask": torch.arange(L).expand(B, L) < L - 1, "image_emb": torch.randn(B, cfg.image_dim, generator=g)}
+    ex = example(2)
+    batch, text_len = torch.export.Dim("batch", min=1), torch.export.Dim("text_len", min=2)
+    dims = {"xt": {0: batch}, "t": {0: batch}, "scales": None, "interval": None, "y": {0: batch},
+            "text": {0: batch, 1: text_len}, "text_mask": {0: batch, 1: text_len}, "image_emb": {0: batch}}
+    import contextlib
+    import logging
+    import warnings
+    logging.getLogger("torch.onnx").setLevel(logging.ERROR)              # 'torchvision is not installed' notes
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):   # the exporter's progress lines
+            warnings.simplefilter("ignore")
+            torch.onnx.export(net, tuple(ex[n] for n in names[:4]), path, kwargs={n: ex[n] for n in names[4:]},
+                              input_names=names, output_names=["v"], opset_version=ONNX_OPSET,
+                              dynamic_shapes={n: dims[n] for n in names}, dynamo=True, external_data=False)
+    except Exception as e:
+        summary = str(e).split("## Exception summary")[-1].strip().splitlines()
+        sys.exit(f"sample.py: --export_onnx: torch.onnx.export cannot export this checkpoint's model: "
+                 f"{type(e).__name__}: {summary[0] if summary else ''}"[:1500])
+    info = {"format": ONNX_FORMAT, "onnx": os.path.basename(path), "output": "v",
+            "inputs": {n: list(ex[n].shape) for n in names},   # dimension 0 (batch) and text length are dynamic
+            "flow": "xt = (1 - t) x + t noise: t = 1 noise, t = 0 data; v = noise - x; Euler x <- x + (t_next - t) v "
+                    "over the times linspace(1, 0, steps + 1) (float32) warped by t' = shift t / (1 + (shift - 1) t)",
+            "guidance": "scales = (text or class, image), interval = (lo, hi): guided where lo <= t <= hi and a scale "
+                        "is not 1, else the conditional velocity; the formulas are in sample.py's docstring",
+            "space": meta["space"], "pixel_range": [-1, 1], "vae": meta["vae"], "height": H, "width": W,
+            "num_classes": cfg.num_classes, "class_names": meta.get("class_names") or [],
+            "text_encoder": meta["text_encoder"], "image_encoder": meta["image_encoder"],
+            "sampler": {**sampler, "guidance_interval": list(sampler["guidance_interval"])}, "step": state["step"]}
+    try:
+        import onnxruntime
+        ex = example(3)                                   # not the traced batch size: the batch must be dynamic
+        try:
+            got = onnxruntime.InferenceSession(path).run(None, {n: ex[n].numpy() for n in names})[0]
+        except Exception as e:
+            sys.exit(f"sample.py: --export_onnx: ONNX Runtime cannot run the exported {path} at batch size 3 "
+                     f"(traced at 2): {type(e).__name__}: {str(e)[:500]}")
+        with torch.no_grad():
+            want = net(*(ex[n] for n in names[:4]), **{n: ex[n] for n in names[4:]})
+        info["max_abs_diff_vs_torch"] = float((torch.from_numpy(got) - want).abs().max())
+    except ImportError:
+        pass
+    with open(os.path.splitext(path)[0] + ".json", "w") as f:
+        json.dump(info, f, indent=1)
+    return info
+
+
 def main():
     check_settings()
     dev = device
     if dev == "auto":
         dev = "cuda" if torch.cuda.is_available() else "cpu"
     path = resolve_checkpoint(ckpt) if ckpt else sys.exit("sample.py: --ckpt=PATH is required")
+    if export_onnx:
+        if str(ema).lower() == "both":
+            sys.exit("sample.py: --export_onnx exports one set of weights: --ema=true or --ema=false")
+        model, state = load_model(path, str(ema).lower() == "true")
+        use_recipe_sampler(state["config"])
+        info = export_onnx_model(model, state, export_onnx, dict(steps=steps, solver=solver, shift=shift,
+                                 text_scale=text_scale, image_scale=image_scale, guidance_interval=guidance_interval))
+        print(f"wrote {export_onnx} and {os.path.splitext(export_onnx)[0]}.json (inputs {', '.join(info['inputs'])}; "
+              f"ONNX Runtime vs PyTorch max |diff| {info.get('max_abs_diff_vs_torch', 'not checked: no onnxruntime')})")
+        return
     autocast = pick_dtype(dev)
     which = {"true": [True], "false": [False], "both": [True, False]}[str(ema).lower()]
     features = None
