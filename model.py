@@ -361,13 +361,12 @@ class DiT(nn.Module):
             ctx = self.text_proj(text)                                              # (B, L, D)
             mask = torch.ones(ctx.shape[:2], dtype=torch.bool, device=xt.device) if text_mask is None else text_mask
             if drop_text is not None:
-                first = torch.zeros_like(mask)
-                first[:, 0] = True
+                first = (torch.arange(mask.shape[1], device=mask.device) == 0).expand_as(mask)
                 ctx = torch.where((drop_text[:, None] & first)[..., None], self.null_text.to(ctx.dtype), ctx)
-                mask = drop_text[:, None] & first | ~drop_text[:, None] & mask   # ONNX Runtime has no bool Where
-            # a sample whose mask is all False would give NaN attention: let it see its first token
-            mask = mask.clone()
-            mask[:, 0] |= ~mask.any(dim=1)
+                mask = drop_text[:, None] & first | ~drop_text[:, None] & mask
+            # a sample whose mask is all False would give NaN attention: let it see its first token. The mask
+            # ops here are out of place, and no bool where: the ONNX export (sample.py) needs both
+            mask = mask | (torch.arange(mask.shape[1], device=mask.device) == 0) & ~mask.any(dim=1, keepdim=True)
             ctx_mask = mask[:, None, None, :]                                       # (B, 1, 1, L)
         for block in self.blocks:
             if cfg.grad_checkpoint and self.training:

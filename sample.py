@@ -595,8 +595,9 @@ ONNX_FORMAT = "nanodit-onnx/1"   # the JSON's format tag: what web/app.js and ot
 
 class GuidedVelocity(torch.nn.Module):
     """guided_velocity as one module for export. Takes every condition the model has (all real: no nulls),
-    scales (2,) = (text/class scale, image scale) and interval (2,) = (lo, hi) in float64. Guided where lo <= t <= hi
-    (per sample) and a scale is not 1, else the fully conditional branch, as guided_velocity does."""
+    scales (2,) = (text/class scale, image scale) and interval (2,) = (lo, hi) in float64. As guided_velocity:
+    all branches batched where lo <= t[0] <= hi and a scale is not 1, else one conditional forward (torch.cond,
+    an ONNX If), so an exported sampler costs the same forwards and a MoE's capacity sees the same batch."""
 
     def __init__(self, model):
         super().__init__()
@@ -609,32 +610,45 @@ class GuidedVelocity(torch.nn.Module):
         self.branches = ([(True, True), (True, False), (False, False)] if self.text_first and has_image else
                          [(True, True), (False, False)] if self.text_first or has_image else [(False, False)])
 
-    def forward(self, xt, t, scales, interval, y=None, text=None, text_mask=None, image_emb=None):
-        k = len(self.branches)
-        given = dict(y=y, text=text, text_mask=text_mask, image_emb=image_emb)
-        rep = {n: torch.cat([given[n]] * k) for n in self.names}
+    def velocity(self, branches, xt, t, scales, *conds):
+        k = len(branches)
         keep = torch.zeros_like(t, dtype=torch.bool)
-        drop_t = torch.cat([keep | d for d, _ in self.branches])                    # (k B,)
-        drop_i = torch.cat([keep | d for _, d in self.branches])
-        v = self.model(torch.cat([xt] * k), torch.cat([t] * k), **rep, drop_y=drop_t, drop_text=drop_t,
-                       drop_image=drop_i).float().unflatten(0, (k, -1))  # not chunk(k): torch.export fixes B on it
+        drop_t = torch.cat([keep | d for d, _ in branches])                         # (k B,)
+        drop_i = torch.cat([keep | d for _, d in branches])
+        v = self.model(torch.cat([xt] * k), torch.cat([t] * k), **{n: torch.cat([c] * k) for n, c in zip(self.names, conds)},
+                       drop_y=drop_t, drop_text=drop_t, drop_image=drop_i).float()
         if k == 1:
-            return v[0]
+            return v
+        v = v.unflatten(0, (k, -1))                     # not chunk(k): torch.export would fix the batch size on it
         if k == 2:
-            s = scales[0] if self.text_first else scales[1]
-            guided, on = v[0] + s * (v[1] - v[0]), s != 1
-        else:
-            guided = v[0] + scales[1] * (v[1] - v[0]) + scales[0] * (v[2] - v[1])
-            on = (scales[0] != 1) | (scales[1] != 1)
-        t64 = t.double()       # interval (2,) float64: compared as guided_velocity compares t[0] with Python floats
-        on = on & (interval[0] <= t64) & (t64 <= interval[1])
-        return torch.where(on.view(-1, 1, 1, 1), guided, v[-1])
+            return v[0] + scales[0 if self.text_first else 1] * (v[1] - v[0])
+        return v[0] + scales[1] * (v[1] - v[0]) + scales[0] * (v[2] - v[1])
+
+    def forward(self, xt, t, scales, interval, y=None, text=None, text_mask=None, image_emb=None):
+        given = dict(y=y, text=text, text_mask=text_mask, image_emb=image_emb)
+        operands = (xt, t, scales, *(given[n] for n in self.names))
+        if len(self.branches) == 1:
+            return self.velocity(self.branches, *operands)
+        t0 = t[0].double()       # compared in float64, as guided_velocity compares t[0] with Python floats
+        scaled = scales[0] != 1 if len(self.branches) == 2 and self.text_first else scales[1] != 1
+        if len(self.branches) == 3:
+            scaled = (scales[0] != 1) | (scales[1] != 1)
+        return torch.cond((interval[0] <= t0) & (t0 <= interval[1]) & scaled,
+                          lambda *ops: self.velocity(self.branches, *ops),
+                          lambda *ops: self.velocity(self.branches[-1:], *ops), operands)
 
 
 def export_onnx_model(model, state, path, sampler):
     """Write model + guidance as ONNX at `path` and beside it a JSON of what a sampler needs (shapes, the flow
-    convention, classes, the default sampler); check it with ONNX Runtime at another batch size. Returns the JSON."""
+    convention, classes, the default sampler); check it against guided_velocity with ONNX Runtime at a batch size
+    other than the traced one, inside and outside the guidance interval. Returns the JSON dict."""
     cfg, meta = model.cfg, state["data"]
+    net = GuidedVelocity(model.float().eval())
+    if cfg.moe_experts and len(net.branches) > 1:
+        sys.exit(f"sample.py: --export_onnx: this checkpoint's MLPs are a mixture of experts (moe_experts={cfg.moe_experts}), "
+                 "which does not export with guidance: the guidance interval is a torch.cond (an ONNX If: one "
+                 "conditional forward outside it), and torch.cond cannot trace MoE.forward, which stores its routing "
+                 "statistics (aux_loss, dropped, load) on the module (a side effect)")
     try:
         import onnxscript  # noqa: F401  the dynamo exporter builds the ONNX graph with it
     except ImportError:
@@ -642,16 +656,16 @@ def export_onnx_model(model, state, path, sampler):
     H, W = max(meta["buckets"].values(), key=lambda hw: hw[0] * hw[1])
     down = meta["vae"]["downsample"] if meta["vae"] else 1
     shape, L = (cfg.in_channels, H // down, W // down), meta["text_encoder"]["max_length"] if cfg.text_dim else 0
-    net = GuidedVelocity(model.float().eval())
     names = ["xt", "t", "scales", "interval", *net.names]
+    lo, hi = sampler["guidance_interval"]
 
-    def example(B):
+    def example(B, t=None):
         g = torch.Generator().manual_seed(B)
-        return {"xt": torch.randn(B, *shape, generator=g), "t": torch.rand(B, generator=g),
-                "scales": torch.tensor([sampler["text_scale"], sampler["image_scale"]], dtype=torch.float32),
-                "interval": torch.tensor(sampler["guidance_interval"], dtype=torch.float64),
-                "y": torch.arange(B) % max(cfg.num_classes, 1), "text": torch.randn(B, L, cfg.text_dim, generator=g),
-                "text_mask": torch.arange(L).expand(B, L) < L - 1, "image_emb": torch.randn(B, cfg.image_dim, generator=g)}
+        return {"xt": torch.randn(B, *shape, generator=g), "t": torch.rand(B, generator=g) if t is None else
+                torch.full((B,), t), "scales": torch.tensor([sampler["text_scale"], sampler["image_scale"]]),
+                "interval": torch.tensor([lo, hi], dtype=torch.float64), "y": torch.arange(B) % max(cfg.num_classes, 1),
+                "text": torch.randn(B, L, cfg.text_dim, generator=g), "text_mask": torch.arange(L).expand(B, L) < L - 1,
+                "image_emb": torch.randn(B, cfg.image_dim, generator=g)}
     ex = example(2)
     batch, text_len = torch.export.Dim("batch", min=1), torch.export.Dim("text_len", min=2)
     dims = {"xt": {0: batch}, "t": {0: batch}, "scales": None, "interval": None, "y": {0: batch},
@@ -674,25 +688,29 @@ def export_onnx_model(model, state, path, sampler):
             "inputs": {n: list(ex[n].shape) for n in names},   # dimension 0 (batch) and text length are dynamic
             "flow": "xt = (1 - t) x + t noise: t = 1 noise, t = 0 data; v = noise - x; Euler x <- x + (t_next - t) v "
                     "over the times linspace(1, 0, steps + 1) (float32) warped by t' = shift t / (1 + (shift - 1) t)",
-            "guidance": "scales = (text or class, image), interval = (lo, hi): guided where lo <= t <= hi and a scale "
-                        "is not 1, else the conditional velocity; the formulas are in sample.py's docstring",
+            "guidance": "scales = (text or class, image), interval = (lo, hi) float64: all branches where lo <= t[0] "
+                        "<= hi and a scale is not 1, else one conditional forward; formulas in sample.py's docstring",
             "space": meta["space"], "pixel_range": [-1, 1], "vae": meta["vae"], "height": H, "width": W,
             "num_classes": cfg.num_classes, "class_names": meta.get("class_names") or [],
             "text_encoder": meta["text_encoder"], "image_encoder": meta["image_encoder"],
-            "sampler": {**sampler, "guidance_interval": list(sampler["guidance_interval"])}, "step": state["step"]}
+            "sampler": {**sampler, "guidance_interval": [lo, hi]}, "step": state["step"]}
     try:
         import onnxruntime
-        ex = example(3)                                   # not the traced batch size: the batch must be dynamic
+    except ImportError:
+        onnxruntime = None
+    for t in [(lo + hi) / 2] + [(1 + hi) / 2] * (hi < 1) + [lo / 2] * (lo > 0) if onnxruntime else []:
+        options = onnxruntime.SessionOptions()
+        options.log_severity_level = 3                   # not the notes on initializers the exporter left unused
+        ex = example(3, t)                               # not the traced batch size: the batch must be dynamic
         try:
-            got = onnxruntime.InferenceSession(path).run(None, {n: ex[n].numpy() for n in names})[0]
+            got = onnxruntime.InferenceSession(path, options).run(None, {n: ex[n].numpy() for n in names})[0]
         except Exception as e:
             sys.exit(f"sample.py: --export_onnx: ONNX Runtime cannot run the exported {path} at batch size 3 "
                      f"(traced at 2): {type(e).__name__}: {str(e)[:500]}")
-        with torch.no_grad():
-            want = net(*(ex[n] for n in names[:4]), **{n: ex[n] for n in names[4:]})
-        info["max_abs_diff_vs_torch"] = float((torch.from_numpy(got) - want).abs().max())
-    except ImportError:
-        pass
+        want = guided_velocity(model, {n: ex[n] for n in names[4:]}, sampler["text_scale"], sampler["image_scale"],
+                               (lo, hi))(ex["xt"], ex["t"])      # t inside the interval, and outside where there is
+        info["max_abs_diff_vs_torch"] = max(info.get("max_abs_diff_vs_torch", 0.0),
+                                            (torch.from_numpy(got) - want).abs().max().item())
     with open(os.path.splitext(path)[0] + ".json", "w") as f:
         json.dump(info, f, indent=1)
     return info
