@@ -643,7 +643,7 @@ def export_onnx_model(model, state, path, sampler):
     convention, classes, the default sampler); check it against guided_velocity with ONNX Runtime at a batch size
     other than the traced one, inside and outside the guidance interval. Returns the JSON dict."""
     cfg, meta = model.cfg, state["data"]
-    net = GuidedVelocity(model.float().eval())
+    net = GuidedVelocity(model.float().eval().requires_grad_(False))   # cond traces autograd otherwise: 2x slower
     if cfg.moe_experts and len(net.branches) > 1:
         sys.exit(f"sample.py: --export_onnx: this checkpoint's MLPs are a mixture of experts (moe_experts={cfg.moe_experts}), "
                  "which does not export with guidance: the guidance interval is a torch.cond (an ONNX If: one "
@@ -695,6 +695,7 @@ def export_onnx_model(model, state, path, sampler):
                     strip(attr.g)
     strip(proto.graph)
     onnx.save(proto, path)
+    names = [i.name for i in proto.graph.input]           # an unconditional model needs no scales nor interval
     info = {"format": ONNX_FORMAT, "onnx": os.path.basename(path), "output": "v",
             "inputs": {n: list(ex[n].shape) for n in names},   # dimension 0 (batch) and text length are dynamic
             "flow": "xt = (1 - t) x + t noise: t = 1 noise, t = 0 data; v = noise - x; Euler x <- x + (t_next - t) v "
@@ -718,7 +719,7 @@ def export_onnx_model(model, state, path, sampler):
         except Exception as e:
             sys.exit(f"sample.py: --export_onnx: ONNX Runtime cannot run the exported {path} at batch size 3 "
                      f"(traced at 2): {type(e).__name__}: {str(e)[:500]}")
-        want = guided_velocity(model, {n: ex[n] for n in names[4:]}, sampler["text_scale"], sampler["image_scale"],
+        want = guided_velocity(model, {n: ex[n] for n in net.names}, sampler["text_scale"], sampler["image_scale"],
                                (lo, hi))(ex["xt"], ex["t"])      # t inside the interval, and outside where there is
         info["max_abs_diff_vs_torch"] = max(info.get("max_abs_diff_vs_torch", 0.0),
                                             (torch.from_numpy(got) - want).abs().max().item())
