@@ -3,7 +3,7 @@
 // exported graph, and torch's float32 roundings, so given the same noise the grid matches sample.py's.
 "use strict";
 const FORMAT = "nanodit-onnx/1";   // sample.py's ONNX_FORMAT
-const ZOOM = 4;                    // screen pixels per image pixel
+const ZOOM = 3;                    // screen pixels per image pixel
 const PAD = 2;                     // pixels between grid cells, as sample.save_grid
 const $ = (id) => document.getElementById(id);
 const f32 = Math.fround;
