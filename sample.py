@@ -585,8 +585,8 @@ def draw_grid(model, state, path, dev, autocast):
 
 
 # ---------------------------------------------------------------------------------------------- ONNX export
-# One graph: (xt, t, scales, interval, the checkpoint's conditions) -> guided_velocity's velocity, every guidance
-# branch in one batched forward; batch (and text length) dynamic. Made by torch.onnx's dynamo exporter
+# One graph: (xt, t, scales, interval, the checkpoint's conditions) -> guided_velocity's velocity, the guidance
+# branches batched in one forward; batch and text length dynamic. Made by torch.onnx's dynamo exporter
 # (torch.export + onnxscript): the TorchScript exporter (dynamo=False) has no ONNX form for aten::rms_norm
 # (QK-norm) at its opsets, nor for the text mask's in-place `|=`. SDPA exports as MatMul + Softmax.
 ONNX_OPSET = 18
@@ -597,7 +597,7 @@ class GuidedVelocity(torch.nn.Module):
     """guided_velocity as one module for export. Takes every condition the model has (all real: no nulls),
     scales (2,) = (text/class scale, image scale) and interval (2,) = (lo, hi) in float64. As guided_velocity:
     all branches batched where lo <= t[0] <= hi and a scale is not 1, else one conditional forward (torch.cond,
-    an ONNX If), so an exported sampler costs the same forwards and a MoE's capacity sees the same batch."""
+    an ONNX If), so an exported sampler costs the same forwards."""
 
     def __init__(self, model):
         super().__init__()
@@ -615,8 +615,9 @@ class GuidedVelocity(torch.nn.Module):
         keep = torch.zeros_like(t, dtype=torch.bool)
         drop_t = torch.cat([keep | d for d, _ in branches])                         # (k B,)
         drop_i = torch.cat([keep | d for _, d in branches])
-        v = self.model(torch.cat([xt] * k), torch.cat([t] * k), **{n: torch.cat([c] * k) for n, c in zip(self.names, conds)},
-                       drop_y=drop_t, drop_text=drop_t, drop_image=drop_i).float()
+        rep = {n: torch.cat([c] * k) for n, c in zip(self.names, conds)}
+        v = self.model(torch.cat([xt] * k), torch.cat([t] * k), **rep, drop_y=drop_t, drop_text=drop_t,
+                       drop_image=drop_i).float()
         if k == 1:
             return v
         v = v.unflatten(0, (k, -1))                     # not chunk(k): torch.export would fix the batch size on it
@@ -630,9 +631,10 @@ class GuidedVelocity(torch.nn.Module):
         if len(self.branches) == 1:
             return self.velocity(self.branches, *operands)
         t0 = t[0].double()       # compared in float64, as guided_velocity compares t[0] with Python floats
-        scaled = scales[0] != 1 if len(self.branches) == 2 and self.text_first else scales[1] != 1
         if len(self.branches) == 3:
             scaled = (scales[0] != 1) | (scales[1] != 1)
+        else:
+            scaled = scales[0 if self.text_first else 1] != 1
         return torch.cond((interval[0] <= t0) & (t0 <= interval[1]) & scaled,
                           lambda *ops: self.velocity(self.branches, *ops),
                           lambda *ops: self.velocity(self.branches[-1:], *ops), operands)
@@ -643,12 +645,12 @@ def export_onnx_model(model, state, path, sampler):
     convention, classes, the default sampler); check it against guided_velocity with ONNX Runtime at a batch size
     other than the traced one, inside and outside the guidance interval. Returns the JSON dict."""
     cfg, meta = model.cfg, state["data"]
-    net = GuidedVelocity(model.float().eval().requires_grad_(False))   # cond traces autograd otherwise: 2x slower
+    net = GuidedVelocity(model.float().eval().requires_grad_(False))   # torch.cond traces autograd too otherwise
     if cfg.moe_experts and len(net.branches) > 1:
-        sys.exit(f"sample.py: --export_onnx: this checkpoint's MLPs are a mixture of experts (moe_experts={cfg.moe_experts}), "
-                 "which does not export with guidance: the guidance interval is a torch.cond (an ONNX If: one "
-                 "conditional forward outside it), and torch.cond cannot trace MoE.forward, which stores its routing "
-                 "statistics (aux_loss, dropped, load) on the module (a side effect)")
+        sys.exit(f"sample.py: --export_onnx: this checkpoint's MLPs are a mixture of experts (moe_experts="
+                 f"{cfg.moe_experts}), which does not export with guidance: the guidance interval is a torch.cond "
+                 "(an ONNX If: one conditional forward outside it), and torch.cond cannot trace MoE.forward, which "
+                 "stores its routing statistics (aux_loss, dropped, load) on the module (a side effect)")
     try:
         import onnxscript  # noqa: F401  the dynamo exporter builds the ONNX graph with it
     except ImportError:

@@ -121,6 +121,7 @@ def test_class_model_exports_from_the_command_line_with_parity_and_the_same_png(
     assert worst <= PARITY and png <= 1
 
 
+@pytest.mark.slow   # an export of its own: about 30 s on 2 cores
 def test_text_and_image_model_exports_with_parity_and_the_same_png(tmp_path):
     """Dual guidance (3 branches), a padding mask, a text length other than the traced one."""
     ckpt = tiny_checkpoint(tmp_path / "ckpt.pt", text_len=5, text_dim=16, image_dim=8)
@@ -153,7 +154,7 @@ def test_a_model_with_an_op_onnx_lacks_is_named(tmp_path, monkeypatch):
 def test_a_mixture_of_experts_with_guidance_is_refused_with_the_reason(tmp_path):
     model, state = load_model(str(tiny_checkpoint(tmp_path / "ckpt.pt", num_classes=4, moe_experts=4)))
     sampler = dict(steps=4, solver="euler", shift=1.0, text_scale=3.0, image_scale=1.0, guidance_interval=(0.0, 1.0))
-    with pytest.raises(SystemExit, match=r"mixture of experts \(moe_experts=4\).*torch\.cond cannot trace MoE\.forward"):
+    with pytest.raises(SystemExit, match=r"mixture of experts \(moe_experts=4\).*cannot trace MoE\.forward"):
         export_onnx_model(model, state, str(tmp_path / "moe.onnx"), sampler)
     assert not (tmp_path / "moe.onnx").exists()
 

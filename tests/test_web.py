@@ -55,7 +55,8 @@ def site(tmp_path_factory):
     for path in (onnx_path, onnx_path.with_suffix(".json")):
         (root / path.name).symlink_to(path)
     info = json.loads(onnx_path.with_suffix(".json").read_text())
-    noise = torch.randn(info["num_classes"] * PER_CLASS, *info["inputs"]["xt"][1:], generator=torch.Generator().manual_seed(7))
+    g = torch.Generator().manual_seed(7)
+    noise = torch.randn(info["num_classes"] * PER_CLASS, *info["inputs"]["xt"][1:], generator=g)
     (root / "noise.bin").write_bytes(noise.numpy().astype("<f4").tobytes())
     (root / "latent.json").write_text(json.dumps({**info, "space": "latents", "vae": {"name": "some/vae"}}))
     (root / "other.json").write_text(json.dumps({"format": "something-else"}))
