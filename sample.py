@@ -5,6 +5,7 @@
     python sample.py --ckpt=out/photos --prompts=prompts.txt --text_scale=4.5
     python sample.py --ckpt=out/photos --prompts=prompts.txt --images=ref.jpg --text_scale=4 --image_scale=2
     python sample.py --ckpt=out/mnist --eval=true --num_samples=1000       # FD, precision/recall, class accuracy
+    python sample.py --ckpt=out/mnist --export_onnx=web/model.onnx         # ONNX graph + JSON: web/ samples it
     python sample.py --ckpt=out/photos --eval=true --eval_features=facebook/dinov2-base --ema=both
 
 Writes a PNG grid (or, with --eval, eval-<step>.json and a preview grid) and a JSON of the settings. Guidance (all channels):
@@ -697,9 +698,9 @@ def export_onnx_model(model, state, path, sampler):
                     strip(attr.g)
     strip(proto.graph)
     onnx.save(proto, path)
-    names = [i.name for i in proto.graph.input]           # an unconditional model needs no scales nor interval
-    info = {"format": ONNX_FORMAT, "onnx": os.path.basename(path), "output": "v",
-            "inputs": {n: list(ex[n].shape) for n in names},   # dimension 0 (batch) and text length are dynamic
+    inputs = {i.name: [d.dim_param or d.dim_value for d in i.type.tensor_type.shape.dim] for i in proto.graph.input}
+    names = list(inputs)                                  # an unconditional model needs no scales nor interval
+    info = {"format": ONNX_FORMAT, "onnx": os.path.basename(path), "output": "v", "inputs": inputs,
             "flow": "xt = (1 - t) x + t noise: t = 1 noise, t = 0 data; v = noise - x; Euler x <- x + (t_next - t) v "
                     "over the times linspace(1, 0, steps + 1) (float32) warped by t' = shift t / (1 + (shift - 1) t)",
             "guidance": "scales = (text or class, image), interval = (lo, hi) float64: all branches where lo <= t[0] "

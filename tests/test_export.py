@@ -109,7 +109,8 @@ def test_class_model_exports_from_the_command_line_with_parity_and_the_same_png(
     ckpt, onnx_path = exported_class_model(tmp_path_factory)
     info = json.loads(onnx_path.with_suffix(".json").read_text())
     assert info["format"] == "nanodit-onnx/1" and info["onnx"] == "model.onnx" and info["space"] == "pixels"
-    assert info["inputs"] == {"xt": [2, 1, 16, 16], "t": [2], "scales": [2], "interval": [2], "y": [2]}
+    assert info["inputs"] == {"xt": ["batch", 1, 16, 16], "t": ["batch"], "scales": [2], "interval": [2],
+                              "y": ["batch"]}                                # batch dynamic
     assert info["class_names"] == ["c0", "c1", "c2", "c3"] and (info["height"], info["width"]) == (16, 16)
     # the recipe's sampler, with the command line's steps over it
     assert info["sampler"] == {"steps": 12, "solver": "euler", "shift": 2.0, "text_scale": 3.0, "image_scale": 1.5,
@@ -128,6 +129,7 @@ def test_text_and_image_model_exports_with_parity_and_the_same_png(tmp_path):
     model, state = load_model(str(ckpt))
     sampler = dict(steps=6, solver="euler", shift=2.0, text_scale=3.0, image_scale=1.5, guidance_interval=(0.3, 0.8))
     info = export_onnx_model(model, state, str(tmp_path / "ti.onnx"), sampler)
+    assert info["inputs"]["text"] == ["batch", "text_len", 16] and info["inputs"]["image_emb"] == ["batch", 8]
     assert list(info["inputs"]) == ["xt", "t", "scales", "interval", "text", "text_mask", "image_emb"]
     assert info["max_abs_diff_vs_torch"] <= PARITY
     worst, png = check_parity_and_euler(model, tmp_path / "ti.onnx", tmp_path, 3.0, 1.5, (0.3, 0.8), L=3)

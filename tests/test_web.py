@@ -111,11 +111,24 @@ def test_the_page_draws_the_python_samplers_pixels_from_the_same_noise(site, bro
     assert diff.max() <= 1 and (diff > 0).mean() < 0.01 and want.std() > 10   # one level at most, rarely; not flat
 
 
-def test_the_pages_time_grid_is_sample_time_grid(site, browser):
+def test_the_pages_controls_and_time_grid(site, browser):
     base, _, _ = site
     page, errors = open_page(browser, f"{base}/index.html", until=("ready", "error"))
     assert page.evaluate("document.body.dataset.state") == "ready" and not errors
     assert page.input_value("#steps") == "12" and page.input_value("#scale") == "3"    # the export's sampler
+
+    def click(seed):
+        page.select_option("#class", "1")
+        page.fill("#per_class", "3")
+        page.fill("#steps", "3")
+        page.fill("#seed", str(seed))
+        page.click("#go")
+        page.wait_for_function("document.body.dataset.state === 'done'", timeout=60_000)
+        return page.evaluate("""() => { const c = document.getElementById('grid');
+            return [c.width, c.height, Array.from(c.getContext('2d').getImageData(0, 0, c.width, c.height).data)]; }""")
+    first, again, other = click(1), click(1), click(2)
+    assert first[:2] == [3 * 18 + 2, 18 + 2]                      # one row of 3 images of 16x16, padding 2
+    assert first == again and first[2] != other[2] and not errors  # the page's noise is a function of the seed
     for steps, shift in ((16, 1.0), (9, 2.0), (13, 0.5), (50, 3.0), (7, 1.7)):
         got = page.evaluate(f"Array.from(nanodit.timeGrid({steps}, {shift}))")
         assert np.array_equal(np.array(got, np.float32), time_grid(steps, shift).numpy()), (steps, shift)
