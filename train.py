@@ -75,6 +75,8 @@ max_images = 0                # training budget in images; sets max_steps = ceil
 max_minutes = 0.0             # training budget in wall-clock minutes from start: times the steps after the first
                               # budget_probe_steps, then fixes max_steps (kept by a resume); 0 = off
 budget_probe_steps = 20       # steps timed for max_minutes (the first 5 of them are not counted: warm-up)
+budget_round_steps = 1        # max_minutes: round the fitted max_steps down to a multiple of this, so that runs on
+                              # one machine, whose timings differ by a few %, land on the same plan and weights
 # optimizer and schedule
 optimizer = "adamw"           # 'adamw', or 'muon': Muon for the blocks' weight matrices, AdamW for the rest
 lr = 3e-4                     # peak learning rate (AdamW)
@@ -160,6 +162,8 @@ from sample import SOLVERS  # noqa: E402  (sample.py owns the samplers)
 if sample_solver not in SOLVERS:
     fail(f"sample_solver={sample_solver!r}: expected one of {', '.join(SOLVERS)}")
 BUDGET_WARMUP_STEPS = 5       # first steps of a max_minutes probe left untimed (allocator, caches, workers)
+if budget_round_steps < 1:
+    fail(f"budget_round_steps={budget_round_steps} must be at least 1")
 if max_minutes and budget_probe_steps <= BUDGET_WARMUP_STEPS:
     fail(f"budget_probe_steps={budget_probe_steps} must exceed the {BUDGET_WARMUP_STEPS} untimed warm-up steps")
 if max_minutes and budget_probe_steps > warmup_steps:
@@ -852,12 +856,15 @@ while step < max_steps:
             if ddp:
                 dist.all_reduce(per_step, op=dist.ReduceOp.MAX)
             left = max_minutes * 60 - (time.time() - _t_process)
-            max_steps, budget_planned = step + max(0, int(left / per_step.item())), True
+            fitted = step + max(0, int(left / per_step.item()))
+            max_steps, budget_planned = max(fitted // budget_round_steps * budget_round_steps, step), True
             if max_steps < warmup_steps:
                 fail(f"max_minutes={max_minutes}: at {per_step.item():.3f} s per step the budget fits {max_steps} steps, "
                      f"fewer than warmup_steps={warmup_steps}; raise max_minutes or lower warmup_steps")
             log(f"time budget: {per_step.item():.3f} s per step, so max_steps = {max_steps} ({max_steps * global_batch:,} "
-                f"images) to end near {max_minutes} min; the same run as --max_steps={max_steps} --max_minutes=0")
+                f"images) to end near {max_minutes} min"
+                + (f" ({fitted} rounded down to a multiple of {budget_round_steps})" if budget_round_steps > 1 else "")
+                + f"; the same run as --max_steps={max_steps} --max_minutes=0")
 
     if max_hours and time.time() - t_start > max_hours * 3600 and stop_reason is None:
         stop_reason = f"max_hours={max_hours}"

@@ -321,13 +321,14 @@ def test_compile_without_a_cpp_compiler_says_so_and_trains_eager(tmp_path, mnist
 
 def test_max_minutes_plans_steps_finishes_the_schedule_and_resumes_with_the_same_plan(mnist_dir, tmp_path):
     args = [*TINY, f"--data_dir={mnist_dir}", "--max_minutes=0.25", "--warmup_steps=20", "--ckpt_interval=100000",
-            "--log_interval=1000000"]
+            "--log_interval=1000000", "--budget_round_steps=7"]
     out = tmp_path / "budget"
     first = run("train.py", *args, f"--out_dir={out}", env={"NANODIT_INJECT": "sigterm@30"})
     plan = [line for line in first.stdout.splitlines() if line.startswith("time budget:")]
     assert len(plan) == 1, first.stdout[-2000:]
     planned = int(plan[0].split("max_steps = ")[1].split()[0])
     assert planned > 30 and ckpts(out) == ["ckpt-00000031.pt"]           # stopped by the signal, plan saved
+    assert planned % 7 == 0 and "rounded down to a multiple of 7" in plan[0]
     second = run("train.py", *args, f"--out_dir={out}")
     assert "time budget:" not in second.stdout                            # the resume keeps the plan
     assert ckpts(out)[-1] == f"ckpt-{planned:08d}.pt"
@@ -349,6 +350,9 @@ def test_max_minutes_that_cannot_fit_warmup_is_an_error(mnist_dir, tmp_path):
     proc = run("train.py", *TINY, f"--data_dir={mnist_dir}", f"--out_dir={tmp_path}", "--max_minutes=1",
                "--budget_probe_steps=3", check=False)
     assert proc.returncode != 0 and "budget_probe_steps=3 must exceed" in proc.stderr
+    proc = run("train.py", *TINY, f"--data_dir={mnist_dir}", f"--out_dir={tmp_path}", "--max_minutes=1",
+               "--budget_round_steps=0", check=False)
+    assert proc.returncode != 0 and "budget_round_steps=0 must be at least 1" in proc.stderr
 
 
 def test_evaluation_during_training_logs_metrics_and_keeps_best_by_fd(mnist_dir, tmp_path):
