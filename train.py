@@ -73,7 +73,8 @@ grad_accum_steps = 1          # micro-batches per optimizer step; global batch =
 max_steps = 2000              # optimizer steps (ignored when max_images > 0)
 max_images = 0                # training budget in images; sets max_steps = ceil(max_images / global batch)
 max_minutes = 0.0             # training budget in wall-clock minutes from start: times the steps after the first
-                              # budget_probe_steps, then fixes max_steps (kept by a resume); 0 = off
+                              # budget_probe_steps, then fixes max_steps (kept by a resume); 0 = off. A max_steps
+                              # or max_images on the command line turns off a config file's max_minutes
 budget_probe_steps = 20       # steps timed for max_minutes (the first 5 of them are not counted: warm-up)
 budget_round_steps = 1        # max_minutes: round the fitted max_steps down to a multiple of this, so that runs on
                               # one machine, whose timings differ by a few %, land on the same plan and weights
@@ -130,7 +131,9 @@ dry_run = False               # print sizes, FLOPs, memory and budget, then exit
 # ----------------------------------------------------------------------------------------------
 from configurator import apply_overrides  # noqa: E402
 
-apply_overrides(globals(), sys.argv[1:])
+_cli_keys = apply_overrides(globals(), sys.argv[1:])
+if max_minutes and {"max_steps", "max_images"} & _cli_keys and "max_minutes" not in _cli_keys:
+    max_minutes = 0.0   # a step or image budget on the command line beats a recipe's time budget
 config = {k: v for k, v in globals().items()
           if not k.startswith("_") and isinstance(v, (int, float, bool, str, tuple)) and k != "config"}
 

@@ -14,7 +14,7 @@ max_minutes = 8.5         # the step count is fitted to 8.5 minutes of training 
 budget_probe_steps = 100  # (train.py prints the plan; steps 5-20 alone ran 25% slower than the rest), rounded
 budget_round_steps = 250  # down to a multiple of 250 so that runs on one machine get the same plan; more steps
                           # lower FD most of all (6,000 -> 8,000: -10%)
-max_steps = 7000          # used only with --max_minutes=0: 112,000 images, ~8.8 min at 213 img/s
+max_steps = 7000          # with --max_minutes=0: 112,000 images (--max_steps=N alone also turns the budget off)
 lr = 3e-3                 # 3e-3: FD 10% below 2e-3 at 5,000 steps (2e-3 beat 1e-3 before); 0.1 x lr at the end
                           # (min_lr_ratio): decaying to 0 instead raised FD 11%
 warmup_steps = 100
