@@ -18,7 +18,7 @@ def documented_defaults(script):
     source = (REPO / script).read_text()
     lines, out = source.splitlines(), {}
     for node in ast.parse(source).body:
-        if isinstance(node, ast.Expr) and "apply_overrides(globals()" in ast.unparse(node):
+        if isinstance(node, (ast.Expr, ast.Assign)) and "apply_overrides(globals()" in ast.unparse(node):
             break
         if not (isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name)):
             continue
