@@ -22,7 +22,7 @@ import torch
 
 import prepare_data
 from configurator import apply_overrides
-from model import DiT, DiTConfig, attention, interpolate, velocity_target
+from model import DiT, DiTConfig, attention, compile_model, interpolate, velocity_target
 from sample import guided_velocity, sample_ode
 
 # ----------------------------------------------------------------------------------------------
@@ -38,6 +38,8 @@ e2e_steps = 60            # its optimizer steps (metrics every 20; the first rec
 bf16 = "auto"             # measure bf16 too: 'auto' (only where the CPU has it natively: avx512_bf16), 'true', 'false'
 batch_sweep = "8,16,32,64"  # batch sizes of the quick-start train step sweep ('' = none)
 profile_top = 8           # operators listed from torch.profiler of one quick-start train step (0 = none)
+compare_compile = False   # also time the quick start's train step and sampling with torch.compile against eager,
+                          # interleaved (about a minute of compilation; needs a C++ compiler on a CPU)
 # ----------------------------------------------------------------------------------------------
 HERE = os.path.dirname(os.path.abspath(__file__))
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -295,6 +297,23 @@ def main():
             for impl in ADAMW_IMPLS:
                 add("AdamW step", f"{rname}, {model.num_params() / 1e6:.2f}M parameters, {impl}", 1e3 * t[impl], "ms",
                     f"{t[impl] / t['fused']:.1f}x fused")
+        if rname == "mnist" and compare_compile:
+            models = {"eager": build_model(cfg, shape[0], 10)}
+            models["compiled"] = build_model(cfg, shape[0], 10)
+            models["compiled"].load_state_dict(models["eager"].state_dict())
+            models["compiled"] = compile_model(models["compiled"])
+            for what, n_img, make in (("train step", batch, lambda m: train_step_fn(m, batch, shape, dts[auto])),
+                                      ("sampling", n_sample, lambda m: sample_fn(m, n_sample, shape, dts[auto], steps))):
+                fns = {name: make(m) for name, m in models.items()}
+                t0 = time.perf_counter()
+                fns["compiled"]()                  # compiles (again for sampling: eval mode, no autograd)
+                first = time.perf_counter() - t0
+                t = median_times(fns, max(n_rep, 5) * 2, max(n_warm, 1))
+                for name in fns:
+                    add("torch.compile", f"{rname} {auto} {what}, batch {n_img}" + (
+                        f", {steps} Euler steps x 2 branches" if what == "sampling" else "") + f", {name}",
+                        n_img / t[name], "img/s",
+                        f"{t['eager'] / t['compiled']:.2f}x eager, first call {first:.0f} s" if name == "compiled" else "")
         if rname == "mnist" and profile_top:
             step = train_step_fn(build_model(cfg, shape[0], 10), batch, shape, dts[auto])
             for op, share, ms in profile_step(step, 2 if quick else 20, profile_top):

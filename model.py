@@ -102,6 +102,20 @@ class DiTConfig:
             raise ValueError(f"moe_capacity={self.moe_capacity} must be >= 0 (0 = no limit)")
 
 
+def compile_model(model, log=print):
+    """torch.compile(model); on a CPU with no C++ compiler for inductor, the model itself and a message
+    (inductor's CPU kernels are C++: without a compiler the first call would fail deep inside it)."""
+    if next(model.parameters()).device.type == "cpu":
+        try:
+            from torch._inductor.cpp_builder import get_cpp_compiler
+            get_cpp_compiler()
+        except Exception as e:
+            log(f"compile=True: no C++ compiler for torch.compile on the CPU ({type(e).__name__}: {str(e)[:120]}); "
+                "running eager (install g++ or clang++, or set CXX, for the compiled model)")
+            return model
+    return torch.compile(model)
+
+
 def modulate(x, shift, scale):
     return x * (1 + scale) + shift
 

@@ -27,7 +27,7 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from model import LEGACY_MODEL_ARGS, DiT, DiTConfig, interpolate, shift_time, velocity_target
+from model import LEGACY_MODEL_ARGS, DiT, DiTConfig, compile_model, interpolate, shift_time, velocity_target
 from prepare_data import ShardStream, configure_cache, iterate_split, load_index
 
 # ----------------------------------------------------------------------------------------------
@@ -365,16 +365,8 @@ elif ddp:
     model = DDP(raw_model, device_ids=[local_rank] if device_type == "cuda" else None)
 else:
     model = raw_model
-if compile and device_type == "cpu":
-    try:   # inductor's CPU kernels are C++: without a compiler the first step would fail deep inside it
-        from torch._inductor.cpp_builder import get_cpp_compiler
-        get_cpp_compiler()
-    except Exception as e:
-        log(f"compile=True: no C++ compiler for torch.compile on the CPU ({type(e).__name__}: {str(e)[:120]}); "
-            "running eager (install g++ or clang++, or set CXX, for the compiled step)")
-        compile = False
 if compile:
-    model = torch.compile(model)
+    model = compile_model(model, log)
 # built after sharding: FSDP replaces the parameters with sharded ones
 class Optimizers:
     """Several optimizers stepped as one: param_groups in order, state_dict {name: state}."""

@@ -1,6 +1,7 @@
 """benchmark.py: its pieces run at tiny sizes and measure what they claim (the numbers live in BENCHMARKS.md)."""
 import time
 
+import pytest
 import torch
 
 import benchmark
@@ -16,7 +17,7 @@ def test_median_times_reports_each_variant_and_keeps_their_ratio():
 
 def test_recipes_resolve_like_train_py():
     mnist, small = benchmark.recipe("mnist"), benchmark.recipe("small")
-    assert (mnist["patch_size"], mnist["hidden"], mnist["depth"], mnist["heads"], mnist["batch_size"]) == (4, 128, 6, 4, 16)
+    assert (mnist["patch_size"], mnist["hidden"], mnist["depth"], mnist["heads"], mnist["batch_size"]) == (4, 96, 6, 4, 16)
     assert (small["patch_size"], small["hidden"], small["depth"], small["batch_size"]) == (2, 384, 12, 8)
     assert small["mlp_ratio"] == 4.0 and small["attn_impl"] == "auto"   # train.py defaults the recipe keeps
 
@@ -87,3 +88,16 @@ def test_profile_lists_the_heaviest_operators_of_a_train_step():
     assert len(top) == 5 and 0 < sum(share for _, share, _ in top) <= 100.01
     assert [share for _, share, _ in top] == sorted((share for _, share, _ in top), reverse=True)
     assert any("mm" in op for op, _, _ in top)   # matmuls are among the heaviest even at this size
+
+
+@pytest.mark.slow
+def test_compile_comparison_times_both_variants(monkeypatch):
+    """--compare_compile: the quick start's train step and sampling, eager and compiled, both measured
+    (about 45 s of compilation at tiny sizes)."""
+    for key, value in dict(quick=True, recipes="mnist", compare_compile=True, end_to_end=False, batch_sweep="",
+                           profile_top=0, bf16="false").items():
+        monkeypatch.setattr(benchmark, key, value)
+    rows = [r for r in benchmark.main() if r[0] == "torch.compile"]
+    assert [r[1].rsplit(", ", 1)[1] for r in rows] == ["eager", "compiled"] * 2
+    assert all(r[2] > 0 and r[3] == "img/s" for r in rows)
+    assert "x eager, first call" in rows[1][4] and "x eager, first call" in rows[3][4]

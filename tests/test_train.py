@@ -8,9 +8,11 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
 import torch
 from conftest import REPO, TINY, run
+from PIL import Image
 
 
 def ckpts(out):
@@ -317,6 +319,36 @@ def test_compile_without_a_cpp_compiler_says_so_and_trains_eager(tmp_path, mnist
     assert "no C++ compiler for torch.compile on the CPU" in logs["true"]
     assert "C++ compiler" not in logs["false"]
     assert_same_state(load(tmp_path / "true" / "ckpt-00000002.pt"), load(tmp_path / "false" / "ckpt-00000002.pt"))
+
+
+@pytest.fixture(scope="module")
+def tiny_ckpt(tmp_path_factory, mnist_dir):
+    out = tmp_path_factory.mktemp("tiny") / "out"
+    run("train.py", *TINY, f"--data_dir={mnist_dir}", f"--out_dir={out}", "--max_steps=4")
+    return out
+
+
+def sample_pixels(ckpt, png, *args, env=None):
+    proc = run("sample.py", f"--ckpt={ckpt}", "--steps=4", "--per_class=2", "--dtype=float32", f"--out={png}", *args,
+               env=env)
+    return proc.stdout + proc.stderr, np.asarray(Image.open(png), dtype=np.int16)
+
+
+def test_sample_compile_without_a_cpp_compiler_says_so_and_samples_eager(tmp_path, tiny_ckpt):
+    log, eager = sample_pixels(tiny_ckpt, tmp_path / "eager.png")
+    log_c, fallback = sample_pixels(tiny_ckpt, tmp_path / "c.png", "--compile=true",
+                                    env={"CXX": str(tmp_path / "no-such-c++")})
+    assert "no C++ compiler for torch.compile on the CPU" in log_c and "C++ compiler" not in log
+    assert np.array_equal(fallback, eager)
+
+
+@pytest.mark.slow
+def test_sample_compile_draws_the_eager_grid(tmp_path, tiny_ckpt):
+    """sample.py --compile=true (~20 s of compilation): the same digits as eager, to float rounding."""
+    _, eager = sample_pixels(tiny_ckpt, tmp_path / "eager.png")
+    log, compiled = sample_pixels(tiny_ckpt, tmp_path / "c.png", "--compile=true")
+    assert "C++ compiler" not in log
+    assert np.abs(compiled - eager).max() <= 1
 
 
 def test_max_minutes_plans_steps_finishes_the_schedule_and_resumes_with_the_same_plan(mnist_dir, tmp_path):
