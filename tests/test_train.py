@@ -346,8 +346,11 @@ def test_sample_compile_without_a_cpp_compiler_says_so_and_samples_eager(tmp_pat
 def test_sample_compile_draws_the_eager_grid(tmp_path, tiny_ckpt):
     """sample.py --compile=true (~20 s of compilation): the same digits as eager, to float rounding."""
     _, eager = sample_pixels(tiny_ckpt, tmp_path / "eager.png")
-    log, compiled = sample_pixels(tiny_ckpt, tmp_path / "c.png", "--compile=true")
+    cache = tmp_path / "inductor"
+    log, compiled = sample_pixels(tiny_ckpt, tmp_path / "c.png", "--compile=true",
+                                  env={"TORCHINDUCTOR_CACHE_DIR": str(cache)})
     assert "C++ compiler" not in log
+    assert any(cache.rglob("*.so")), "sample.py --compile=true built no inductor kernels"   # it really compiled
     assert np.abs(compiled - eager).max() <= 1
 
 
