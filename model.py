@@ -293,6 +293,14 @@ class DiT(nn.Module):
         self.out = nn.Linear(D, p * p * C)
         self._init_weights()
 
+    def class_embedding(self, y):
+        """self.y_embed(y) as a one-hot matmul. The lookup's backward, compiled by inductor for the CPU, adds
+        rows with atomics from several threads, so runs differ in the last bits; a matmul's backward does not.
+        The forward is exactly the lookup; autocast is off so that the table is not rounded to bf16."""
+        w = self.y_embed.weight
+        with torch.autocast(w.device.type, enabled=False):
+            return F.one_hot(y, w.shape[0]).to(w.dtype) @ w
+
     def _init_weights(self):
         for m in self.modules():
             if isinstance(m, nn.Linear):
@@ -359,7 +367,7 @@ class DiT(nn.Module):
             y = torch.zeros(B, dtype=torch.long, device=xt.device) if y is None else y
             if drop is not None:
                 y = torch.where(drop, cfg.num_classes, y)
-            c = c + self.y_embed(y)
+            c = c + self.class_embedding(y)
         if cfg.image_dim:
             drop = no if image_emb is None else drop_image
             img = self.null_image.expand(B, -1) if image_emb is None else self.image_proj(image_emb)

@@ -81,7 +81,12 @@ budget_round_steps = 1        # max_minutes: round the fitted max_steps down to 
 # optimizer and schedule
 optimizer = "adamw"           # 'adamw', or 'muon': Muon for the blocks' weight matrices, AdamW for the rest
 lr = 3e-4                     # peak learning rate (AdamW)
-min_lr_ratio = 0.1            # cosine decays to lr * min_lr_ratio at max_steps
+lr_schedule = "cosine"        # after warm-up: 'cosine' to lr * min_lr_ratio at max_steps, or 'wsd': constant lr,
+                              # then 1 - sqrt decay to lr * min_lr_ratio over the last decay_frac of max_steps
+                              # (Hagele et al., arXiv:2405.18392); under max_minutes its long flat part lets the
+                              # budget time many steps before it fixes max_steps
+decay_frac = 0.2              # wsd: share of max_steps spent decaying
+min_lr_ratio = 0.1            # the lr at max_steps, as a fraction of lr
 warmup_steps = 100            # linear warmup from 0, in optimizer steps
 weight_decay = 0.0            # AdamW decoupled decay on matrices only
 beta1 = 0.9
@@ -169,9 +174,14 @@ if budget_round_steps < 1:
     fail(f"budget_round_steps={budget_round_steps} must be at least 1")
 if max_minutes and budget_probe_steps <= BUDGET_WARMUP_STEPS:
     fail(f"budget_probe_steps={budget_probe_steps} must exceed the {BUDGET_WARMUP_STEPS} untimed warm-up steps")
-if max_minutes and budget_probe_steps > warmup_steps:
-    fail(f"max_minutes needs budget_probe_steps={budget_probe_steps} <= warmup_steps={warmup_steps}: the learning "
-         "rate after warm-up depends on max_steps, which the probe has not fixed yet")
+if lr_schedule not in ("cosine", "wsd"):
+    fail(f"lr_schedule={lr_schedule!r}: expected 'cosine' or 'wsd'")
+if not 0 < decay_frac <= 1:
+    fail(f"decay_frac={decay_frac} must be in (0, 1]")
+if max_minutes and lr_schedule == "cosine" and budget_probe_steps > warmup_steps:
+    fail(f"max_minutes needs budget_probe_steps={budget_probe_steps} <= warmup_steps={warmup_steps} with "
+         "lr_schedule='cosine': its learning rate after warm-up depends on max_steps, which the probe has not fixed "
+         "yet (lr_schedule='wsd' stays flat until its decay, so it can time more steps)")
 if dtype not in ("auto", "bfloat16", "float32"):
     fail(f"dtype={dtype!r}: expected 'auto', 'bfloat16' or 'float32' (fp16 would need loss scaling)")
 
@@ -283,10 +293,18 @@ raw_model.to(device)
 ema_model = copy.deepcopy(raw_model).requires_grad_(False).eval()   # fp32 shadow weights
 
 
+def decay_start():
+    """wsd: the first step of the decay."""
+    return max(warmup_steps, max_steps - round(decay_frac * max_steps))
+
+
 def lr_at(step):
-    """Linear warmup over warmup_steps, then cosine from lr to lr * min_lr_ratio at max_steps."""
+    """Linear warmup over warmup_steps, then lr_schedule down to lr * min_lr_ratio at max_steps."""
     if step < warmup_steps:
         return lr * (step + 1) / warmup_steps
+    if lr_schedule == "wsd":
+        progress = min(1.0, max(0, step - decay_start()) / max(1, max_steps - decay_start()))
+        return lr * (min_lr_ratio + (1 - min_lr_ratio) * (1 - math.sqrt(progress)))
     progress = min(1.0, (step - warmup_steps) / max(1, max_steps - warmup_steps))
     return lr * (min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
 
@@ -856,6 +874,10 @@ while step < max_steps:
             if max_steps < warmup_steps:
                 fail(f"max_minutes={max_minutes}: at {per_step.item():.3f} s per step the budget fits {max_steps} steps, "
                      f"fewer than warmup_steps={warmup_steps}; raise max_minutes or lower warmup_steps")
+            if lr_schedule == "wsd" and decay_start() < step:
+                fail(f"max_minutes={max_minutes}: at {per_step.item():.3f} s per step the budget fits {max_steps} steps, "
+                     f"whose decay (decay_frac={decay_frac}) would start at step {decay_start()}, before the "
+                     f"{budget_probe_steps} probe steps end; raise max_minutes or lower budget_probe_steps")
             log(f"time budget: {per_step.item():.3f} s per step, so max_steps = {max_steps} ({max_steps * global_batch:,} "
                 f"images) to end near {max_minutes} min"
                 + (f" ({fitted} rounded down to a multiple of {budget_round_steps})" if budget_round_steps > 1 else "")

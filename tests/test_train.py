@@ -390,6 +390,41 @@ def test_max_minutes_that_cannot_fit_warmup_is_an_error(mnist_dir, tmp_path):
     assert proc.returncode != 0 and "budget_round_steps=0 must be at least 1" in proc.stderr
 
 
+def test_wsd_schedule_is_flat_then_decays_by_one_minus_sqrt(mnist_dir, tmp_path):
+    out = tmp_path / "wsd"
+    run("train.py", *TINY, f"--data_dir={mnist_dir}", f"--out_dir={out}", "--max_steps=20", "--lr=1e-3",
+        "--lr_schedule=wsd", "--decay_frac=0.25", "--min_lr_ratio=0.1", "--ckpt_interval=100000")
+    lrs = {m["step"]: m["lr"] for m in metrics(out) if "lr" in m}
+    # logged at step s: the lr of the update that made step s, i.e. lr_at(s - 1); warm-up is 2 steps
+    expected = {s: 1e-3 * (s / 2 if s <= 2 else 1.0 if s - 1 < 15 else 0.1 + 0.9 * (1 - ((s - 1 - 15) / 5) ** 0.5))
+                for s in range(1, 21)}
+    assert lrs.keys() == expected.keys()
+    for s in lrs:
+        assert lrs[s] == pytest.approx(expected[s], rel=1e-6), (s, lrs[s], expected[s])
+
+
+def test_wsd_budget_times_past_warmup_and_refuses_a_probe_that_reaches_the_decay(mnist_dir, tmp_path):
+    args = [*TINY, f"--data_dir={mnist_dir}", "--lr_schedule=wsd", "--warmup_steps=2", "--ckpt_interval=100000",
+            "--log_interval=1000000"]
+    ok = run("train.py", *args, f"--out_dir={tmp_path / 'ok'}", "--max_minutes=0.4", "--budget_probe_steps=30",
+             "--decay_frac=0.05")
+    plan = [line for line in ok.stdout.splitlines() if line.startswith("time budget:")]
+    assert len(plan) == 1 and "after 30 timed steps" in ok.stdout, ok.stdout[-2000:]
+    assert metrics(tmp_path / "ok")[-1]["step"] == int(plan[0].split("max_steps = ")[1].split()[0]) > 30
+    # the cosine schedule cannot time past its warm-up: its lr there already depends on max_steps
+    proc = run("train.py", *args, "--lr_schedule=cosine", f"--out_dir={tmp_path / 'cos'}", "--max_minutes=0.2",
+               "--budget_probe_steps=40", check=False)
+    assert proc.returncode != 0 and "budget_probe_steps=40 <= warmup_steps=2" in proc.stderr
+    # a probe so long that the planned decay would have begun before it ended
+    proc = run("train.py", *args, f"--out_dir={tmp_path / 'late'}", "--max_minutes=0.05", "--budget_probe_steps=60",
+               "--decay_frac=0.9", check=False)
+    assert proc.returncode != 0 and "before the 60 probe steps end" in proc.stderr, proc.stderr[-2000:]
+    proc = run("train.py", *args, f"--out_dir={tmp_path / 'bad'}", "--lr_schedule=linear", check=False)
+    assert proc.returncode != 0 and "lr_schedule='linear'" in proc.stderr
+    proc = run("train.py", *args, f"--out_dir={tmp_path / 'bad'}", "--decay_frac=0", check=False)
+    assert proc.returncode != 0 and "decay_frac=0" in proc.stderr
+
+
 def test_evaluation_during_training_logs_metrics_and_keeps_best_by_fd(mnist_dir, tmp_path):
     out = tmp_path / "out"
     run("train.py", *TINY, f"--data_dir={mnist_dir}", f"--out_dir={out}", "--max_steps=6", "--eval_interval=3",
