@@ -33,13 +33,26 @@ def velocity_target(x, noise):
     return noise - x
 
 
-X_PRED_MIN_T = 0.05   # an x-predicting model divides by max(t, this): the velocity stays bounded near t = 0
+X_PRED_MIN_T = 0.05   # an x-predicting model's loss weighs its image error by 1 / max(t, this)^2 (flow_loss)
 
 
 def velocity_from_x(xt, x_hat, t):
-    """The velocity implied by a clean-image estimate x_hat at xt, t (B,): v = (xt - x_hat) / t."""
-    t = t.float().clamp(min=X_PRED_MIN_T).view(-1, *([1] * (xt.dim() - 1)))
+    """The velocity implied by a clean-image estimate x_hat at xt, t (B,): v = (xt - x_hat) / t, exact for every
+    t > 0 (a sampler's last steps may come below X_PRED_MIN_T); t = 0 itself, where it is undefined, gives a finite
+    number so that training never sees an inf."""
+    t = t.float().clamp(min=1e-6).view(-1, *([1] * (xt.dim() - 1)))
     return (xt.float() - x_hat.float()) / t
+
+
+def flow_loss(v, x, noise, t, prediction):
+    """Per-sample mean squared error (B,) of a predicted velocity v at t against the rectified-flow target.
+    For an x-predicting model that is |x_hat - x|^2 / t^2; below t = X_PRED_MIN_T its weight stops growing,
+    1 / X_PRED_MIN_T^2, and its target stays x (a velocity error scaled down by t / X_PRED_MIN_T)."""
+    err = (v.float() - velocity_target(x, noise)).pow(2).mean(dim=tuple(range(1, v.dim())))
+    if prediction == "x":
+        t = t.float()
+        err = err * torch.where(t < X_PRED_MIN_T, (t / X_PRED_MIN_T).square(), 1.0)
+    return err
 
 
 def shift_time(t, shift):

@@ -75,7 +75,9 @@ def sample_ode(v_fn, noise, steps, solver="euler", shift=1.0):
     """Integrate d xt/dt = v from t=1 (noise) to t=0 (data) on time_grid(steps, shift).
 
     Euler: one velocity per step. Heun: an Euler predictor, then the average of the velocities at both
-    ends of the step (trapezoid rule, exact when v is linear in t), so 2 velocities per step.
+    ends of the step (trapezoid rule, exact when v is linear in t), so 2 velocities per step, except on the
+    last step: it ends at t = 0, where an x-predicting model's velocity (xt - x_hat) / t is undefined, so it
+    stays an Euler step (as in EDM, Karras et al. 2022, Algorithm 1).
     """
     if solver not in SOLVERS:
         raise ValueError(f"solver={solver!r}: expected one of {', '.join(SOLVERS)}")
@@ -84,7 +86,7 @@ def sample_ode(v_fn, noise, steps, solver="euler", shift=1.0):
     for i in range(steps):
         t, dt = ts[i].expand(len(x)), ts[i + 1] - ts[i]
         v = v_fn(x, t).to(x.dtype)
-        if solver == "heun":
+        if solver == "heun" and ts[i + 1] > 0:
             v = 0.5 * (v + v_fn(x + dt * v, ts[i + 1].expand(len(x))).to(x.dtype))
         x = x + dt * v
     return x
@@ -92,7 +94,7 @@ def sample_ode(v_fn, noise, steps, solver="euler", shift=1.0):
 
 def velocity_evals(steps, solver):
     """Velocity evaluations per image: what `steps` costs with this solver."""
-    return steps * SOLVERS[solver]
+    return steps * SOLVERS[solver] - (solver == "heun")   # Heun's last step is an Euler step (sample_ode)
 
 
 def guided_velocity(model, cond, text_scale, image_scale, interval=(0.0, 1.0)):

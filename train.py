@@ -27,7 +27,7 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from model import LEGACY_MODEL_ARGS, DiT, DiTConfig, compile_model, interpolate, shift_time, velocity_target
+from model import LEGACY_MODEL_ARGS, DiT, DiTConfig, compile_model, flow_loss, interpolate, shift_time
 from prepare_data import ShardStream, configure_cache, iterate_split, load_index
 
 # ----------------------------------------------------------------------------------------------
@@ -662,7 +662,7 @@ def validate():
                     v_image = ema_model(xt, t, **cond, drop_y=ones, drop_text=ones).float()
                     per = lambda a, b: ((a - b).pow(2).mean(dim=(1, 2, 3)) * valid).sum()   # noqa: E731
                     sums[2:] += torch.stack([per(v_text, v0), per(v_image, v0), per(v_text, v_image)])
-            sums[0] += ((v - velocity_target(x, noise)).pow(2).mean(dim=(1, 2, 3)) * valid).sum()
+            sums[0] += (flow_loss(v, x, noise, t, raw_model.cfg.prediction) * valid).sum()
             sums[1] += valid.sum()
     sums = all_sum(sums)
     count = sums[1].clamp(min=1)
@@ -807,7 +807,7 @@ while step < max_steps:
             with grad_sync(micro == grad_accum_steps - 1):
                 with autocast:
                     v = model(xt, t, **conditions(batch), drop_y=drop_all, drop_text=drop_text, drop_image=drop_image)
-                per_sample = (v.float() - velocity_target(x, noise)).pow(2).mean(dim=(1, 2, 3))   # (B,)
+                per_sample = flow_loss(v, x, noise, t, raw_model.cfg.prediction)                                # (B,)
                 per_sample = per_sample * valid          # unreadable samples add nothing
                 # mean over the nominal batch, so k micro-batches sum to the mean of one k-times batch
                 loss = per_sample.sum() / (batch_size * grad_accum_steps)

@@ -3,7 +3,8 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from model import MoE, DiT, DiTConfig, config_from_checkpoint, interpolate, velocity_from_x, velocity_target
+from model import (X_PRED_MIN_T, MoE, DiT, DiTConfig, config_from_checkpoint, flow_loss, interpolate, velocity_from_x,
+                   velocity_target)
 
 
 def tiny(**kw):
@@ -132,7 +133,25 @@ def test_x_prediction_returns_the_velocity_its_clean_estimate_implies():
     v = x_model(x, t, **c)
     assert torch.allclose(v, velocity_from_x(x, x_hat, t), atol=1e-6)
     assert torch.allclose(v[1], (x[1] - x_hat[1]) / 0.5, atol=1e-5)
-    assert torch.allclose(v[0], (x[0] - x_hat[0]) / 0.05, atol=1e-4)   # t is floored near 0: v stays bounded
+    assert torch.allclose(v[0], (x[0] - x_hat[0]) / 0.01, atol=1e-3)   # exact below X_PRED_MIN_T too
+    assert torch.isfinite(x_model(x, torch.zeros(3), **c)).all()
+
+
+def test_flow_loss_of_x_prediction_caps_its_weight_below_x_pred_min_t_and_keeps_the_target():
+    x, noise = torch.randn(4, 1, 2, 2), torch.randn(4, 1, 2, 2)
+    t = torch.tensor([0.0, 0.01, 0.05, 0.5])
+    x_hat = x + 0.1 * torch.randn(4, 1, 2, 2)
+    xt = (1 - t.view(-1, 1, 1, 1)) * x + t.view(-1, 1, 1, 1) * noise
+    v = velocity_from_x(xt, x_hat, t)
+    image_err = (x_hat - x).pow(2).mean(dim=(1, 2, 3))
+    loss = flow_loss(v, x, noise, t, "x")
+    assert torch.allclose(loss[1:], image_err[1:] / t[1:].clamp(min=X_PRED_MIN_T) ** 2, rtol=1e-4)
+    assert loss[0] == 0                                           # t = 0 carries no weight
+    exact = velocity_from_x(xt, x, t)                             # the right clean image: no loss at any t > 0
+    assert flow_loss(exact, x, noise, t, "x")[1:].max() < 1e-8
+    plain = (v - velocity_target(x, noise)).pow(2).mean(dim=(1, 2, 3))
+    assert torch.equal(flow_loss(v, x, noise, t, "v"), plain)
+    assert torch.equal(flow_loss(v, x, noise, t, "x")[2:], plain[2:])   # from X_PRED_MIN_T up: as before, bitwise
 
 
 def test_checkpoints_from_before_new_settings_load_as_they_were_trained():

@@ -10,9 +10,10 @@ from PIL import Image
 import pytest
 import scipy.linalg
 
-from model import shift_time
+from model import velocity_from_x, shift_time
 from sample import (check_eval_request, fit_probe, frechet_distance, guided_velocity, load_feature_net,
-                    precision_recall, probe_predict, reference, sample_ode, save_grid, stats, time_grid)
+                    precision_recall, probe_predict, reference, sample_ode, save_grid, stats, time_grid,
+                    velocity_evals)
 
 
 def test_euler_on_the_exact_field_of_one_point_recovers_it():
@@ -73,15 +74,31 @@ def test_save_grid(tmp_path):
     assert np.abs(grid[2:8, 2:7] / 255.0 - images[0].permute(1, 2, 0).numpy()).max() <= 1 / 255
 
 
-def test_heun_is_exact_on_a_velocity_linear_in_t_where_euler_is_not():
+def test_heun_is_exact_on_a_velocity_linear_in_t_until_its_last_step_which_is_euler():
     a, b = torch.randn(3, 1, 2, 2), torch.randn(3, 1, 2, 2)
-    v = lambda xt, t: a + b * t.view(-1, 1, 1, 1)                   # noqa: E731  x(0) = x(1) - a - b/2
+    seen = []
+
+    def v(xt, t):
+        seen.append(t[0].item())
+        return a + b * t.view(-1, 1, 1, 1)                          # x(s) = x(1) - a (1 - s) - b (1 - s^2) / 2
     noise = torch.randn(3, 1, 2, 2)
-    exact = noise - a - b / 2
+    at_third = noise - a * 2 / 3 - b * (1 - 1 / 9) / 2               # exact at t = 1/3, after two Heun steps
     heun = sample_ode(v, noise, steps=3, solver="heun")
+    assert torch.allclose(heun, at_third - v(None, torch.tensor([1 / 3])) / 3, atol=1e-6)   # then one Euler step
+    assert 0.0 not in seen and len(seen) == 2 * 3 - 1 + 1 == velocity_evals(3, "heun") + 1
     euler = sample_ode(v, noise, steps=3, solver="euler")
-    assert torch.allclose(heun, exact, atol=1e-6)
-    assert (euler - exact).abs().max() > 0.01
+    assert (euler - heun).abs().max() > 0.01
+
+
+def test_x_prediction_sampling_converges_as_steps_grow():
+    """An x-predicting network that knows the answer: every step count lands on it, also grids whose last
+    steps come below X_PRED_MIN_T (the loss floor), and Heun, whose last step would otherwise evaluate t = 0."""
+    target = torch.randn(2, 1, 4, 4)
+    v = lambda xt, t: velocity_from_x(xt, target, t)               # noqa: E731
+    noise = torch.randn(2, 1, 4, 4)
+    for steps in (4, 16, 64, 200):
+        assert torch.allclose(sample_ode(v, noise, steps), target, atol=1e-5), steps
+        assert torch.allclose(sample_ode(v, noise, steps, solver="heun"), target, atol=1e-5), steps
 
 
 def test_time_shift_fixes_the_ends_and_moves_the_grid_towards_noise():
