@@ -807,7 +807,7 @@ while step < max_steps:
             with grad_sync(micro == grad_accum_steps - 1):
                 with autocast:
                     v = model(xt, t, **conditions(batch), drop_y=drop_all, drop_text=drop_text, drop_image=drop_image)
-                per_sample = flow_loss(v, x, noise, t, raw_model.cfg.prediction)                                # (B,)
+                per_sample = flow_loss(v, x, noise, t, raw_model.cfg.prediction)   # (B,)
                 per_sample = per_sample * valid          # unreadable samples add nothing
                 # mean over the nominal batch, so k micro-batches sum to the mean of one k-times batch
                 loss = per_sample.sum() / (batch_size * grad_accum_steps)
