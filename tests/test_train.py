@@ -439,14 +439,15 @@ def test_evaluation_during_training_logs_metrics_and_keeps_best_by_fd(mnist_dir,
     assert result["model"]["n"] == 20 and len(result["model"]["per_class"]) == 10
     assert result["floor"]["class_acc"] >= 0 and result["sampler"]["steps"] == 2
     assert (out / "best.pt").exists() and load(out / "best.pt")["best_fd"] == min(r["fd"] for r in evals)
-    # sample.py: both weights, Heun, and the honest cost: 2 steps x 2 velocities x 2 guidance branches
+    # sample.py: both weights, Heun, and the honest cost: 2 steps, 3 velocities (the last step is Euler's) x 2
+    # guidance branches
     proc = run("sample.py", f"--ckpt={out}", "--eval=true", "--num_samples=20", "--ema=both", "--solver=heun",
                "--steps=2")
     assert "class_acc" in proc.stdout and "real floor" in proc.stdout
     for name in ("eval-00000006.json", "eval-00000006-raw.json"):
         with open(out / "samples" / name) as f:
             result = json.load(f)
-        assert result["forwards_per_image"] == 8 and result["velocity_evals_per_image"] == 4
+        assert result["forwards_per_image"] == 6 and result["velocity_evals_per_image"] == 3
         assert result["solver"] == "heun" and result["checkpoint"].endswith("ckpt-00000006.pt")
         assert result["weights"] == ("raw" if "raw" in name else "ema") and result["reference_cached"]
     with open(out / "samples" / "eval-00000006.json") as f:
