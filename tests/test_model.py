@@ -254,6 +254,32 @@ def test_class_embedding_is_the_lookup_and_its_gradient():
         assert torch.equal(model.class_embedding(y), model.y_embed(y).float())
 
 
+def test_the_residual_stream_is_token_major_in_memory():
+    """Every block gets x (B, N, D) contiguous, in training and in its backward: a transposed layout made each
+    LayerNorm copy it, forward and backward (BENCHMARKS.md, "Layouts, QK-norm and fused modulation")."""
+    model = randomise(tiny()).train()
+    seen = []
+    for block in model.blocks:
+        block.register_forward_pre_hook(lambda mod, args: seen.append(args[0].is_contiguous()))
+        block.norm1.register_full_backward_hook(lambda mod, gin, gout: seen.append(gout[0].is_contiguous()))
+    model(torch.randn(3, 3, 8, 8), torch.rand(3), **conds()).pow(2).sum().backward()
+    assert seen and all(seen), seen
+
+
+def test_rms_norm_is_torchs_in_fp32_and_close_in_bf16():
+    from model import RMSNorm
+    norm = RMSNorm(24)
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 1.5)
+    x = torch.randn(4, 3, 7, 24, requires_grad=True)
+    ours, theirs = norm(x), torch.nn.functional.rms_norm(x, (24,), norm.weight, 1e-6)
+    assert torch.equal(ours, theirs)
+    g = torch.randn_like(ours)
+    assert torch.allclose(torch.autograd.grad(ours, x, g)[0], torch.autograd.grad(theirs, x, g)[0], atol=1e-6)
+    low = norm(x.detach().bfloat16())
+    assert low.dtype == torch.bfloat16 and torch.allclose(low.float(), theirs.detach(), atol=0.04)
+
+
 @pytest.mark.slow
 def test_compiled_training_step_has_no_atomic_adds(tmp_path, monkeypatch):
     """Inductor's CPU kernels add with atomics from several threads where gradients scatter (an embedding's
