@@ -2,12 +2,15 @@
 
     python benchmark.py                     # the full run (~4 minutes on an idle 2-core CPU), a markdown table
     python benchmark.py --quick=true        # tiny sizes and one repeat, a few seconds (the smoke test)
+    python benchmark.py --compare_rev=HEAD~1  # also the step of model.py at that commit against this one's
 
 Every timing is the median over `repeats` runs after `warmup` untimed ones; variants compared with
 each other run interleaved. MFU = 3 * forward FLOPs (model.flops_per_image) * images/s / matmul peak
 of the same dtype: the fraction of what this device's best square matmul does. Numbers: BENCHMARKS.md.
 """
 import ast
+import dataclasses
+import importlib.util
 import json
 import os
 import statistics
@@ -38,6 +41,8 @@ e2e_steps = 60            # its optimizer steps (metrics every 20; the first rec
 bf16 = "auto"             # measure bf16 too: 'auto' (only where the CPU has it natively: avx512_bf16), 'true', 'false'
 batch_sweep = "8,16,32,64"  # batch sizes of the quick-start train step sweep ('' = none)
 profile_top = 8           # operators listed from torch.profiler of one quick-start train step (0 = none)
+compare_rev = ""          # also time each recipe's train step (and the quick start's sampling) with model.py as it was
+                          # at this git revision (e.g. HEAD~1), interleaved with this one: what a model change gained
 compare_compile = False   # also time the quick start's train step and sampling with torch.compile against eager,
                           # interleaved (about a minute of compilation; needs a C++ compiler on a CPU)
 # ----------------------------------------------------------------------------------------------
@@ -90,11 +95,28 @@ def recipe(name):
     return cfg
 
 
-def build_model(cfg, in_channels, num_classes, **changes):
-    args = dict(in_channels=in_channels, patch_size=cfg["patch_size"], hidden=cfg["hidden"], depth=cfg["depth"],
-                heads=cfg["heads"], mlp_ratio=cfg["mlp_ratio"], qk_norm=cfg["qk_norm"],
-                grad_checkpoint=cfg["grad_checkpoint"], attn_impl=cfg["attn_impl"], num_classes=num_classes)
-    return DiT(DiTConfig(**{**args, **changes}))
+def build_model(cfg, in_channels, num_classes, model_module=None, **changes):
+    """The recipe's model (every DiTConfig field the recipe sets), from this model.py or from `model_module`
+    (an older model.py: the fields it predates are left out)."""
+    mod = model_module or sys.modules[DiT.__module__]
+    names = {f.name for f in dataclasses.fields(mod.DiTConfig)}
+    args = {k: cfg[k] for k in names if k in cfg and k not in ("in_channels", "num_classes")}
+    args.update(in_channels=in_channels, num_classes=num_classes, **changes)
+    return mod.DiT(mod.DiTConfig(**{k: v for k, v in args.items() if k in names}))
+
+
+def model_at(rev):
+    """model.py as it was at git revision `rev`, imported as a module of its own."""
+    out = subprocess.run(["git", "-C", HERE, "show", f"{rev}:model.py"], capture_output=True, text=True)
+    if out.returncode:
+        raise SystemExit(f"compare_rev={rev!r}: git show {rev}:model.py failed: {out.stderr.strip()}")
+    path = os.path.join(tempfile.mkdtemp(), "model_at_rev.py")
+    with open(path, "w") as f:
+        f.write(out.stdout)
+    spec = importlib.util.spec_from_file_location("model_at_rev", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def matmul_fn(n, dtype):
@@ -297,6 +319,18 @@ def main():
             for impl in ADAMW_IMPLS:
                 add("AdamW step", f"{rname}, {model.num_params() / 1e6:.2f}M parameters, {impl}", 1e3 * t[impl], "ms",
                     f"{t[impl] / t['fused']:.1f}x fused")
+        if compare_rev:   # the train step of every recipe; sampling only the quick start's (the others take minutes)
+            models = {"this model.py": build_model(cfg, shape[0], 10),
+                      compare_rev: build_model(cfg, shape[0], 10, model_module=model_at(compare_rev))}
+            for what, n_img, make in (("train step", batch, lambda m: train_step_fn(m, batch, shape, dts[auto])),
+                                      ("sampling", n_sample, lambda m: sample_fn(m, n_sample, shape, dts[auto], steps))
+                                      )[:2 if rname == "mnist" else 1]:
+                t = median_times({name: make(m) for name, m in models.items()}, max(n_rep, 5) * 2, max(n_warm, 1))
+                for name in models:
+                    add("model.py vs git", f"{rname} {auto} {what}, batch {n_img}" + (
+                        f", {steps} Euler steps x 2 branches" if what == "sampling" else "") + f", {name}",
+                        n_img / t[name], "img/s",
+                        f"{t[compare_rev] / t[name]:.2f}x {compare_rev}" if name != compare_rev else "")
         if rname == "mnist" and compare_compile:
             models = {"eager": build_model(cfg, shape[0], 10)}
             models["compiled"] = build_model(cfg, shape[0], 10)
@@ -350,7 +384,7 @@ def main():
             for w in (0, 1, 2):
                 rate = statistics.median(loader_rate(root, w, 4 if quick else loader_batches) for _ in range(n_rep))
                 add("data loader", f"{label}, {w} workers, batch 8", rate, "samples/s",
-                    f"{rate / consume:.0f}x small's training")
+                    f"{rate / consume:.0f}x small's training" if consume == consume else "")
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, quick={quick}, "
           f"bf16 {'measured' if 'bf16' in dts else 'not measured (no native bf16 on this CPU)'}\n")
     print("| section | measurement | value | unit | note |\n|---|---|---:|---|---|")

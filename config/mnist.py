@@ -12,9 +12,9 @@ out_dir = "out/mnist"
 patch_size = 4
 hidden = 96
 depth = 6
-heads = 4                 # 24 channels per head
+heads = 4                 # 24 channels per head; 2 heads step 1.085x as fast but scored FD 8% worse at equal steps
 qk_norm = False           # at 5,000 steps FD 3,283 and 95.0% without against 3,304 and 94.1% with, and the step runs
-                          # 1.15-1.2x faster without (BENCHMARKS.md, "Layouts, QK-norm and fused modulation")
+                          # 1.16-1.21x faster without (BENCHMARKS.md, round 6)
 batch_size = 16           # 16 x 4,400 steps: class accuracy 98% where 64 x 1,100 gave 76% (same images)
 max_minutes = 8.5         # the step count is fitted to 8.5 minutes of training from the speed of steps 5-100
 budget_probe_steps = 100  # (train.py prints the plan; steps 5-20 alone ran 25% slower than the rest), rounded

@@ -34,6 +34,19 @@ def test_train_step_updates_the_weights_in_both_dtypes():
         assert all(torch.isfinite(p).all() for p in model.parameters())
 
 
+def test_build_model_takes_every_model_field_of_the_recipe_and_an_older_model_py():
+    cfg = {**benchmark.recipe("mnist"), "depth": 2, "hidden": 32, "heads": 2, "qk_norm": False}
+    model = benchmark.build_model(cfg, 1, 10)
+    assert model.cfg.prediction == cfg["prediction"] and not model.cfg.qk_norm
+    old = benchmark.model_at("HEAD")                       # model.py as committed, imported on its own
+    assert old.__name__ == "model_at_rev" and old.DiT is not benchmark.DiT
+    model = benchmark.build_model(cfg, 1, 10, model_module=old)
+    assert type(model) is old.DiT
+    benchmark.train_step_fn(model, 2, (1, 8, 8), torch.float32)()
+    with pytest.raises(SystemExit, match="compare_rev='no-such-rev'"):
+        benchmark.model_at("no-such-rev")
+
+
 def test_attention_variants_and_sampling_run():
     for dtype in benchmark.DTYPES.values():
         for impl in benchmark.IMPLS:

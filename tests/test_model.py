@@ -256,7 +256,7 @@ def test_class_embedding_is_the_lookup_and_its_gradient():
 
 def test_the_residual_stream_is_token_major_in_memory():
     """Every block gets x (B, N, D) contiguous, in training and in its backward: a transposed layout made each
-    LayerNorm copy it, forward and backward (BENCHMARKS.md, "Layouts, QK-norm and fused modulation")."""
+    LayerNorm copy it, forward and backward (BENCHMARKS.md, round 6)."""
     model = randomise(tiny()).train()
     seen = []
     for block in model.blocks:
