@@ -204,7 +204,7 @@ class Attention(nn.Module):
         ctx = x if ctx is None else ctx
         # Heads are split as views: (B, N, h, d) normalised over d where d is contiguous, then (B, h, N, d) for
         # attention. On a CPU, normalising the transposed views instead, or taking k and v from one permuted 5-D
-        # view, made the backward run strided copies and reductions that cost a fifth of a quick-start step.
+        # view, made the backward run strided copies and reductions: a QK-normed step ran 1.15x slower.
         k, v = (t.view(B, ctx.shape[1], self.heads, -1) for t in self.kv(ctx).chunk(2, dim=-1))
         q = self.q_norm(self.q(x).view(B, N, self.heads, -1)).transpose(1, 2)    # (B, h, N, d)
         k, v = self.k_norm(k).transpose(1, 2), v.transpose(1, 2)
@@ -381,7 +381,7 @@ class DiT(nn.Module):
             raise ValueError(f"input {H}x{W} is not divisible by patch_size={p}")
         h, w = H // p, W // p
         # contiguous: the transposed view would give the whole residual stream a (B, D, N) memory layout,
-        # and every LayerNorm would copy it, forward and backward (a fifth of a quick-start step on a CPU)
+        # and every LayerNorm would copy it, forward and backward
         x = self.patch_embed(xt).flatten(2).transpose(1, 2).contiguous()           # (B, h*w, D)
         x = x + pos_embed_2d(h, w, cfg.hidden, xt.device).to(x.dtype)
         c = self.t_embed(timestep_embedding(t, 256))                                # (B, D)
