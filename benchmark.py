@@ -100,9 +100,9 @@ def build_model(cfg, in_channels, num_classes, model_module=None, **changes):
     (an older model.py: the fields it predates are left out)."""
     mod = model_module or sys.modules[DiT.__module__]
     names = {f.name for f in dataclasses.fields(mod.DiTConfig)}
-    args = {k: cfg[k] for k in names if k in cfg and k not in ("in_channels", "num_classes")}
+    args = {k: v for k, v in cfg.items() if k in names}
     args.update(in_channels=in_channels, num_classes=num_classes, **changes)
-    return mod.DiT(mod.DiTConfig(**{k: v for k, v in args.items() if k in names}))
+    return mod.DiT(mod.DiTConfig(**args))
 
 
 def model_at(rev):
@@ -319,35 +319,35 @@ def main():
             for impl in ADAMW_IMPLS:
                 add("AdamW step", f"{rname}, {model.num_params() / 1e6:.2f}M parameters, {impl}", 1e3 * t[impl], "ms",
                     f"{t[impl] / t['fused']:.1f}x fused")
-        if compare_rev:   # the train step of every recipe; sampling only the quick start's (the others take minutes)
-            models = {"this model.py": build_model(cfg, shape[0], 10),
-                      compare_rev: build_model(cfg, shape[0], 10, model_module=model_at(compare_rev))}
-            for what, n_img, make in (("train step", batch, lambda m: train_step_fn(m, batch, shape, dts[auto])),
-                                      ("sampling", n_sample, lambda m: sample_fn(m, n_sample, shape, dts[auto], steps))
-                                      )[:2 if rname == "mnist" else 1]:
-                t = median_times({name: make(m) for name, m in models.items()}, max(n_rep, 5) * 2, max(n_warm, 1))
-                for name in models:
-                    add("model.py vs git", f"{rname} {auto} {what}, batch {n_img}" + (
+        def versus(section, models, base, sampling, first_call=None):
+            """Train step (and sampling) of each model in `models`, interleaved; rows say the speed against `base`.
+            first_call(fns) runs before the timing and returns a note (compilation)."""
+            work = (("train step", batch, lambda m: train_step_fn(m, batch, shape, dts[auto])),
+                    ("sampling", n_sample, lambda m: sample_fn(m, n_sample, shape, dts[auto], steps)))
+            for what, n_img, make in work[:2 if sampling else 1]:
+                fns = {name: make(m) for name, m in models.items()}
+                note = first_call(fns) if first_call else ""
+                t = median_times(fns, max(n_rep, 5) * 2, max(n_warm, 1))
+                for name in fns:
+                    add(section, f"{rname} {auto} {what}, batch {n_img}" + (
                         f", {steps} Euler steps x 2 branches" if what == "sampling" else "") + f", {name}",
-                        n_img / t[name], "img/s",
-                        f"{t[compare_rev] / t[name]:.2f}x {compare_rev}" if name != compare_rev else "")
+                        n_img / t[name], "img/s", f"{t[base] / t[name]:.2f}x {base}{note}" if name != base else "")
+
+        if compare_rev:   # the train step of every recipe; sampling only the quick start's (the others take minutes)
+            versus("model.py vs git", {"this model.py": build_model(cfg, shape[0], 10),
+                                       compare_rev: build_model(cfg, shape[0], 10, model_module=model_at(compare_rev))},
+                   compare_rev, sampling=rname == "mnist")
         if rname == "mnist" and compare_compile:
             models = {"eager": build_model(cfg, shape[0], 10)}
             models["compiled"] = build_model(cfg, shape[0], 10)
             models["compiled"].load_state_dict(models["eager"].state_dict())
             models["compiled"] = compile_model(models["compiled"])
-            for what, n_img, make in (("train step", batch, lambda m: train_step_fn(m, batch, shape, dts[auto])),
-                                      ("sampling", n_sample, lambda m: sample_fn(m, n_sample, shape, dts[auto], steps))):
-                fns = {name: make(m) for name, m in models.items()}
+
+            def compile_first(fns):
                 t0 = time.perf_counter()
                 fns["compiled"]()                  # compiles (again for sampling: eval mode, no autograd)
-                first = time.perf_counter() - t0
-                t = median_times(fns, max(n_rep, 5) * 2, max(n_warm, 1))
-                for name in fns:
-                    add("torch.compile", f"{rname} {auto} {what}, batch {n_img}" + (
-                        f", {steps} Euler steps x 2 branches" if what == "sampling" else "") + f", {name}",
-                        n_img / t[name], "img/s",
-                        f"{t['eager'] / t['compiled']:.2f}x eager, first call {first:.0f} s" if name == "compiled" else "")
+                return f", first call {time.perf_counter() - t0:.0f} s"
+            versus("torch.compile", models, "eager", sampling=True, first_call=compile_first)
         if rname == "mnist" and profile_top:
             step = train_step_fn(build_model(cfg, shape[0], 10), batch, shape, dts[auto])
             for op, share, ms in profile_step(step, 2 if quick else 20, profile_top):

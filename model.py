@@ -50,10 +50,11 @@ def flow_loss(v, x, noise, t, prediction):
     An x-predicting model's velocity (xt - x_hat) / t enters as (xt - x_hat) / max(t, X_PRED_MIN_T): its image
     error weighs 1 / t^2, capped below X_PRED_MIN_T, where the loss pulls x_hat a little past x (away from the
     noise). A loss whose target stays x there scored worse with 32 sampling steps (BENCHMARKS.md, round 5)."""
+    v = v.float()
     if prediction == "x":
         t = t.float().view(-1, *([1] * (v.dim() - 1)))
-        v = torch.where(t < X_PRED_MIN_T, v.float() * (t.clamp(min=X_PRED_T_EPS) / X_PRED_MIN_T), v.float())
-    return (v.float() - velocity_target(x, noise)).pow(2).mean(dim=tuple(range(1, v.dim())))
+        v = torch.where(t < X_PRED_MIN_T, v * (t.clamp(min=X_PRED_T_EPS) / X_PRED_MIN_T), v)
+    return (v - velocity_target(x, noise)).pow(2).mean(dim=tuple(range(1, v.dim())))
 
 
 def shift_time(t, shift):
