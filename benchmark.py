@@ -43,8 +43,8 @@ batch_sweep = "8,16,32,64"  # batch sizes of the quick-start train step sweep ('
 profile_top = 8           # operators listed from torch.profiler of one quick-start train step (0 = none)
 compare_rev = ""          # also time each recipe's train step (and the quick start's sampling) with model.py as it was
                           # at this git revision (e.g. HEAD~1), interleaved with this one: what a model change gained
-compare_compile = False   # also time the quick start's train step and sampling with torch.compile against eager,
-                          # interleaved (about a minute of compilation; needs a C++ compiler on a CPU)
+compare_compile = False   # also time each recipe's train step (and the quick start's sampling) with torch.compile
+                          # against eager, interleaved (a minute or two of compilation; needs a C++ compiler on a CPU)
 # ----------------------------------------------------------------------------------------------
 HERE = os.path.dirname(os.path.abspath(__file__))
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -337,7 +337,7 @@ def main():
             versus("model.py vs git", {"this model.py": build_model(cfg, shape[0], 10),
                                        compare_rev: build_model(cfg, shape[0], 10, model_module=model_at(compare_rev))},
                    compare_rev, sampling=rname == "mnist")
-        if rname == "mnist" and compare_compile:
+        if compare_compile:   # the train step of every recipe; sampling only the quick start's
             models = {"eager": build_model(cfg, shape[0], 10)}
             models["compiled"] = build_model(cfg, shape[0], 10)
             models["compiled"].load_state_dict(models["eager"].state_dict())
@@ -347,7 +347,7 @@ def main():
                 t0 = time.perf_counter()
                 fns["compiled"]()                  # compiles (again for sampling: eval mode, no autograd)
                 return f", first call {time.perf_counter() - t0:.0f} s"
-            versus("torch.compile", models, "eager", sampling=True, first_call=compile_first)
+            versus("torch.compile", models, "eager", sampling=rname == "mnist", first_call=compile_first)
         if rname == "mnist" and profile_top:
             step = train_step_fn(build_model(cfg, shape[0], 10), batch, shape, dts[auto])
             for op, share, ms in profile_step(step, 2 if quick else 20, profile_top):

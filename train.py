@@ -72,10 +72,14 @@ batch_size = 32               # micro-batch per rank, in images
 grad_accum_steps = 1          # micro-batches per optimizer step; global batch = batch_size * this * ranks
 max_steps = 2000              # optimizer steps (ignored when max_images > 0)
 max_images = 0                # training budget in images; sets max_steps = ceil(max_images / global batch)
-max_minutes = 0.0             # training budget in wall-clock minutes from start: times the steps after the first
-                              # budget_probe_steps, then fixes max_steps (kept by a resume); 0 = off. A max_steps
-                              # or max_images on the command line turns off a config file's max_minutes
-budget_probe_steps = 20       # steps timed for max_minutes (the first 5 of them are not counted: warm-up)
+max_minutes = 0.0             # training budget in wall-clock minutes from start: times the first budget_probe_steps,
+                              # then plans max_steps and revisits the plan as it goes (kept by a resume); 0 = off.
+                              # A max_steps or max_images on the command line turns off a config file's max_minutes
+budget_probe_steps = 20       # steps timed for max_minutes' first plan (the first 5 are not counted: warm-up); past
+                              # warmup_steps the lr holds at its peak until the plan
+budget_replan_every = 0.1     # max_minutes: revisit the plan each time this share of the budget has passed, from the
+                              # speed since the last plan, so the run still ends on time when the machine's speed
+                              # drifts; the schedule goes on from where it stands (its lr stays continuous). 0 = once
 budget_round_steps = 1        # max_minutes: round the fitted max_steps down to a multiple of this, so that runs on
                               # one machine, whose timings differ by a few %, land on the same plan and weights
 # optimizer and schedule
@@ -178,10 +182,8 @@ if lr_schedule not in ("cosine", "wsd"):
     fail(f"lr_schedule={lr_schedule!r}: expected 'cosine' or 'wsd'")
 if not 0 < decay_frac <= 1:
     fail(f"decay_frac={decay_frac} must be in (0, 1]")
-if max_minutes and lr_schedule == "cosine" and budget_probe_steps > warmup_steps:
-    fail(f"max_minutes needs budget_probe_steps={budget_probe_steps} <= warmup_steps={warmup_steps} with "
-         "lr_schedule='cosine': its learning rate after warm-up depends on max_steps, which the probe has not fixed "
-         "yet (lr_schedule='wsd' stays flat until its decay, so it can time more steps)")
+if not 0 <= budget_replan_every < 1:
+    fail(f"budget_replan_every={budget_replan_every} must be in [0, 1): a share of max_minutes (0 = plan once)")
 if dtype not in ("auto", "bfloat16", "float32"):
     fail(f"dtype={dtype!r}: expected 'auto', 'bfloat16' or 'float32' (fp16 would need loss scaling)")
 
@@ -298,15 +300,28 @@ def decay_start():
     return max(warmup_steps, max_steps - round(decay_frac * max_steps))
 
 
+# Where the schedule stands: progress plan_from[1] at step plan_from[0], moving linearly to 1 at max_steps.
+# (0, 0.0) for a fixed max_steps. When a time budget replans, it goes on from where it stood: the lr stays
+# continuous and only the pace of the rest changes.
+plan_from = (0, 0.0)
+
+
+def progress(step):
+    """How far the decay (cosine, or wsd's last decay_frac) has gone at step: 0 before it starts, 1 at max_steps."""
+    if max_minutes and not budget_planned:
+        return 0.0                                   # the lr holds at its peak until the budget's first plan
+    s0, p0 = plan_from
+    start = max(s0, warmup_steps if lr_schedule == "cosine" else decay_start())
+    return min(1.0, p0 + (1 - p0) * max(0, step - start) / max(1, max_steps - start))
+
+
 def lr_at(step):
     """Linear warmup over warmup_steps, then lr_schedule down to lr * min_lr_ratio at max_steps."""
     if step < warmup_steps:
         return lr * (step + 1) / warmup_steps
     if lr_schedule == "wsd":
-        progress = min(1.0, max(0, step - decay_start()) / max(1, max_steps - decay_start()))
-        return lr * (min_lr_ratio + (1 - min_lr_ratio) * (1 - math.sqrt(progress)))
-    progress = min(1.0, (step - warmup_steps) / max(1, max_steps - warmup_steps))
-    return lr * (min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+        return lr * (min_lr_ratio + (1 - min_lr_ratio) * (1 - math.sqrt(progress(step))))
+    return lr * (min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress(step))))
 
 
 def ema_decay_at(step):
@@ -367,8 +382,8 @@ micro_batches = step * grad_accum_steps    # per rank; every step consumes grad_
 best_val = state.get("best_val", float("inf")) if state else float("inf")
 best_fd = state.get("best_fd", float("inf")) if state else float("inf")
 budget_planned = bool(max_minutes and state and state.get("budget_steps"))   # a resume keeps the time plan
-if budget_planned:
-    max_steps = state["budget_steps"]
+if budget_planned:     # as it stood (no more replans: this process's clock did not see the earlier steps)
+    max_steps, plan_from = state["budget_steps"], tuple(state.get("budget_plan_from", (0, 0.0)))
 elapsed_before = state.get("elapsed", 0.0) if state else 0.0
 log(f"resuming from {resume_path} at step {step}" if state else "starting from scratch")
 
@@ -560,7 +575,7 @@ def save_checkpoint(path):
     if master:
         state = dict(model=model_sd, ema=ema_sd, optimizer=optim_sd, step=step, micro_batches=micro_batches,
                      world_size=world_size, best_val=best_val, best_fd=best_fd,
-                     budget_steps=max_steps if budget_planned else 0, elapsed=elapsed_before + time.time() - t_start,
+                     budget_steps=max_steps if budget_planned else 0, budget_plan_from=plan_from, elapsed=elapsed_before + time.time() - t_start,
                      config=config, model_args=model_args,
                      data={k: index[k] for k in ("space", "channels", "vae", "text_encoder", "image_encoder",
                                                  "num_classes", "class_names", "buckets")})
@@ -754,13 +769,52 @@ signal.signal(signal.SIGINT, request_stop)
 signal.signal(signal.SIGTERM, request_stop)
 # Fault injection for tests, NANODIT_INJECT="kind@step,...": nan (poisons a sample of the batch), oom
 # (raises out-of-memory), sigterm (signals this process), diskfull (the checkpoint write fails), raise
-# (a plain error). "kind@step:rank" injects on that rank only.
+# (a plain error), slow (this step and every later one sleep SLOW_STEP_S: a machine that slows down).
+# "kind@step:rank" injects on that rank only.
+SLOW_STEP_S = 0.05
+slowed = False
 inject = {}
 for item in filter(None, os.environ.get("NANODIT_INJECT", "").split(",")):
     kind, _, at = item.partition("@")
     at, _, only_rank = at.partition(":")
     if not only_rank or int(only_rank) == rank:
         inject.setdefault(int(at), set()).add(kind)
+
+
+def plan_budget():
+    """max_minutes: fit max_steps to the time left at the speed since the last plan (the slowest rank's)."""
+    global max_steps, budget_planned, plan_from, t_window, window_from, next_plan
+    now = time.time()
+    times = torch.tensor([(now - t_window) / (step - window_from), now - _t_process], device=device)  # fp32: MPS has no fp64
+    if ddp:
+        dist.all_reduce(times, op=dist.ReduceOp.MAX)   # every rank plans alike
+    per_step, elapsed = times.tolist()
+    fitted = step + max(0, int((max_minutes * 60 - elapsed) / per_step))
+    planned = max(fitted // budget_round_steps * budget_round_steps, step)
+    rounded = f" ({fitted} rounded down to a multiple of {budget_round_steps})" if budget_round_steps > 1 else ""
+    if not budget_planned:
+        if planned < warmup_steps:
+            fail(f"max_minutes={max_minutes}: at {per_step:.3f} s per step the budget fits {planned} steps, "
+                 f"fewer than warmup_steps={warmup_steps}; raise max_minutes or lower warmup_steps")
+        max_steps, budget_planned, plan_from = planned, True, (step, 0.0)
+        if lr_schedule == "wsd" and decay_start() < step:
+            fail(f"max_minutes={max_minutes}: at {per_step:.3f} s per step the budget fits {planned} steps, "
+                 f"whose decay (decay_frac={decay_frac}) would start at step {decay_start()}, before the "
+                 f"{budget_probe_steps} probe steps end; raise max_minutes or lower budget_probe_steps")
+        same = lr_schedule == "wsd" or step <= warmup_steps   # else the lr held at its peak until now
+        log(f"time budget: {per_step:.3f} s per step, so max_steps = {max_steps} ({max_steps * global_batch:,} "
+            f"images) to end near {max_minutes} min{rounded}"
+            + (f"; while no replan changes it, the same run as --max_steps={max_steps} --max_minutes=0" if same else ""))
+    elif planned != max_steps:
+        plan_from = (step, progress(step))           # go on from where the schedule stands, at a new pace
+        log(f"time budget: step {step}: {per_step:.3f} s per step since step {window_from}, so max_steps "
+            f"{max_steps} -> {planned} to end near {max_minutes} min{rounded}")
+        max_steps = planned
+    t_window, window_from = time.time(), step
+    next_plan = step + max(1, int(budget_replan_every * max_minutes * 60 / per_step)) if budget_replan_every else None
+    if next_plan is not None and next_plan >= max_steps:
+        next_plan = None
+
 
 # ---------------------------------------------------------------------------------------------- loop
 N_BINS = 4                                          # t bins for the per-t loss: [0, .25), ... [.75, 1]
@@ -770,6 +824,7 @@ bad_in_a_row = bad_steps = oom_steps = bad_samples = 0
 grad_norm_max = 0.0
 t_start = t_log = time.time()
 step_at_log = step_at_start = step
+next_plan = None                                    # max_minutes: the step of the next (re)plan
 last_ckpt_step = step
 params, ema_params = list(raw_model.parameters()), list(ema_model.parameters())   # listed once, not every step
 if ddp:
@@ -784,6 +839,9 @@ while step < max_steps:
             group["lr"] = lr_muon_now
     loss_step = torch.zeros((), device=device)
     faults = inject.get(step, ())                  # NANODIT_INJECT kinds for this step (tests only)
+    slowed = slowed or "slow" in faults
+    if slowed:
+        time.sleep(SLOW_STEP_S)
     try:
         for micro in range(grad_accum_steps):
             batch = to_device(next(batches))
@@ -860,29 +918,10 @@ while step < max_steps:
         log(f"step {step}: non-finite loss or gradient; update skipped ({bad_in_a_row} in a row)")
     opt.zero_grad(set_to_none=True)
     step += 1
-    if max_minutes and not budget_planned:
-        if step == step_at_start + BUDGET_WARMUP_STEPS:
-            t_probe = time.time()
-        elif step == step_at_start + budget_probe_steps:
-            # seconds per step over the probe, the slowest rank's; the steps that fit the rest of the budget
-            per_step = torch.tensor((time.time() - t_probe) / (budget_probe_steps - BUDGET_WARMUP_STEPS), device=device)
-            if ddp:
-                dist.all_reduce(per_step, op=dist.ReduceOp.MAX)
-            left = max_minutes * 60 - (time.time() - _t_process)
-            fitted = step + max(0, int(left / per_step.item()))
-            max_steps, budget_planned = max(fitted // budget_round_steps * budget_round_steps, step), True
-            if max_steps < warmup_steps:
-                fail(f"max_minutes={max_minutes}: at {per_step.item():.3f} s per step the budget fits {max_steps} steps, "
-                     f"fewer than warmup_steps={warmup_steps}; raise max_minutes or lower warmup_steps")
-            if lr_schedule == "wsd" and decay_start() < step:
-                fail(f"max_minutes={max_minutes}: at {per_step.item():.3f} s per step the budget fits {max_steps} steps, "
-                     f"whose decay (decay_frac={decay_frac}) would start at step {decay_start()}, before the "
-                     f"{budget_probe_steps} probe steps end; raise max_minutes or lower budget_probe_steps")
-            log(f"time budget: {per_step.item():.3f} s per step, so max_steps = {max_steps} ({max_steps * global_batch:,} "
-                f"images) to end near {max_minutes} min"
-                + (f" ({fitted} rounded down to a multiple of {budget_round_steps})" if budget_round_steps > 1 else "")
-                + f"; the same run as --max_steps={max_steps} --max_minutes=0")
-
+    if max_minutes and step == step_at_start + BUDGET_WARMUP_STEPS and not budget_planned:
+        t_window, window_from, next_plan = time.time(), step, step_at_start + budget_probe_steps
+    if max_minutes and step == next_plan:
+        plan_budget()
     if max_hours and time.time() - t_start > max_hours * 3600 and stop_reason is None:
         stop_reason = f"max_hours={max_hours}"
     if bad_in_a_row >= max_bad_steps:

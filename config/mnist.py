@@ -16,10 +16,11 @@ heads = 4                 # 24 channels per head; 2 heads step 1.085x as fast bu
 qk_norm = False           # at 5,000 steps FD 3,283 and 95.0% without against 3,304 and 94.1% with, and the step runs
                           # 1.16-1.21x faster without (BENCHMARKS.md, round 6)
 batch_size = 16           # 16 x 4,400 steps: class accuracy 98% where 64 x 1,100 gave 76% (same images)
-max_minutes = 8.5         # the step count is fitted to 8.5 minutes of training from the speed of steps 5-100
-budget_probe_steps = 100  # (train.py prints the plan; steps 5-20 alone ran 25% slower than the rest), rounded
-budget_round_steps = 250  # down to a multiple of 250 so that runs on one machine get the same plan; more steps
-                          # lower FD most of all (6,000 -> 8,000: -10%)
+max_minutes = 9.0         # the step count is fitted to 9 minutes of training from the speed of steps 5-100 and
+budget_probe_steps = 100  # refitted every 54 s from the speed since (budget_replan_every; train.py prints each
+budget_round_steps = 250  # plan), rounded down to a multiple of 250 so that a steady machine keeps its plan. More
+                          # steps lower FD most of all (6,000 -> 8,000: -10%). Prepare, start-up and the grid add
+                          # ~20 s: the main command ends at ~9.4 minutes
 max_steps = 7000          # with --max_minutes=0: 112,000 images (--max_steps=N alone also turns the budget off)
 lr = 3e-3                 # 3e-3: FD 10% below 2e-3 at 5,000 steps (2e-3 beat 1e-3 before); 0.1 x lr at the end
                           # (min_lr_ratio): decaying to 0 instead raised FD 11%

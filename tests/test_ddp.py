@@ -9,6 +9,7 @@ own order, ~1e-8 observed).
 """
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -153,6 +154,23 @@ def test_ddp_run_stopped_by_sigterm_on_one_rank_resumes_exactly(ddp_run, tmp_pat
     (train_a, _), (train_b, _) = metrics(out), metrics(part)
     for s in range(1, STEPS + 1):
         assert train_b[s]["loss"] == train_a[s]["loss"] and train_b[s]["grad_norm"] == train_a[s]["grad_norm"], s
+
+
+def test_time_budget_plans_alike_on_every_rank_when_one_rank_slows(tmp_path, mnist_dir):
+    # rank 1 alone slows from step 20: every plan must use the slowest rank's speed and the same clock, or the
+    # ranks would stop at different steps and the job would hang in a collective
+    out = tmp_path / "budget"
+    wrapper = tmp_path / "dump_rank_state.py"
+    wrapper.write_text(DUMP_RANK_STATE)
+    proc = torchrun(wrapper, REPO, *ARGS, f"--data_dir={mnist_dir}", f"--out_dir={out}", "--batch_size=4",
+                    "--max_minutes=0.3", "--warmup_steps=10", "--ckpt_interval=100000", "--val_interval=0",
+                    "--log_interval=1000000", "--sample_interval=0", env={"NANODIT_INJECT": "slow@20:1"})
+    assert re.search(r"max_steps \d+ -> \d+", proc.stdout), proc.stdout[-3000:]    # a replan happened
+    final = torch.load(sorted(out.glob("ckpt-*.pt"))[-1], map_location="cpu", weights_only=True)
+    assert final["step"] == final["budget_steps"]                  # the last plan ran to its end
+    r0, r1 = (torch.load(out / f"rank{r}.pt", map_location="cpu", weights_only=True) for r in (0, 1))
+    assert_close(r0, r1, atol=0)
+    assert_close(final["model"], r0["model"], atol=0)   # rank 0 saved what both ranks hold, at the last step
 
 
 def test_stop_signals_to_torchrun_and_ranks_save_and_stop_every_rank(tmp_path, mnist_dir):

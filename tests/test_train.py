@@ -3,6 +3,7 @@ stops, faults and monitoring."""
 import json
 import os
 import pickle
+import re
 import signal
 import subprocess
 import sys
@@ -356,7 +357,7 @@ def test_sample_compile_draws_the_eager_grid(tmp_path, tiny_ckpt):
 
 def test_max_minutes_plans_steps_finishes_the_schedule_and_resumes_with_the_same_plan(mnist_dir, tmp_path):
     args = [*TINY, f"--data_dir={mnist_dir}", "--max_minutes=0.25", "--warmup_steps=20", "--ckpt_interval=100000",
-            "--log_interval=1000000", "--budget_round_steps=7"]
+            "--log_interval=1000000", "--budget_round_steps=7", "--budget_replan_every=0"]   # one plan
     out = tmp_path / "budget"
     first = run("train.py", *args, f"--out_dir={out}", env={"NANODIT_INJECT": "sigterm@30"})
     plan = [line for line in first.stdout.splitlines() if line.startswith("time budget:")]
@@ -364,6 +365,7 @@ def test_max_minutes_plans_steps_finishes_the_schedule_and_resumes_with_the_same
     planned = int(plan[0].split("max_steps = ")[1].split()[0])
     assert planned > 30 and ckpts(out) == ["ckpt-00000031.pt"]           # stopped by the signal, plan saved
     assert planned % 7 == 0 and "rounded down to a multiple of 7" in plan[0]
+    assert f"the same run as --max_steps={planned} --max_minutes=0" in plan[0]
     second = run("train.py", *args, f"--out_dir={out}")
     assert "time budget:" not in second.stdout                            # the resume keeps the plan
     assert ckpts(out)[-1] == f"ckpt-{planned:08d}.pt"
@@ -380,14 +382,55 @@ def test_max_minutes_that_cannot_fit_warmup_is_an_error(mnist_dir, tmp_path):
                "--warmup_steps=100000", check=False)
     assert proc.returncode != 0 and "max_minutes=0.01" in proc.stderr and "warmup_steps=100000" in proc.stderr
     proc = run("train.py", *TINY, f"--data_dir={mnist_dir}", f"--out_dir={tmp_path}", "--max_minutes=1",
-               "--warmup_steps=5", check=False)
-    assert proc.returncode != 0 and "budget_probe_steps=20 <= warmup_steps=5" in proc.stderr
-    proc = run("train.py", *TINY, f"--data_dir={mnist_dir}", f"--out_dir={tmp_path}", "--max_minutes=1",
                "--budget_probe_steps=3", check=False)
     assert proc.returncode != 0 and "budget_probe_steps=3 must exceed" in proc.stderr
     proc = run("train.py", *TINY, f"--data_dir={mnist_dir}", f"--out_dir={tmp_path}", "--max_minutes=1",
                "--budget_round_steps=0", check=False)
     assert proc.returncode != 0 and "budget_round_steps=0 must be at least 1" in proc.stderr
+    proc = run("train.py", *TINY, f"--data_dir={mnist_dir}", f"--out_dir={tmp_path}", "--max_minutes=1",
+               "--budget_replan_every=1", check=False)
+    assert proc.returncode != 0 and "budget_replan_every=1.0 must be in [0, 1)" in proc.stderr
+
+
+def lr_drops(records):
+    """Training records (step -> lr) after warm-up: the drops from each step to the next."""
+    lrs = [r["lr"] for r in sorted(records, key=lambda r: r["step"])]
+    return [a - b for a, b in zip(lrs, lrs[1:])]
+
+
+def assert_continuous_decay(records, peak, min_ratio=0.1, rel=0.05):
+    """The lr only falls, never by a jump, and ends at its floor. A replan changes the pace of the fall from then on;
+    moving the position instead (a new max_steps in the old formula) would drop it by many steps' worth at once."""
+    drops = lr_drops(records)
+    assert min(drops) >= -1e-12, "the lr rose"
+    for i in range(1, len(drops) - 1):
+        assert drops[i] <= 3 * max(drops[i - 1], drops[i + 1]) + 1e-12, f"the lr jumped at step {records[i]['step']}"
+    assert records[-1]["lr"] == pytest.approx(peak * min_ratio, rel=rel)
+
+
+def test_max_minutes_replans_when_the_machine_slows_and_ends_on_time(mnist_dir, tmp_path):
+    # from step 60 every step sleeps 0.05 s more (2-4x slower): the first plan, fitted to the fast steps, would
+    # overrun its 12 s about twofold; the replans shorten it and the cosine still runs out continuously
+    args = [*TINY, f"--data_dir={mnist_dir}", "--max_minutes=0.2", "--warmup_steps=20", "--ckpt_interval=100000"]
+    t0 = time.time()
+    proc = run("train.py", *args, f"--out_dir={tmp_path / 'a'}", env={"NANODIT_INJECT": "slow@60"})
+    wall = time.time() - t0
+    first = int(proc.stdout.split("so max_steps = ")[1].split()[0])
+    moves = [(int(a), int(b)) for a, b in re.findall(r"max_steps (\d+) -> (\d+)", proc.stdout)]
+    records = [m for m in metrics(tmp_path / "a") if "loss" in m]
+    assert moves and moves[-1][1] == records[-1]["step"] < first, proc.stdout[-3000:]
+    assert wall < 1.5 * 12, f"{wall:.1f} s for a 12 s budget"
+    assert_continuous_decay([r for r in records if r["step"] > 20], 3e-4)
+    # stopped after a replan, the resume keeps the plan as it stood, with no more replans, and goes on smoothly
+    out = tmp_path / "b"
+    run("train.py", *args, f"--out_dir={out}", env={"NANODIT_INJECT": "slow@40,sigterm@100"})
+    saved = load(out / "ckpt-00000101.pt")
+    assert saved["budget_plan_from"][0] > 20 and saved["budget_steps"] > 101   # a replan moved the schedule
+    second = run("train.py", *args, f"--out_dir={out}")
+    assert "time budget:" not in second.stdout and "resuming from" in second.stdout
+    records = [m for m in metrics(out) if "loss" in m]
+    assert records[-1]["step"] == saved["budget_steps"]
+    assert_continuous_decay([r for r in records if r["step"] > 20], 3e-4)
 
 
 def test_wsd_schedule_is_flat_then_decays_by_one_minus_sqrt(mnist_dir, tmp_path):
@@ -407,14 +450,20 @@ def test_wsd_budget_times_past_warmup_and_refuses_a_probe_that_reaches_the_decay
     args = [*TINY, f"--data_dir={mnist_dir}", "--lr_schedule=wsd", "--warmup_steps=2", "--ckpt_interval=100000",
             "--log_interval=1000000"]
     ok = run("train.py", *args, f"--out_dir={tmp_path / 'ok'}", "--max_minutes=0.4", "--budget_probe_steps=30",
-             "--decay_frac=0.05")
-    plan = [line for line in ok.stdout.splitlines() if line.startswith("time budget:")]
-    assert len(plan) == 1 and "after 30 timed steps" in ok.stdout, ok.stdout[-2000:]
-    assert metrics(tmp_path / "ok")[-1]["step"] == int(plan[0].split("max_steps = ")[1].split()[0]) > 30
-    # the cosine schedule cannot time past its warm-up: its lr there already depends on max_steps
-    proc = run("train.py", *args, "--lr_schedule=cosine", f"--out_dir={tmp_path / 'cos'}", "--max_minutes=0.2",
-               "--budget_probe_steps=40", check=False)
-    assert proc.returncode != 0 and "budget_probe_steps=40 <= warmup_steps=2" in proc.stderr
+             "--decay_frac=0.05", "--log_interval=1")
+    plan = re.findall(r"so max_steps = (\d+)", ok.stdout) + re.findall(r"max_steps \d+ -> (\d+)", ok.stdout)
+    assert "after 30 timed steps" in ok.stdout and metrics(tmp_path / "ok")[-1]["step"] == int(plan[-1]) > 30
+    records = [m for m in metrics(tmp_path / "ok") if "loss" in m and m["step"] > 2]
+    assert records[30]["lr"] == 3e-4                      # flat, and replans there only move the decay's start
+    assert_continuous_decay(records, 3e-4, rel=0.2)      # then a continuous 1 - sqrt decay near its floor (the
+                                                          # last step's lr is one step short of it)
+    # a cosine probe past its warm-up: the lr holds at its peak until the plan, then the cosine starts there
+    cos = run("train.py", *args, "--lr_schedule=cosine", f"--out_dir={tmp_path / 'cos'}", "--max_minutes=0.15",
+              "--budget_probe_steps=40", "--budget_replan_every=0", "--log_interval=1")
+    assert "after 40 timed steps" in cos.stdout and "the same run as" not in cos.stdout
+    records = [m for m in metrics(tmp_path / "cos") if "loss" in m]
+    assert [r["lr"] for r in records if 3 <= r["step"] <= 41] == [3e-4] * 39   # steps 2-40's lr: the peak
+    assert_continuous_decay([r for r in records if r["step"] > 41], 3e-4)
     # a probe so long that the planned decay would have begun before it ended
     proc = run("train.py", *args, f"--out_dir={tmp_path / 'late'}", "--max_minutes=0.05", "--budget_probe_steps=60",
                "--decay_frac=0.9", check=False)
