@@ -79,7 +79,8 @@ budget_probe_steps = 20       # steps timed for max_minutes' first plan (the fir
                               # warmup_steps the lr holds at its peak until the plan
 budget_replan_every = 0.1     # max_minutes: revisit the plan each time this share of the budget has passed, from the
                               # speed since the last plan, so the run still ends on time when the machine's speed
-                              # drifts; the schedule goes on from where it stands (its lr stays continuous). 0 = once
+                              # drifts: it lengthens when more rounded steps fit and shortens when it would overrun by
+                              # over 1% of the budget; the schedule goes on from where it stands (a continuous lr). 0 = once
 budget_round_steps = 1        # max_minutes: round the fitted max_steps down to a multiple of this, so that runs on
                               # one machine, whose timings differ by a few %, land on the same plan and weights
 # optimizer and schedule
@@ -805,7 +806,9 @@ def plan_budget():
         log(f"time budget: {per_step:.3f} s per step, so max_steps = {max_steps} ({max_steps * global_batch:,} "
             f"images) to end near {max_minutes} min{rounded}"
             + (f"; while no replan changes it, the same run as --max_steps={max_steps} --max_minutes=0" if same else ""))
-    elif planned != max_steps:
+    elif planned > max_steps or (fitted - max_steps) * per_step < -0.01 * max_minutes * 60:
+        # more room, or an overrun of more than 1% of the budget: a plan that still fits stays, so a machine whose
+        # speed hovers near a rounding boundary does not flip between two plans
         plan_from = (step, progress(step))           # go on from where the schedule stands, at a new pace
         log(f"time budget: step {step}: {per_step:.3f} s per step since step {window_from}, so max_steps "
             f"{max_steps} -> {planned} to end near {max_minutes} min{rounded}")
