@@ -37,7 +37,8 @@ recipes = "mnist,small"   # config/<name>.py recipes to train and sample
 sample_steps = 32         # Euler steps per sample (2 guidance branches each)
 loader_batches = 50       # batches drawn per data-loader measurement
 end_to_end = True         # also run the real train.py on MNIST in a subprocess
-e2e_steps = 60            # its optimizer steps (metrics every 20; the first record is warm-up)
+e2e_steps = 200           # its optimizer steps (metrics every 50; the first record is warm-up); each run is followed
+                          # by as many bare train steps, and the row gives the median ratio of these pairs
 bf16 = "auto"             # measure bf16 too: 'auto' (only where the CPU has it natively: avx512_bf16), 'true', 'false'
 batch_sweep = "8,16,32,64"  # batch sizes of the quick-start train step sweep ('' = none)
 profile_top = 8           # operators listed from torch.profiler of one quick-start train step (0 = none)
@@ -235,7 +236,7 @@ def prepare_mnist(data):
 
 def run_train_py(data, out, steps):
     """img/s of the real `python train.py config/mnist.py`, median over its metrics records after the first."""
-    subprocess.run([sys.executable, "train.py", "config/mnist.py", f"--max_steps={steps}", "--log_interval=20",
+    subprocess.run([sys.executable, "train.py", "config/mnist.py", f"--max_steps={steps}", f"--log_interval={steps // 4}",
                     "--sample_interval=0", f"--out_dir={out}", f"--data_dir={data}", "--resume=never"],
                    cwd=HERE, check=True, capture_output=True)
     with open(os.path.join(out, "metrics.jsonl")) as f:
@@ -375,10 +376,22 @@ def main():
     with tempfile.TemporaryDirectory() as tmp:
         sets = {"MNIST 28x28x1": prepare_mnist(os.path.join(tmp, "mnist"))}
         if end_to_end and not quick:
-            e2e = statistics.median(run_train_py(sets["MNIST 28x28x1"], os.path.join(tmp, f"out{i}"), e2e_steps)
-                                    for i in range(n_rep))
-            add("end to end", f"train.py config/mnist.py ({auto}), {e2e_steps} steps, {n_rep} runs", e2e, "img/s",
-                f"{e2e / train_ips.get(('mnist', auto), float('nan')):.2f}x the {auto} step alone")
+            # train.py and the bare step alternate, so that both see the same load on this shared machine
+            cfg = recipe("mnist")
+            bare_step = train_step_fn(build_model(cfg, 1, 10), cfg["batch_size"], INPUTS["mnist"], dts[auto])
+            e2e, ratios = [], []
+            for i in range(n_rep):
+                e2e.append(run_train_py(sets["MNIST 28x28x1"], os.path.join(tmp, f"out{i}"), e2e_steps))
+                for _ in range(5):
+                    bare_step()
+                n, t0 = e2e_steps - e2e_steps // 4, time.perf_counter()   # as many steps as the records averaged
+                for _ in range(n):
+                    bare_step()
+                bare = cfg["batch_size"] * n / (time.perf_counter() - t0)
+                ratios.append(e2e[-1] / bare)
+            add("end to end", f"train.py config/mnist.py ({auto}), {e2e_steps} steps, {n_rep} runs",
+                statistics.median(e2e), "img/s", f"{statistics.median(ratios):.2f}x the bare {auto} step (median of "
+                f"{n_rep} alternated pairs, {min(ratios):.2f}-{max(ratios):.2f})")
         sets["latents 4x32x32 + text 77x384"] = write_latent_shards(os.path.join(tmp, "latents"), 64 if quick else 400)
         for label, root in sets.items():
             for w in (0, 1, 2):

@@ -79,8 +79,9 @@ budget_probe_steps = 20       # steps timed for max_minutes' first plan (the fir
                               # warmup_steps the lr holds at its peak until the plan
 budget_replan_every = 0.1     # max_minutes: revisit the plan each time this share of the budget has passed, from the
                               # speed since the last plan, so the run still ends on time when the machine's speed
-                              # drifts: it lengthens when more rounded steps fit and shortens when it would overrun by
-                              # over 1% of the budget; the schedule goes on from where it stands (a continuous lr). 0 = once
+                              # drifts: it lengthens when more rounded steps fit and shortens when it would overrun
+                              # by over 1% of the budget; the schedule goes on from where it stands (a continuous
+                              # lr). 0 = plan once
 budget_round_steps = 1        # max_minutes: round the fitted max_steps down to a multiple of this, so that runs on
                               # one machine, whose timings differ by a few %, land on the same plan and weights
 # optimizer and schedule
@@ -576,7 +577,8 @@ def save_checkpoint(path):
     if master:
         state = dict(model=model_sd, ema=ema_sd, optimizer=optim_sd, step=step, micro_batches=micro_batches,
                      world_size=world_size, best_val=best_val, best_fd=best_fd,
-                     budget_steps=max_steps if budget_planned else 0, budget_plan_from=plan_from, elapsed=elapsed_before + time.time() - t_start,
+                     budget_steps=max_steps if budget_planned else 0, budget_plan_from=plan_from,
+                     elapsed=elapsed_before + time.time() - t_start,
                      config=config, model_args=model_args,
                      data={k: index[k] for k in ("space", "channels", "vae", "text_encoder", "image_encoder",
                                                  "num_classes", "class_names", "buckets")})
@@ -786,7 +788,8 @@ def plan_budget():
     """max_minutes: fit max_steps to the time left at the speed since the last plan (the slowest rank's)."""
     global max_steps, budget_planned, plan_from, t_window, window_from, next_plan
     now = time.time()
-    times = torch.tensor([(now - t_window) / (step - window_from), now - _t_process], device=device)  # fp32: MPS has no fp64
+    # fp32 (MPS has no fp64): seconds per step since the last plan, seconds since the process started
+    times = torch.tensor([(now - t_window) / (step - window_from), now - _t_process], device=device)
     if ddp:
         dist.all_reduce(times, op=dist.ReduceOp.MAX)   # every rank plans alike
     per_step, elapsed = times.tolist()
@@ -805,7 +808,8 @@ def plan_budget():
         same = lr_schedule == "wsd" or step <= warmup_steps   # else the lr held at its peak until now
         log(f"time budget: {per_step:.3f} s per step, so max_steps = {max_steps} ({max_steps * global_batch:,} "
             f"images) to end near {max_minutes} min{rounded}"
-            + (f"; while no replan changes it, the same run as --max_steps={max_steps} --max_minutes=0" if same else ""))
+            + (f"; while no replan changes it, the same run as --max_steps={max_steps} --max_minutes=0"
+               if same else ""))
     elif planned > max_steps or (fitted - max_steps) * per_step < -0.01 * max_minutes * 60:
         # more room, or an overrun of more than 1% of the budget: a plan that still fits stays, so a machine whose
         # speed hovers near a rounding boundary does not flip between two plans
