@@ -20,7 +20,7 @@ max_minutes = 9.0         # the step count is fitted to 9 minutes of training fr
 budget_probe_steps = 100  # refitted every 54 s from the speed since (budget_replan_every; train.py prints each
 budget_round_steps = 250  # plan), rounded down to a multiple of 250 so that a steady machine keeps its plan. More
                           # steps lower FD most of all (6,000 -> 8,000: -10%). Prepare, start-up and the grid add
-                          # ~20 s: the main command ends at ~9.4 minutes
+                          # ~12 s: the main command took 9 min 11-12 s (BENCHMARKS.md round 7)
 max_steps = 7000          # with --max_minutes=0: 112,000 images (--max_steps=N alone also turns the budget off)
 lr = 3e-3                 # 3e-3: FD 10% below 2e-3 at 5,000 steps (2e-3 beat 1e-3 before); 0.1 x lr at the end
                           # (min_lr_ratio): decaying to 0 instead raised FD 11%
