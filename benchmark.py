@@ -45,7 +45,8 @@ profile_top = 8           # operators listed from torch.profiler of one quick-st
 compare_rev = ""          # also time each recipe's train step (and the quick start's sampling) with model.py as it was
                           # at this git revision (e.g. HEAD~1), interleaved with this one: what a model change gained
 compare_compile = False   # also time each recipe's train step (and the quick start's sampling) with torch.compile
-                          # against eager, interleaved (a minute or two of compilation; needs a C++ compiler on a CPU)
+                          # against eager, interleaved (a minute or two of compilation; needs a C++ compiler on a CPU);
+                          # with compare_rev also set, that revision's model joins them and is the base of the ratios
 # ----------------------------------------------------------------------------------------------
 HERE = os.path.dirname(os.path.abspath(__file__))
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -343,12 +344,14 @@ def main():
             models["compiled"] = build_model(cfg, shape[0], 10)
             models["compiled"].load_state_dict(models["eager"].state_dict())
             models["compiled"] = compile_model(models["compiled"])
+            if compare_rev:   # the old model.py eager in the same interleaved set: what compiling adds to the rest
+                models[compare_rev] = build_model(cfg, shape[0], 10, model_module=model_at(compare_rev))
 
             def compile_first(fns):
                 t0 = time.perf_counter()
                 fns["compiled"]()                  # compiles (again for sampling: eval mode, no autograd)
                 return f", first call {time.perf_counter() - t0:.0f} s"
-            versus("torch.compile", models, "eager", sampling=rname == "mnist", first_call=compile_first)
+            versus("torch.compile", models, compare_rev or "eager", sampling=rname == "mnist", first_call=compile_first)
         if rname == "mnist" and profile_top:
             step = train_step_fn(build_model(cfg, shape[0], 10), batch, shape, dts[auto])
             for op, share, ms in profile_step(step, 2 if quick else 20, profile_top):

@@ -107,13 +107,21 @@ def test_profile_lists_the_heaviest_operators_of_a_train_step():
 
 
 @pytest.mark.slow
-def test_compile_comparison_times_both_variants(monkeypatch):
+@pytest.mark.parametrize("rev", ["", "HEAD"])
+def test_compile_comparison_times_both_variants(monkeypatch, rev):
     """--compare_compile: the quick start's train step and sampling, eager and compiled, both measured
-    (about 45 s of compilation at tiny sizes)."""
-    for key, value in dict(quick=True, recipes="mnist", compare_compile=True, end_to_end=False, batch_sweep="",
-                           profile_top=0, bf16="false").items():
+    (about 45 s of compilation at tiny sizes); with --compare_rev too, that revision's model joins the same
+    interleaved set and is the base of every ratio."""
+    if rev and subprocess.run(["git", "-C", benchmark.HERE, "rev-parse", "HEAD"], capture_output=True).returncode:
+        pytest.skip("not a git checkout: compare_rev has no history to read")
+    for key, value in dict(quick=True, recipes="mnist", compare_compile=True, compare_rev=rev, end_to_end=False,
+                           batch_sweep="", profile_top=0, bf16="false").items():
         monkeypatch.setattr(benchmark, key, value)
     rows = [r for r in benchmark.main() if r[0] == "torch.compile"]
-    assert [r[1].rsplit(", ", 1)[1] for r in rows] == ["eager", "compiled"] * 2
+    names = ["eager", "compiled"] + ([rev] if rev else [])
+    assert [r[1].rsplit(", ", 1)[1] for r in rows] == names * 2
     assert all(r[2] > 0 and r[3] == "img/s" for r in rows)
-    assert "x eager, first call" in rows[1][4] and "x eager, first call" in rows[3][4]
+    base = rev or "eager"
+    for part in (rows[:len(names)], rows[len(names):]):      # train step, then sampling
+        assert f"x {base}, first call" in part[1][4]
+        assert part[names.index(base)][4] == ""          # the base row carries no ratio
