@@ -69,7 +69,7 @@ def shift_time(t, shift):
 # the erf GELU op costs 2.5x less than the tanh approximation on CPUs, 1.03x on the quick-start step (BENCHMARKS.md)
 MLP_ACTS = {"gelu": lambda: nn.GELU(), "gelu_tanh": lambda: nn.GELU(approximate="tanh"), "silu": nn.SiLU}
 # DiTConfig fields added after checkpoints were first written, with the value those checkpoints meant
-LEGACY_MODEL_ARGS = {"mlp_act": "gelu_tanh", "prediction": "v"}
+LEGACY_MODEL_ARGS = {"mlp_act": "gelu_tanh", "prediction": "v", "loss_weighting": False}
 
 
 def config_from_checkpoint(model_args):
@@ -96,6 +96,8 @@ class DiTConfig:
     moe_top_k: int = 2        # experts each token is routed to (token choice)
     moe_capacity: float = 1.25  # expert capacity = ceil(capacity * tokens * top_k / experts); 0 = no limit
     moe_shared_expert: bool = False  # also one always-on dense MLP of the same width (DeepSeekMoE)
+    loss_weighting: bool = False  # also learn log u(t), the expected loss at t, for train.py's objective
+                              # L / u(t) + log u(t) (EDM2's uncertainty weighting, arXiv:2312.02696)
     prediction: str = "v"     # what the last layer outputs: 'v' (velocity) or 'x' (clean image, turned into
                               # the velocity (xt - x) / t, so callers always get v; JiT, arXiv:2511.13720)
 
@@ -315,6 +317,10 @@ class DiT(nn.Module):
         self.adaLN_out = nn.Sequential(nn.SiLU(), nn.Linear(D, 2 * D))
         self.out = nn.Linear(D, p * p * C)
         self._init_weights()
+        if cfg.loss_weighting:   # log u(t) from the timestep features, for train.py; made after the init above,
+            self.loss_logvar = nn.Linear(256, 1)    # so that the network's own weights start as without it
+            nn.init.zeros_(self.loss_logvar.weight)  # u = 1: the objective starts as the plain loss
+            nn.init.zeros_(self.loss_logvar.bias)
 
     def class_embedding(self, y):
         """self.y_embed(y) as a one-hot matmul. The lookup's backward, compiled by inductor for the CPU, adds
@@ -385,7 +391,11 @@ class DiT(nn.Module):
         # and every LayerNorm would copy it, forward and backward
         x = self.patch_embed(xt).flatten(2).transpose(1, 2).contiguous()           # (B, h*w, D)
         x = x + pos_embed_2d(h, w, cfg.hidden, xt.device).to(x.dtype)
-        c = self.t_embed(timestep_embedding(t, 256))                                # (B, D)
+        t_features = timestep_embedding(t, 256)
+        c = self.t_embed(t_features)                                                # (B, D)
+        if cfg.loss_weighting and self.training:
+            # computed inside forward (as MoE's aux_loss), so that FSDP has the weights gathered for it
+            self.loss_logvar_t = self.loss_logvar(t_features).squeeze(1).float()  # (B,) log u(t)
         no = torch.ones(B, dtype=torch.bool, device=xt.device)
         if cfg.num_classes:
             drop = no if y is None else drop_y

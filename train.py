@@ -54,6 +54,8 @@ moe_top_k = 2                 # experts per token (token-choice routing)
 moe_capacity = 1.25           # expert capacity factor: assignments over ceil(capacity * tokens * top_k / experts) drop; 0 = none
 moe_shared_expert = False     # add one always-on dense MLP to the experts
 moe_aux_weight = 0.01         # weight of the load-balancing loss (Switch Transformer's 0.01, arXiv:2101.03961)
+loss_weighting = False        # learn the expected loss u(t) per timestep and train on L / u(t) + log u(t), which
+                              # evens out how much each t contributes (EDM2, arXiv:2312.02696); logged losses stay L
 prediction = "v"              # network output: 'v' (velocity) or 'x' (clean image; the model still returns v)
 use_class = True              # condition on class labels when the data has them
 use_text = True               # condition on text embeddings when the data has them
@@ -249,7 +251,8 @@ buckets = {name: (H // down, W // down) for name, (H, W) in index["buckets"].ite
 model_args = dict(
     in_channels=index["channels"], patch_size=patch_size, hidden=hidden, depth=depth, heads=heads,
     mlp_ratio=mlp_ratio, qk_norm=qk_norm, grad_checkpoint=grad_checkpoint, attn_impl=attn_impl,
-    mlp_act=mlp_act, prediction=prediction, moe_experts=moe_experts, moe_top_k=moe_top_k,
+    mlp_act=mlp_act, prediction=prediction, loss_weighting=loss_weighting,
+    moe_experts=moe_experts, moe_top_k=moe_top_k,
     moe_capacity=moe_capacity, moe_shared_expert=moe_shared_expert,
     num_classes=index["num_classes"] if use_class else 0,
     text_dim=index["text_encoder"]["dim"] if use_text and index["text_encoder"] else 0,
@@ -873,9 +876,13 @@ while step < max_steps:
                 with autocast:
                     v = model(xt, t, **conditions(batch), drop_y=drop_all, drop_text=drop_text, drop_image=drop_image)
                 per_sample = flow_loss(v, x, noise, t, raw_model.cfg.prediction)   # (B,)
+                objective = per_sample
+                if loss_weighting:
+                    logvar = raw_model.loss_logvar_t                        # (B,) log u(t), from this forward
+                    objective = per_sample * torch.exp(-logvar) + logvar
                 per_sample = per_sample * valid          # unreadable samples add nothing
                 # mean over the nominal batch, so k micro-batches sum to the mean of one k-times batch
-                loss = per_sample.sum() / (batch_size * grad_accum_steps)
+                loss = (objective * valid).sum() / (batch_size * grad_accum_steps)
                 moe = raw_model.moe_stats()
                 if moe is not None:      # the load-balancing loss, on the mean of the micro-batches
                     aux, dropped, load = moe

@@ -277,11 +277,12 @@ def test_evaluation_split_across_ranks_equals_one_process(tmp_path, mnist_dir):
 
 
 def test_muon_and_moe_on_two_ranks_equal_one_process(tmp_path, mnist_dir):
-    """optimizer='muon' with an MoE model under DDP: Muon orthogonalises the all-reduced gradient, and
-    each rank routes its own micro-batch as one process routes each accumulated one, so 2 ranks x 4 equal
-    one process with 2 x 4 accumulated: model, EMA, both optimizers' state, the logged routing."""
+    """optimizer='muon' with an MoE model and the learned loss weighting under DDP: Muon orthogonalises the
+    all-reduced gradient, and each rank routes its own micro-batch as one process routes each accumulated one,
+    so 2 ranks x 4 equal one process with 2 x 4 accumulated: model, EMA, both optimizers' state, the logged
+    routing."""
     common = [*ARGS, f"--data_dir={mnist_dir}", "--optimizer=muon", "--batch_size=4", "--val_interval=0",
-              "--moe_experts=4", "--moe_capacity=1.0"]
+              "--moe_experts=4", "--moe_capacity=1.0", "--loss_weighting=true"]
     torchrun("train.py", *common, f"--out_dir={tmp_path / 'ddp'}")
     run("train.py", *common, "--grad_accum_steps=2", f"--out_dir={tmp_path / 'one'}")
     a, b = ckpt(tmp_path / "ddp", STEPS), ckpt(tmp_path / "one", STEPS)

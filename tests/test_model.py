@@ -154,14 +154,33 @@ def test_flow_loss_of_x_prediction_divides_by_t_floored_at_x_pred_min_t():
 
 
 def test_checkpoints_from_before_new_settings_load_as_they_were_trained():
-    old = {k: v for k, v in vars(DiTConfig()).items() if k not in ("mlp_act", "prediction")}
+    old = {k: v for k, v in vars(DiTConfig()).items() if k not in ("mlp_act", "prediction", "loss_weighting")}
     cfg = config_from_checkpoint(old)
-    assert cfg.mlp_act == "gelu_tanh" and cfg.prediction == "v"
+    assert cfg.mlp_act == "gelu_tanh" and cfg.prediction == "v" and not cfg.loss_weighting
     assert config_from_checkpoint({**old, "mlp_act": "silu"}).mlp_act == "silu"
 
 
 def moe_cfg(**kw):
     return DiTConfig(**{**dict(hidden=16, heads=2, mlp_ratio=2.0, moe_experts=4, moe_top_k=2), **kw})
+
+
+def test_loss_weighting_learns_log_u_of_t_in_training_forwards_only_and_leaves_the_network_alone():
+    plain, weighted = tiny(), tiny(loss_weighting=True)
+    extra = set(weighted.state_dict()) - set(plain.state_dict())
+    assert extra == {"loss_logvar.weight", "loss_logvar.bias"}
+    for k, v in plain.state_dict().items():       # the same initial network: log u(t) is made after it
+        assert torch.equal(v, weighted.state_dict()[k]), k
+    randomise(weighted)
+    x, t = torch.randn(3, 3, 8, 8), torch.tensor([0.1, 0.5, 0.9])
+    weighted.eval()
+    weighted(x, t, **conds())
+    assert not hasattr(weighted, "loss_logvar_t")   # sampling and validation do not compute it
+    weighted.train()
+    weighted(x, t, **conds())
+    logvar = weighted.loss_logvar_t
+    assert logvar.shape == (3,) and logvar.dtype == torch.float32 and len(set(logvar.tolist())) == 3
+    logvar.sum().backward()
+    assert weighted.loss_logvar.weight.grad.abs().sum() > 0
 
 
 def test_one_expert_top_1_equals_the_dense_mlp_with_its_weights():

@@ -577,6 +577,27 @@ def test_moe_trains_logs_routing_and_resumes_bitwise(tmp_path, mnist_dir):
     assert "active per token: 2 of 4 experts + shared" in proc.stdout
 
 
+def test_loss_weighting_learns_u_of_t_resumes_bitwise_and_samples(tmp_path, mnist_dir):
+    """loss_weighting=True: the first forward is the plain run's (same weights, same draws), and the gradient of
+    log u(t) (1 - L at u = 1) joins the global grad norm; u(t) is then learned (its weights move), a
+    SIGTERM-and-resume run equals the straight one bitwise, and the checkpoint samples."""
+    common = [*TINY, f"--data_dir={mnist_dir}", "--max_steps=6", "--ckpt_interval=100", "--lr=3e-3"]
+    run("train.py", *common, f"--out_dir={tmp_path / 'plain'}")
+    run("train.py", *common, "--loss_weighting=true", f"--out_dir={tmp_path / 'straight'}")
+    plain, a = metrics(tmp_path / "plain"), metrics(tmp_path / "straight")
+    assert a[0]["loss"] == plain[0]["loss"] and a[0]["grad_norm"] > plain[0]["grad_norm"]
+    assert a[1]["loss"] != plain[1]["loss"]
+    state = load(tmp_path / "straight" / "ckpt-00000006.pt")
+    assert state["model_args"]["loss_weighting"] and state["model"]["loss_logvar.weight"].abs().sum() > 0
+    out = tmp_path / "resumed"
+    run("train.py", *common, "--loss_weighting=true", f"--out_dir={out}", env={"NANODIT_INJECT": "sigterm@2"})
+    run("train.py", *common, "--loss_weighting=true", f"--out_dir={out}")
+    assert_same_state(state, load(out / "ckpt-00000006.pt"), exact=True)
+    assert metrics(out)[-1]["loss"] == a[-1]["loss"]
+    run("sample.py", f"--ckpt={out}", "--steps=2", f"--out={tmp_path / 'grid.png'}")
+    assert (tmp_path / "grid.png").exists()
+
+
 def test_sample_py_uses_the_recipes_sampler_unless_told_otherwise(tmp_path, mnist_dir):
     out = tmp_path / "out"
     run("train.py", *TINY, f"--data_dir={mnist_dir}", f"--out_dir={out}", "--max_steps=2", "--sample_steps=3",
