@@ -63,6 +63,32 @@ def shift_time(t, shift):
     return t if shift == 1 else shift * t / (1 + (shift - 1) * t)
 
 
+class TrainingDraws:
+    """Each training sample's own timestep, noise and guidance-dropout draw, keyed by (seed, sample id): the
+    same whatever the batch, rank or accumulation step the sample lands in, so DDP equals one process and a
+    resume repeats them. Called by the data stream (prepare_data.ShardStream(draws=...)), so that with loader
+    processes the draws run beside the training step, and on a GPU they arrive with the batch in one copy
+    instead of as a few small kernels per sample. Drawn on the CPU: the streams do not depend on the device.
+    A plain object of numbers, so that spawned loader processes can unpickle it."""
+
+    def __init__(self, seed=0, t_sampling="logit_normal", t_loc=0.0, t_scale=1.0, t_shift=1.0):
+        if t_sampling not in ("logit_normal", "uniform"):
+            raise ValueError(f"t_sampling={t_sampling!r}: expected 'logit_normal' or 'uniform'")
+        self.seed, self.t_sampling, self.t_loc, self.t_scale, self.t_shift = seed, t_sampling, t_loc, t_scale, t_shift
+
+    def __call__(self, sid, shape):
+        """{'t': (B,), 'noise': (B, *shape), 'u': (B,) uniform for the dropout masks} for sample ids sid (B,)."""
+        gen, t, noise, u = torch.Generator(), [], [], []
+        for s in sid.tolist():
+            gen.manual_seed(self.seed * 1_000_003 + s)
+            noise.append(torch.randn(shape, generator=gen))
+            z = torch.randn(1, generator=gen)
+            uu = torch.rand(2, generator=gen)
+            t.append(torch.sigmoid(self.t_loc + self.t_scale * z) if self.t_sampling == "logit_normal" else uu[1:])
+            u.append(uu[:1])
+        return {"t": shift_time(torch.cat(t), self.t_shift), "noise": torch.stack(noise), "u": torch.cat(u)}
+
+
 # ---------------------------------------------------------------------------------------------
 
 

@@ -984,10 +984,12 @@ class ShardStream(torch.utils.data.IterableDataset):
     epoch's samples are read exactly once between them. Each sample also carries `sid` = epoch * N
     + its position in the split; all per-sample randomness (flips here, timesteps and noise in
     train.py) is keyed by it, so it does not depend on how global batches are split either.
+    `draws`: None, or a picklable callable (sid (B,), sample shape) -> {name: (B, ...) tensor}, whose
+    tensors join each batch (train.py's model.TrainingDraws: timesteps, noise, dropout).
     """
 
     def __init__(self, root, split='train', batch_size=8, rank=0, world_size=1, seed=0, start=0,
-                 flip_prob=0.0, text_max_length=None):
+                 flip_prob=0.0, text_max_length=None, draws=None):
         self.index = load_index(root)
         self.cache = (_cache['dir'], _cache['max_gb'])  # kept for DataLoader workers that are spawned, not forked
         if split not in self.index['splits'] or not self.index['splits'][split]:
@@ -996,6 +998,7 @@ class ShardStream(torch.utils.data.IterableDataset):
             raise ValueError(f'flip_prob={flip_prob} but {root} was prepared without flipped views (has_flip false)')
         self.root, self.split, self.batch_size, self.rank, self.world_size = root, split, batch_size, rank, world_size
         self.seed, self.start, self.flip_prob, self.text_max_length = seed, start, flip_prob, text_max_length
+        self.draws = draws
         self.batches_per_epoch = len(epoch_plan(self.index, split, batch_size, 0, seed))  # the same every epoch
         self.first_id, self.n_samples = {}, 0   # bucket -> id of each shard's first sample
         for bucket, shards in sorted(self.index['splits'][split].items()):
@@ -1023,8 +1026,11 @@ class ShardStream(torch.utils.data.IterableDataset):
             bucket, slots = plan[g % P]
             sid = [epoch * self.n_samples + self.first_id[bucket][s] + p for s, p in slots]
             flips = [np.random.default_rng([self.seed, FLIP_RNG, i]).random() < self.flip_prob for i in sid]
-            yield {**reader.read_batch(self.split, bucket, slots, flips), 'g': g, 'epoch': epoch,
-                   'sid': torch.tensor(sid)}
+            batch = {**reader.read_batch(self.split, bucket, slots, flips), 'g': g, 'epoch': epoch,
+                     'sid': torch.tensor(sid)}
+            if self.draws is not None:
+                batch.update(self.draws(batch['sid'], batch['x'].shape[1:]))
+            yield batch
             n += workers
 
 

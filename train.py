@@ -27,7 +27,7 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from model import LEGACY_MODEL_ARGS, DiT, DiTConfig, compile_model, flow_loss, interpolate, shift_time
+from model import LEGACY_MODEL_ARGS, DiT, DiTConfig, TrainingDraws, compile_model, flow_loss, interpolate
 from prepare_data import ShardStream, configure_cache, iterate_split, load_index
 
 # ----------------------------------------------------------------------------------------------
@@ -530,26 +530,12 @@ def worker_init(_):
 
 
 stream = ShardStream(data_dir, "train", batch_size=batch_size, rank=rank, world_size=world_size,
-                     seed=seed, start=micro_batches, flip_prob=flip_prob, text_max_length=text_len or None)
+                     seed=seed, start=micro_batches, flip_prob=flip_prob, text_max_length=text_len or None,
+                     draws=TrainingDraws(seed, t_sampling, t_loc, t_scale, t_shift))
 loader = torch.utils.data.DataLoader(stream, batch_size=None, num_workers=num_workers,
                                      pin_memory=device_type == "cuda", worker_init_fn=worker_init,
                                      persistent_workers=num_workers > 0)
 batches = iter(loader)
-gen = torch.Generator(device=device)
-
-
-def per_sample_draws(sid, shape):
-    """Timestep, noise and guidance-dropout draw for each sample, keyed by (seed, sample id)."""
-    t, noise, u = [], [], []
-    for s in sid.tolist():
-        gen.manual_seed(seed * 1_000_003 + s)
-        n = torch.randn(shape, generator=gen, device=device)
-        z = torch.randn(1, generator=gen, device=device)
-        uu = torch.rand(2, generator=gen, device=device)
-        t.append(shift_time(torch.sigmoid(t_loc + t_scale * z) if t_sampling == "logit_normal" else uu[1:], t_shift))
-        noise.append(n)
-        u.append(uu[:1])
-    return torch.cat(t), torch.stack(noise), torch.cat(u)
 
 
 def to_device(batch):
@@ -867,7 +853,7 @@ while step < max_steps:
                 raise torch.OutOfMemoryError("injected out-of-memory (NANODIT_INJECT)")
             if "raise" in faults and micro == 0:
                 raise RuntimeError(f"rank {rank}: injected failure at step {step} (NANODIT_INJECT)")
-            t, noise, u = per_sample_draws(batch["sid"], x.shape[1:])   # (B,), (B, C, H, W), (B,)
+            t, noise, u = batch["t"], batch["noise"], batch["u"]      # (B,), (B, C, H, W), (B,): TrainingDraws
             xt = interpolate(x, noise, t)
             drop_all = u < p_uncond
             drop_image = drop_all | ((u >= p_uncond) & (u < p_uncond + p_text_only))

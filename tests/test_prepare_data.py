@@ -364,6 +364,46 @@ def test_stream_ddp_equivalence_workers_and_resume(digits):
     assert 0 < mirrored < 48
 
 
+def test_training_draws_are_keyed_by_sample_in_any_rank_worker_or_spawned_process(digits):
+    """train.py's timesteps, noise and dropout draws come with each batch (model.TrainingDraws): per sample id,
+    the same on one rank as on two ranks with loader processes (forked or spawned) and after a resume."""
+    from model import TrainingDraws, shift_time
+    B, draws = 4, TrainingDraws(seed=1, t_shift=1.5)
+    it = iter(pd.ShardStream(digits, batch_size=B, seed=1, draws=draws))
+    world1 = [next(it) for _ in range(16)]                 # into the second epoch: 48 samples, 12 batches each
+    by_sid = {}
+    for b in world1:
+        assert b['t'].shape == (B,) and b['u'].shape == (B,) and b['noise'].shape == b['x'].shape
+        for i, s in enumerate(b['sid'].tolist()):
+            by_sid[s] = (b['t'][i], b['noise'][i], b['u'][i])
+    assert len(by_sid) == 64
+    ts = torch.stack([v[0] for v in by_sid.values()])
+    assert ((ts > 0) & (ts < 1)).all() and ts.unique().numel() == 64
+    again = min(s for s in by_sid if s >= 48)              # an image of epoch 0 again in epoch 1: a new draw
+    assert not torch.equal(by_sid[again - 48][1], by_sid[again][1])
+
+    def check(batches):
+        for b in batches:
+            for i, s in enumerate(b['sid'].tolist()):
+                t, noise, u = by_sid[s]
+                assert b['t'][i] == t and torch.equal(b['noise'][i], noise) and b['u'][i] == u
+
+    for rank, ctx in ((0, None), (1, 'spawn')):
+        stream = pd.ShardStream(digits, batch_size=B, rank=rank, world_size=2, seed=1, start=2, draws=draws)
+        loader = torch.utils.data.DataLoader(stream, batch_size=None, num_workers=2 if ctx is None else 1,
+                                             multiprocessing_context=ctx)
+        check(b for _, b in zip(range(6), loader))
+    # the settings take effect: the shift maps the unshifted draws, uniform t is another draw, a seed changes all
+    plain = next(iter(pd.ShardStream(digits, batch_size=B, seed=1, draws=TrainingDraws(seed=1))))
+    assert torch.allclose(shift_time(plain['t'], 1.5), world1[0]['t']) and torch.equal(plain['noise'], world1[0]['noise'])
+    uniform = next(iter(pd.ShardStream(digits, batch_size=B, seed=1, draws=TrainingDraws(1, 'uniform'))))
+    assert torch.equal(uniform['noise'], plain['noise']) and not torch.allclose(uniform['t'], plain['t'])
+    other = next(iter(pd.ShardStream(digits, batch_size=B, seed=1, draws=TrainingDraws(seed=2))))
+    assert not torch.allclose(other['noise'], plain['noise'])
+    with pytest.raises(ValueError, match="t_sampling='beta'"):
+        TrainingDraws(t_sampling='beta')
+
+
 def test_stream_errors(digits, tmp_path):
     with pytest.raises(ValueError, match='for one full batch of batch_size 64'):
         pd.ShardStream(digits, batch_size=64)
