@@ -155,8 +155,10 @@ def fail(msg):
     raise SystemExit(f"train.py: {msg}")
 
 
-if t_sampling not in ("logit_normal", "uniform"):
-    fail(f"t_sampling={t_sampling!r}: expected 'logit_normal' or 'uniform'")
+try:
+    draws = TrainingDraws(seed, t_sampling, t_loc, t_scale, t_shift)   # each sample's t, noise, dropout (model.py)
+except ValueError as e:                                                # t_sampling is checked there
+    fail(str(e))
 if p_uncond + p_text_only + p_image_only > 1:
     fail(f"p_uncond + p_text_only + p_image_only = {p_uncond + p_text_only + p_image_only} > 1")
 for key in ("batch_size", "grad_accum_steps", "keep_last_n", "log_interval", "ckpt_interval"):
@@ -531,7 +533,7 @@ def worker_init(_):
 
 stream = ShardStream(data_dir, "train", batch_size=batch_size, rank=rank, world_size=world_size,
                      seed=seed, start=micro_batches, flip_prob=flip_prob, text_max_length=text_len or None,
-                     draws=TrainingDraws(seed, t_sampling, t_loc, t_scale, t_shift))
+                     draws=draws)
 loader = torch.utils.data.DataLoader(stream, batch_size=None, num_workers=num_workers,
                                      pin_memory=device_type == "cuda", worker_init_fn=worker_init,
                                      persistent_workers=num_workers > 0)
