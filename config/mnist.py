@@ -5,7 +5,7 @@
 # 28/4 = 7x7 = 49 tokens per image, 6 blocks x 96 wide. At equal training time 6 x 96 beat 6 x 128 and
 # 4 x 128 (it steps 1.5x as fast as 6 x 128): FD 2,969 against 3,306 for 4 x 128 at 6,750 steps, and
 # 6 x 96 at 8,750 steps scored what 6 x 128 did at 8,000 (FD 2,576 against 2,557) for ~1.4x less compute.
-# The README's main command planned 7,750 steps here (Zen 3, fp32): FD 1.91x the floor, 99.8% (BENCHMARKS round 9).
+# The README's main command planned 10,000 steps here (Zen 3, fp32): FD 1.75x the floor, 99.9% (BENCHMARKS round 10).
 # 6 x 64 won at 1 thread but not at the 2 threads the README runs (FD 2,808 against 2,566 at 8,000 steps).
 data_dir = "data/mnist"
 out_dir = "out/mnist"
