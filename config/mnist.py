@@ -40,7 +40,7 @@ grad_warn = 200.0         # x-prediction weighs the image error by 1/t^2: health
 # the sampler this recipe is evaluated with; sample.py uses it for this checkpoint unless told otherwise:
 sample_steps = 32         # on the 8,000-step checkpoint: FD 2,566 / 2,518 / 2,429 / 2,447 at 16 / 24 / 32 / 48 Euler
                           # steps (Heun 16: 2,624); the grid's 80 images take seconds either way
-sample_shift = 0.6        # the step grid shifted towards the data (t' = s t / (1 + (s - 1) t)): FD 3-6% lower on four
+sample_shift = 0.6        # the step grid shifted towards the data (t' = s t / (1 + (s - 1) t)): FD 3-9% lower on five
                           # checkpoints and 23% on the slow README run's (3,540 -> 2,741), class accuracy within 0.4 pt
                           # (BENCHMARKS.md round 10); 0.5-0.9 all beat the uniform grid
 sample_text_scale = 3.0   # class guidance 3, only for t in [0.3, 0.8]: skipping the noisiest steps keeps the
