@@ -25,7 +25,7 @@ import torch
 
 import prepare_data
 from configurator import apply_overrides
-from model import DiT, DiTConfig, attention, compile_model, interpolate, velocity_target
+from model import DiT, DiTConfig, attention, compile_model, interpolate, keep_freed_cpu_memory, velocity_target
 from sample import guided_velocity, sample_ode
 
 # ----------------------------------------------------------------------------------------------
@@ -44,6 +44,8 @@ batch_sweep = "8,16,32,64"  # batch sizes of the quick-start train step sweep ('
 profile_top = 8           # operators listed from torch.profiler of one quick-start train step (0 = none)
 compare_rev = ""          # also time each recipe's train step (and the quick start's sampling) with model.py as it was
                           # at this git revision (e.g. HEAD~1), interleaved with this one: what a model change gained
+keep_freed_memory = True  # as train.py and sample.py: malloc keeps freed memory for the next step (model.keep_freed_cpu_memory);
+                          # False measures glibc's default (run both, alternated, for the ratio; the train.py row follows it)
 compare_compile = False   # also time each recipe's train step (and the quick start's sampling) with torch.compile
                           # against eager, interleaved (a minute or two of compilation; needs a C++ compiler on a CPU);
                           # with compare_rev also set, that revision's model joins them and is the base of the ratios
@@ -238,7 +240,8 @@ def prepare_mnist(data):
 def run_train_py(data, out, steps):
     """img/s of the real `python train.py config/mnist.py`, median over its metrics records after the first."""
     subprocess.run([sys.executable, "train.py", "config/mnist.py", f"--max_steps={steps}", f"--log_interval={steps // 4}",
-                    "--sample_interval=0", f"--out_dir={out}", f"--data_dir={data}", "--resume=never"],
+                    "--sample_interval=0", f"--out_dir={out}", f"--data_dir={data}", "--resume=never",
+                    f"--keep_freed_memory={keep_freed_memory}"],
                    cwd=HERE, check=True, capture_output=True)
     with open(os.path.join(out, "metrics.jsonl")) as f:
         records = [json.loads(line) for line in f if "img_per_s" in line]
@@ -268,6 +271,7 @@ def profile_step(step, n_steps, top):
 
 def main():
     n_rep, n_warm = (1, 1) if quick else (repeats, warmup)
+    kept = keep_freed_memory and keep_freed_cpu_memory()
     tiny = dict(depth=2, hidden=64, heads=4)
     dts = measured_dtypes()
     auto = "bf16" if "bf16" in dts and torch.cpu._is_avx512_bf16_supported() else "fp32"   # what dtype=auto trains in
@@ -402,7 +406,8 @@ def main():
                 add("data loader", f"{label}, {w} workers, batch 8", rate, "samples/s",
                     f"{rate / consume:.0f}x small's training" if consume == consume else "")
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, quick={quick}, "
-          f"bf16 {'measured' if 'bf16' in dts else 'not measured (no native bf16 on this CPU)'}\n")
+          f"bf16 {'measured' if 'bf16' in dts else 'not measured (no native bf16 on this CPU)'}, "
+          f"freed memory {'kept by malloc' if kept else 'handled by the C library as by default'}\n")
     print("| section | measurement | value | unit | note |\n|---|---|---:|---|---|")
     for section, what, value, unit, note in rows:
         print(f"| {section} | {what} | {value:.3g} | {unit} | {note} |")

@@ -7,6 +7,7 @@ Conditions, each optional and each replaceable by a learned null for classifier-
   image_emb  (B, D_img) pooled image embedding      -> added to the adaLN conditioning vector
 A model built with none of them is unconditional.
 """
+import ctypes
 import math
 from dataclasses import dataclass
 
@@ -157,6 +158,25 @@ def compile_model(model, log=print):
                 "running eager (install g++ or clang++, or set CXX, for the compiled model)")
             return model
     return torch.compile(model)
+
+
+def keep_freed_cpu_memory(largest=32 << 20):
+    """Have glibc's malloc keep the memory that freed tensors leave, for the next step to reuse, instead of
+    handing it back to the OS and taking every page again through a page fault (zero-filled) a step later.
+
+    By default glibc maps each block above a threshold (128 KiB, raised as such blocks are freed) with mmap and
+    returns free memory above 2x that from the top of the heap. A training step frees and reallocates the same
+    activation buffers every step, so it paid ~25,000 page faults per step in the small recipe on a CPU.
+    Here blocks up to `largest` (glibc's limit: 32 MiB on 64-bit) come from the heap and the heap is never
+    trimmed; the process keeps its peak heap, which the next step needs again anyway. Speed: BENCHMARKS.md.
+    Returns True where it applied (Linux with glibc), False elsewhere (macOS, Windows, musl), where nothing
+    changes. CUDA memory has its own caching allocator and is not affected."""
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError, TypeError):
+        return False
+    M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
+    return mallopt(M_MMAP_THRESHOLD, largest) == 1 and mallopt(M_TRIM_THRESHOLD, 2**31 - 1) == 1
 
 
 def modulate(x, shift, scale):

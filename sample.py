@@ -25,7 +25,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from model import DiT, compile_model, config_from_checkpoint, shift_time
+from model import DiT, compile_model, config_from_checkpoint, keep_freed_cpu_memory, shift_time
 
 SOLVERS = {"euler": 1, "heun": 2}   # velocity evaluations per step
 
@@ -740,6 +740,8 @@ def main():
     dev = device
     if dev == "auto":
         dev = "cuda" if torch.cuda.is_available() else "cpu"
+    if torch.device(dev).type == "cpu":
+        keep_freed_cpu_memory()   # as train.py does: no page faults for the buffers every step reallocates
     path = resolve_checkpoint(ckpt) if ckpt else sys.exit("sample.py: --ckpt=PATH is required")
     if export_onnx:
         if str(ema).lower() == "both":

@@ -27,7 +27,8 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from model import LEGACY_MODEL_ARGS, DiT, DiTConfig, TrainingDraws, compile_model, flow_loss, interpolate
+from model import (LEGACY_MODEL_ARGS, DiT, DiTConfig, TrainingDraws, compile_model, flow_loss, interpolate,
+                   keep_freed_cpu_memory)
 from prepare_data import ShardStream, configure_cache, iterate_split, load_index
 
 # ----------------------------------------------------------------------------------------------
@@ -111,6 +112,8 @@ device = "auto"               # 'auto' | 'cpu' | 'cuda' | 'mps'
 dtype = "auto"                # 'auto' (bf16 where the device has it) | 'bfloat16' | 'float32'
 compile = False               # torch.compile the model (first step takes tens of seconds); on a CPU with no
                               # C++ compiler for inductor it warns and runs eager
+keep_freed_memory = True      # on a CPU, malloc keeps the memory a step frees for the next one instead of faulting it
+                              # back in (model.keep_freed_cpu_memory; faster steps, BENCHMARKS.md); False = glibc's default
 fsdp = False                  # shard parameters, gradients and optimizer state with FSDP2 instead of DDP
 num_workers = 2               # data-loader processes per rank
 seed = 0
@@ -214,6 +217,8 @@ if dtype == "auto":
                else device_type == "cpu" and torch.cpu._is_avx512_bf16_supported())
     dtype = "bfloat16" if bf16_ok else "float32"
 autocast = torch.autocast(device_type, dtype=torch.bfloat16) if dtype == "bfloat16" else nullcontext()
+if keep_freed_memory and device_type == "cpu":
+    keep_freed_cpu_memory()
 torch.backends.cuda.matmul.allow_tf32 = True
 torch.backends.cudnn.allow_tf32 = True
 
