@@ -409,11 +409,15 @@ def assert_continuous_decay(records, peak, min_ratio=0.1, rel=0.05):
 
 
 def test_max_minutes_replans_when_the_machine_slows_and_ends_on_time(mnist_dir, tmp_path):
-    # from step 60 every step sleeps 0.05 s more (2-4x slower): the first plan, fitted to the fast steps, would
-    # overrun its 12 s about twofold; the replans shorten it and the cosine still runs out continuously
+    # from step 60 every step sleeps 0.05 s more (2-8x slower): the first plan, fitted to the fast steps, would
+    # overrun its 12 s twofold or more; the replans shorten it and the cosine still runs out continuously. A replan
+    # every 0.24 s: the window between replans is counted in steps at the speed of the last plan, so on a machine
+    # that runs the fast steps at 0.006 s the default 1.2 s window would end only after ~8 s of slowed steps, too
+    # late for any decay (the plan would end at that step)
     args = [*TINY, f"--data_dir={mnist_dir}", "--max_minutes=0.2", "--warmup_steps=20", "--ckpt_interval=100000"]
     t0 = time.time()
-    proc = run("train.py", *args, f"--out_dir={tmp_path / 'a'}", env={"NANODIT_INJECT": "slow@60"})
+    proc = run("train.py", *args, f"--out_dir={tmp_path / 'a'}", "--budget_replan_every=0.02",
+               env={"NANODIT_INJECT": "slow@60"})
     wall = time.time() - t0
     first = int(proc.stdout.split("so max_steps = ")[1].split()[0])
     moves = [(int(a), int(b)) for a, b in re.findall(r"max_steps (\d+) -> (\d+)", proc.stdout)]
