@@ -20,3 +20,4 @@ ckpt_interval = 1000
 keep_every = 10000
 sample_interval = 2000
 log_interval = 10
+compile = True       # as config/small.py, where it was measured (BENCHMARKS.md round 12)

@@ -16,3 +16,4 @@ ema_warmup_steps = 5000
 ckpt_interval = 1000
 sample_interval = 2000
 log_interval = 20
+compile = True       # as config/small.py, where it was measured (BENCHMARKS.md round 12)

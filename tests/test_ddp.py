@@ -293,3 +293,27 @@ def test_muon_and_moe_on_two_ranks_equal_one_process(tmp_path, mnist_dir):
     for s in train_a:
         for k in ("loss", "moe_aux", "moe_dropped", "moe_load_0"):
             assert train_a[s][k] == pytest.approx(train_b[s][k], rel=1e-5, abs=1e-7), (s, k)
+
+
+def test_compiled_ddp_and_fsdp_match_eager_and_resume(ddp_run, tmp_path, mnist_dir):
+    """compile=True (the long recipes' default) under DDP, whose DDPOptimizer splits the graph at the gradient
+    buckets, stopped after step 2 on rank 1 and resumed, and under FSDP2: both end where the eager DDP run
+    does, within float rounding (inductor fuses and reorders the elementwise work)."""
+    out, _ = ddp_run
+    ddp, fsdp = tmp_path / "ddp", tmp_path / "fsdp"
+    common = [*ARGS, f"--data_dir={mnist_dir}", "--batch_size=4", "--compile=true"]
+    proc = torchrun("train.py", *common, f"--out_dir={ddp}", env={"NANODIT_INJECT": "sigterm@1:1"}, timeout=400)
+    assert "stopping at step 2" in proc.stdout and "running eager" not in proc.stdout   # a C++ compiler was found
+    proc = torchrun("train.py", *common, f"--out_dir={ddp}", "--resume=auto", timeout=400)
+    assert f"resuming from {ddp / 'ckpt-00000002.pt'} at step 2" in proc.stdout
+    torchrun("train.py", *common, f"--out_dir={fsdp}", "--fsdp=true", timeout=400)
+    a = ckpt(out, STEPS)
+    for run_dir in (ddp, fsdp):
+        b = ckpt(run_dir, STEPS)
+        for key in ("model", "ema"):
+            assert_close(a[key], b[key], atol=1e-5, where=f"{run_dir.name} {key}")
+        (train_a, _), (train_b, _) = metrics(out), metrics(run_dir)
+        for s in range(1, STEPS + 1):
+            assert train_b[s]["loss"] == pytest.approx(train_a[s]["loss"], rel=1e-4), (run_dir.name, s)
+    assert_close(a["optimizer"], ckpt(ddp, STEPS)["optimizer"], atol=1e-5, where="ddp optimizer")
+    assert_close(a["optimizer"], by_name(ckpt(fsdp, STEPS)["optimizer"]), atol=1e-5, where="fsdp optimizer")

@@ -298,7 +298,7 @@ def test_bad_config_names_the_problem(tmp_path, mnist_dir, args, needle):
 @pytest.mark.parametrize("extra", [[], ["--optimizer=muon", "--moe_experts=4"]], ids=["dense-adamw", "moe-muon"])
 def test_compiled_model_trains_like_eager_and_saves_plain_keys(tmp_path, mnist_dir, extra):
     """--compile=true (about 45 s of compilation on 2 cores): same losses (and MoE routing statistics)
-    as eager in fp32, and the checkpoint keys carry no compile or DDP wrapper prefix."""
+    as eager in fp32, the checkpoint keys carry no compile or DDP wrapper prefix, and a resume is bitwise."""
     losses = []
     for flag in ("false", "true"):
         out = tmp_path / flag
@@ -307,6 +307,17 @@ def test_compiled_model_trains_like_eager_and_saves_plain_keys(tmp_path, mnist_d
     assert losses[1] == pytest.approx(losses[0], rel=1e-4)
     keys = load(tmp_path / "true" / "ckpt-00000003.pt")["model"].keys()
     assert not any(k.startswith(("_orig_mod.", "module.")) for k in keys)
+    if extra:
+        return
+    # the long recipes train compiled: a compiled run stopped by SIGTERM after step 2 and resumed (a new process,
+    # compiling again) ends bitwise equal to the compiled run that went straight through
+    out = tmp_path / "resumed"
+    common = [*TINY, f"--data_dir={mnist_dir}", f"--out_dir={out}", "--max_steps=3", "--compile=true"]
+    first = run("train.py", *common, env={"NANODIT_INJECT": "sigterm@1"})
+    assert "stopping at step 2" in first.stdout and ckpts(out) == ["ckpt-00000002.pt"]
+    assert "running eager" not in first.stdout   # compiled: a C++ compiler was found
+    assert "resuming from" in run("train.py", *common).stdout
+    assert_same_state(load(tmp_path / "true" / "ckpt-00000003.pt"), load(out / "ckpt-00000003.pt"), exact=True)
 
 
 def test_compile_without_a_cpp_compiler_says_so_and_trains_eager(tmp_path, mnist_dir):
