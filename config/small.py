@@ -18,4 +18,4 @@ sample_interval = 2000
 log_interval = 50
 compile = True       # torch.compile: the train step 1.42x (bf16) and 1.08x (fp32) faster on a 2-core AMX CPU after
                      # 56 / 38 s of compiling, 1.04x on a Zen 3 after 169 s (BENCHMARKS.md round 12): paid back after
-                     # 2-70 minutes of training. Without a C++ compiler it warns and trains eager
+                     # 3-73 minutes of training. Without a C++ compiler it warns and trains eager
