@@ -330,14 +330,18 @@ def main():
             first_call(fns) runs before the timing and returns a note (compilation)."""
             work = (("train step", batch, lambda m: train_step_fn(m, batch, shape, dts[auto])),
                     ("sampling", n_sample, lambda m: sample_fn(m, n_sample, shape, dts[auto], steps)))
+            flops_model = build_model(cfg, shape[0], 10)
             for what, n_img, make in work[:2 if sampling else 1]:
                 fns = {name: make(m) for name, m in models.items()}
                 note = first_call(fns) if first_call else ""
                 t = median_times(fns, max(n_rep, 5) * 2, max(n_warm, 1))
                 for name in fns:
+                    notes = [f"{t[base] / t[name]:.2f}x {base}{note}"] if name != base else []
+                    if what == "train step":   # the same matmul FLOPs, compiled or from another model.py
+                        notes.append(mfu(flops_model, shape, n_img / t[name], auto))
                     add(section, f"{rname} {auto} {what}, batch {n_img}" + (
                         f", {steps} Euler steps x 2 branches" if what == "sampling" else "") + f", {name}",
-                        n_img / t[name], "img/s", f"{t[base] / t[name]:.2f}x {base}{note}" if name != base else "")
+                        n_img / t[name], "img/s", ", ".join(notes))
 
         if compare_rev:   # the train step of every recipe; sampling only the quick start's (the others take minutes)
             versus("model.py vs git", {"this model.py": build_model(cfg, shape[0], 10),

@@ -1,4 +1,5 @@
 """benchmark.py: its pieces run at tiny sizes and measure what they claim (the numbers live in BENCHMARKS.md)."""
+import re
 import subprocess
 import time
 
@@ -124,4 +125,6 @@ def test_compile_comparison_times_both_variants(monkeypatch, rev):
     base = rev or "eager"
     for part in (rows[:len(names)], rows[len(names):]):      # train step, then sampling
         assert f"x {base}, first call" in part[1][4]
-        assert part[names.index(base)][4] == ""          # the base row carries no ratio
+        assert "x " not in part[names.index(base)][4]     # the base row carries no ratio
+    assert all(re.search(r"MFU \d+\.\d%", r[4]) for r in rows[:len(names)])   # the train step's, each variant's
+    assert part[names.index(base)][4] == ""
