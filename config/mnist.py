@@ -48,9 +48,10 @@ sample_shift = 0.6        # the step grid shifted towards the data (t' = s t / (
                           # (BENCHMARKS.md round 10); 0.5-0.9 all beat the uniform grid
 sample_text_scale = 2.75  # class guidance 2.75, only for t in [0.3, 0.8]: skipping the noisiest steps keeps the
 sample_guidance_interval = (0.3, 0.8)  # variety (recall) that guidance there removes, FD -25% against [0.5, 1].
-                          # 2.75 against 3: FD 1.7-3.3% lower on 6 checkpoints (and both seeds of 3), class accuracy
-                          # 0-0.5 points lower; at 5,500 steps (a slow machine) FD 1.99x / 1.95x the floor, 99.1% /
-                          # 98.9%, against 2.04x / 2.01x at 3 (BENCHMARKS.md round 12). 2.5 dropped classes to 91-95%
+                          # 2.75 against 3: FD 1.7-3.3% lower on 6 checkpoints (3 of them with 2 sampling seeds), class
+                          # accuracy 0-0.5 points lower; at 5,500 steps (a slow machine; beta1 0.9) FD 1.99x / 1.95x the
+                          # floor, 99.1% / 98.9%, against 2.04x / 2.01x at 3 (BENCHMARKS.md round 12). 2.5 dropped
+                          # classes to 91-95% (round 10)
 log_interval = 250
 ckpt_interval = 1000
 sample_interval = 0       # no grids during this short run (sample.py draws one at the end)

@@ -127,4 +127,4 @@ def test_compile_comparison_times_both_variants(monkeypatch, rev):
         assert f"x {base}, first call" in part[1][4]
         assert "x " not in part[names.index(base)][4]     # the base row carries no ratio
     assert all(re.search(r"MFU \d+\.\d%", r[4]) for r in rows[:len(names)])   # the train step's, each variant's
-    assert part[names.index(base)][4] == ""
+    assert rows[len(names) + names.index(base)][4] == ""   # the base's sampling row: no ratio and no MFU
