@@ -24,8 +24,8 @@ budget_round_steps = 250  # plan), rounded down to a multiple of 250 so that a s
 max_steps = 7000          # with --max_minutes=0: 112,000 images (--max_steps=N alone also turns the budget off)
 lr = 3e-3                 # 3e-3: FD 10% below 2e-3 at 5,000 steps (2e-3 beat 1e-3 before); 0.1 x lr at the end
                           # (min_lr_ratio): decaying to 0 instead raised FD 11%
-beta1 = 0.8               # Adam's momentum over ~5 steps instead of ~10: at 5,500 steps (a slow machine's plan) FD 2.7% and
-                          # 4.2% lower with two training seeds, class accuracy 0.2 points lower; at 10,000 steps FD alike
+beta1 = 0.8               # Adam's momentum over ~5 steps instead of ~10: at 5,500 steps (a slow machine's plan) FD 2.4-4.2%
+                          # lower with three training seeds, class accuracy within 0.5 points; at 10,000 steps FD alike
                           # (2,269 against 2,263); 0.95 scored 7% worse (BENCHMARKS.md round 12)
 warmup_steps = 100        # at 8,000 steps (BENCHMARKS.md round 5) these scored worse than this cosine: lr_schedule='wsd'
                           # (FD 2,813 against 2,566); beta2=0.95 alike (2,531) but one class at 94%
