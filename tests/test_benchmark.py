@@ -99,10 +99,11 @@ def test_adamw_implementations_take_the_same_step():
 
 
 def test_profile_lists_the_heaviest_operators_of_a_train_step():
-    cfg = {**benchmark.recipe("mnist"), "depth": 1, "hidden": 32, "heads": 2}
-    step = benchmark.train_step_fn(benchmark.build_model(cfg, 1, 10), 4, (1, 8, 8), torch.float32)
-    top = benchmark.profile_step(step, 2, 5)
-    assert len(top) == 5 and 0 < sum(share for _, share, _ in top) <= 100.01
+    # 2 x 64 on 16x16 inputs: at 1 x 32 on 8x8 the matmuls were 4th of 5 and one CI run ranked them lower still
+    cfg = {**benchmark.recipe("mnist"), "depth": 2, "hidden": 64, "heads": 2}
+    step = benchmark.train_step_fn(benchmark.build_model(cfg, 1, 10), 4, (1, 16, 16), torch.float32)
+    top = benchmark.profile_step(step, 2, 8)
+    assert len(top) == 8 and 0 < sum(share for _, share, _ in top) <= 100.01
     assert [share for _, share, _ in top] == sorted((share for _, share, _ in top), reverse=True)
     assert any("mm" in op for op, _, _ in top)   # matmuls are among the heaviest even at this size
 
