@@ -904,6 +904,19 @@ def epoch_plan(index, split, batch_size, epoch, seed):
     return plan
 
 
+def member_bytes(tar, info):
+    """The bytes of a regular member of an open tar, read at its offset: what tar.extractfile(info).read() gives,
+    without the file object it builds (a third of the reader's time per 28x28 sample). A member cut short by a
+    truncated shard raises EOFError, as extractfile's read does."""
+    if not info.isreg() or info.sparse is not None:
+        return tar.extractfile(info).read()
+    tar.fileobj.seek(info.offset_data)
+    data = tar.fileobj.read(info.size)
+    if len(data) != info.size:
+        raise EOFError(f"{tar.name}: member {info.name} ends after {len(data)} of {info.size} bytes")
+    return data
+
+
 class ShardReader:
     """Reads samples by (split, bucket, shard, position), only their bytes, into collated batches.
     Remote shards come through a ShardCache (cache = (cache_dir, cache_max_gb))."""
@@ -948,7 +961,7 @@ class ShardReader:
             try:
                 tar, members = self.shard(index['splits'][split][bucket][s])
                 key, fields = members[p]
-                read = lambda field: tar.extractfile(fields[field]).read()
+                read = lambda field: member_bytes(tar, fields[field])
                 load = lambda field: load_npy(read(field))
                 sample = {'x': load('x_flip.npy' if flip else 'x.npy')}
                 if 'y' in batch:
@@ -1025,7 +1038,9 @@ class ShardStream(torch.utils.data.IterableDataset):
                 plan, plan_epoch = epoch_plan(self.index, self.split, self.batch_size, epoch, self.seed), epoch
             bucket, slots = plan[g % P]
             sid = [epoch * self.n_samples + self.first_id[bucket][s] + p for s, p in slots]
-            flips = [np.random.default_rng([self.seed, FLIP_RNG, i]).random() < self.flip_prob for i in sid]
+            # a generator per sample costs ~20 us: none where nothing is flipped
+            flips = ([np.random.default_rng([self.seed, FLIP_RNG, i]).random() < self.flip_prob for i in sid]
+                     if self.flip_prob > 0 else [False] * len(sid))
             batch = {**reader.read_batch(self.split, bucket, slots, flips), 'g': g, 'epoch': epoch,
                      'sid': torch.tensor(sid)}
             if self.draws is not None:

@@ -423,6 +423,24 @@ def test_stream_errors(digits, tmp_path):
         pd.load_index(str(tmp_path / 'nothing'))
 
 
+def test_member_bytes_reads_what_extractfile_reads_and_refuses_a_cut_member(digits, tmp_path):
+    index = pd.load_index(digits)
+    shard = os.path.join(digits, index['splits']['train']['28x28'][0]['path'])
+    with tarfile.open(shard) as tar:
+        members = [m for m in tar.getmembers() if m.isreg()]
+        assert len(members) > 10
+        assert all(pd.member_bytes(tar, m) == tar.extractfile(m).read() for m in members)
+    cut = tmp_path / 'cut.tar'
+    data = Path(shard).read_bytes()
+    last = members[-1]
+    cut.write_bytes(data[:last.offset_data + last.size // 2])      # the last member loses half its bytes
+    with tarfile.open(cut) as tar:     # reads the first header only; `last` comes from the whole shard's listing
+        with pytest.raises(EOFError, match=re.escape(last.name)):
+            pd.member_bytes(tar, last)
+        with pytest.raises((EOFError, tarfile.ReadError)):       # the old path's errors; ShardReader catches both
+            tar.extractfile(last).read()
+
+
 def test_corrupt_shards_give_invalid_slots(digits, tmp_path):
     root = str(tmp_path / 'copy')
     shutil.copytree(digits, root)
