@@ -20,6 +20,7 @@ def test_median_times_reports_each_variant_and_keeps_their_ratio():
 def test_recipes_resolve_like_train_py():
     mnist, small = benchmark.recipe("mnist"), benchmark.recipe("small")
     assert (mnist["patch_size"], mnist["hidden"], mnist["depth"], mnist["heads"], mnist["batch_size"]) == (4, 96, 4, 4, 16)
+    assert mnist["mlp_ratio"] == 3.0
     assert (small["patch_size"], small["hidden"], small["depth"], small["batch_size"]) == (2, 384, 12, 8)
     assert small["mlp_ratio"] == 4.0 and small["attn_impl"] == "auto"   # train.py defaults the recipe keeps
 
