@@ -29,7 +29,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from model import (LEGACY_MODEL_ARGS, DiT, DiTConfig, TrainingDraws, compile_model, flow_loss, interpolate,
                    keep_freed_cpu_memory)
-from prepare_data import ShardStream, configure_cache, iterate_split, load_index
+from prepare_data import ShardStream, configure_cache, exit_skipping_shutdown, iterate_split, load_index
 
 # ----------------------------------------------------------------------------------------------
 # defaults; override with a config file and --key=value (configurator.py)
@@ -993,7 +993,14 @@ while step < max_steps:
 # ---------------------------------------------------------------------------------------------- teardown
 if writer:
     writer.close()
+if master and wandb_project:
+    wandb.finish()
+status = 0
+if bad_in_a_row >= max_bad_steps:
+    status = f"train.py: stopped after {bad_in_a_row} non-finite steps in a row; last checkpoint at step {last_ckpt_step}"
 if ddp:
     dist.destroy_process_group()
-if bad_in_a_row >= max_bad_steps:
-    sys.exit(f"train.py: stopped after {bad_in_a_row} non-finite steps in a row; last checkpoint at step {last_ckpt_step}")
+    del loader, batches                               # its worker processes stop now (exit skips the interpreter's)
+    exit_skipping_shutdown(status)
+if status:
+    sys.exit(status)

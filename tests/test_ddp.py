@@ -29,17 +29,29 @@ ARGS = ["--depth=2", "--hidden=32", "--heads=2", "--patch_size=4", "--warmup_ste
         "--dtype=float32", "--max_steps=6", "--ema_decay=0.5", "--ema_warmup_steps=0", "--val_interval=3"]
 STEPS = 6
 
-# Runs train.py in this process through runpy, then saves what this rank holds in memory (model, EMA,
-# optimizer) to out_dir/rank<R>.pt: rank 0 alone writes checkpoints, so this is how the test sees rank 1.
+# Runs train.py in this process through runpy and, where train.py leaves a torchrun process
+# (prepare_data.exit_skipping_shutdown), first saves what this rank holds in memory (model, EMA, optimizer) to
+# out_dir/rank<R>.pt: rank 0 alone writes checkpoints, so this is how the test sees rank 1.
 DUMP_RANK_STATE = """
 import os, runpy, sys
 import torch
 repo = sys.argv.pop(1)
 sys.argv[0] = os.path.join(repo, "train.py")
 sys.path.insert(0, repo)
-g = runpy.run_path(sys.argv[0], run_name="__main__")
-torch.save({"model": g["raw_model"].state_dict(), "ema": g["ema_model"].state_dict(),
-            "optimizer": g["opt"].state_dict()}, os.path.join(g["out_dir"], f"rank{g['rank']}.pt"))
+import prepare_data
+leave = prepare_data.exit_skipping_shutdown
+
+
+def dump_then_leave(status=0):
+    g = sys._getframe(1).f_globals                    # train.py's
+    torch.save({"model": g["raw_model"].state_dict(), "ema": g["ema_model"].state_dict(),
+                "optimizer": g["opt"].state_dict()}, os.path.join(g["out_dir"], f"rank{g['rank']}.pt"))
+    leave(status)
+
+
+prepare_data.exit_skipping_shutdown = dump_then_leave
+runpy.run_path(sys.argv[0], run_name="__main__")
+raise SystemExit("train.py returned without leaving through exit_skipping_shutdown")
 """
 
 
@@ -98,6 +110,20 @@ def ddp_run(tmp_path_factory, mnist_dir):
     wrapper.write_text(DUMP_RANK_STATE)
     proc = torchrun(wrapper, REPO, *ARGS, f"--data_dir={mnist_dir}", f"--out_dir={out}", "--batch_size=4")
     return out, proc.stdout
+
+
+@pytest.mark.parametrize("status, code", [(0, 0), (3, 3), ("train.py: stopped (a reason)", 1)])
+def test_exit_skipping_shutdown_flushes_what_was_printed_and_keeps_the_status(status, code):
+    """How train.py and prepare_data.py leave a torchrun process (gloo's worker threads can abort the interpreter's
+    shutdown): pipes are block-buffered, so what was printed without a newline reaches them only through the flush;
+    a message is printed to stderr with exit code 1, as sys.exit does."""
+    script = (f"import sys; sys.path.insert(0, {str(REPO)!r}); from prepare_data import exit_skipping_shutdown; "
+              f"print('written', end=''); sys.stderr.write('partial'); exit_skipping_shutdown({status!r}); "
+              f"print('after')")
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == code
+    assert proc.stdout == "written"
+    assert proc.stderr.startswith("partial") and (str(status) in proc.stderr) == isinstance(status, str)
 
 
 def test_all_ranks_hold_identical_weights(ddp_run):
