@@ -716,8 +716,8 @@ def check_settings(cfg):
 
 def exit_skipping_shutdown(status=0):
     """Leave a torchrun process at once, after its process group is destroyed: flush stdout and stderr, then
-    os._exit, skipping the interpreter's shutdown. `status` is an exit code or, like sys.exit, a message for stderr
-    (exit code 1).
+    os._exit, skipping the interpreter's shutdown. `status` is, as for sys.exit, an exit code, None (0) or a message
+    for stderr (exit code 1).
 
     torch's gloo worker thread frees a finished collective a moment after the caller's wait() returned, and freeing
     its tensors takes the GIL. When that moment falls after the interpreter began to shut down, the thread is killed
@@ -725,7 +725,9 @@ def exit_skipping_shutdown(status=0):
     pytorch/pytorch#190489), so torchrun reports a failed run whose work was all written. It hit 1 run in 20-100 of
     a 2-rank train.py here, after the last checkpoint's barrier. Callers close what they wrote before calling this:
     atexit handlers do not run."""
-    if not isinstance(status, int):
+    if status is None:
+        status = 0
+    elif not isinstance(status, int):
         print(status, file=sys.stderr)
         status = 1
     sys.stdout.flush()

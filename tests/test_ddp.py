@@ -112,7 +112,7 @@ def ddp_run(tmp_path_factory, mnist_dir):
     return out, proc.stdout
 
 
-@pytest.mark.parametrize("status, code", [(0, 0), (3, 3), ("train.py: stopped (a reason)", 1)])
+@pytest.mark.parametrize("status, code", [(0, 0), (None, 0), (3, 3), ("train.py: stopped (a reason)", 1)])
 def test_exit_skipping_shutdown_flushes_what_was_printed_and_keeps_the_status(status, code):
     """How train.py and prepare_data.py leave a torchrun process (gloo's worker threads can abort the interpreter's
     shutdown): pipes are block-buffered, so what was printed without a newline reaches them only through the flush;
