@@ -723,8 +723,8 @@ def exit_skipping_shutdown(status=0):
     its tensors takes the GIL. When that moment falls after the interpreter began to shut down, the thread is killed
     inside a C++ destructor and the whole process aborts (SIGABRT, "terminate called without an active exception";
     pytorch/pytorch#190489), so torchrun reports a failed run whose work was all written. It hit 4 of about 170
-    runs of a 2-rank train.py here, after the last checkpoint's barrier, and 0 of 150 since (BENCHMARKS.md round 14). Callers close what they wrote before calling this:
-    atexit handlers do not run."""
+    runs of a 2-rank train.py here, after the last checkpoint's barrier, and 0 of 150 since (BENCHMARKS.md round
+    14). Callers close what they wrote before calling this: atexit handlers do not run."""
     if status is None:
         status = 0
     elif not isinstance(status, int):
