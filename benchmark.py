@@ -25,7 +25,8 @@ import torch
 
 import prepare_data
 from configurator import apply_overrides
-from model import DiT, DiTConfig, attention, compile_model, interpolate, keep_freed_cpu_memory, velocity_target
+from model import (DiT, DiTConfig, attention, bf16_is_native, compile_model, interpolate, keep_freed_cpu_memory,
+                   velocity_target)
 from sample import guided_velocity, sample_ode
 
 # ----------------------------------------------------------------------------------------------
@@ -39,7 +40,7 @@ loader_batches = 50       # batches drawn per data-loader measurement
 end_to_end = True         # also run the real train.py on MNIST in a subprocess
 e2e_steps = 200           # its optimizer steps (metrics every 50; the first record is warm-up); each run is followed
                           # by as many bare train steps, and the row gives the median ratio of these pairs
-bf16 = "auto"             # measure bf16 too: 'auto' (only where the CPU has it natively: avx512_bf16), 'true', 'false'
+bf16 = "auto"             # measure bf16 too: 'auto' (only where the CPU has it natively), 'true', 'false'
 batch_sweep = "8,16,32,64"  # batch sizes of the quick-start train step sweep ('' = none)
 profile_top = 8           # operators listed from torch.profiler of one quick-start train step (0 = none)
 compare_rev = ""          # also time each recipe's train step (and the quick start's sampling) with model.py as it was
@@ -252,7 +253,7 @@ def measured_dtypes():
     """{name: dtype} to measure: fp32 always; bf16 where the CPU runs it natively (emulated bf16 says nothing)."""
     if bf16 not in ("auto", "true", "false"):
         raise SystemExit(f"benchmark.py: bf16={bf16!r}: expected 'auto', 'true' or 'false'")
-    native = torch.cpu._is_avx512_bf16_supported()
+    native = bf16_is_native("cpu")
     return {name: DTYPES[name] for name in ("fp32", "bf16")
             if name == "fp32" or bf16 == "true" or bf16 == "auto" and native}
 
@@ -274,7 +275,7 @@ def main():
     kept = keep_freed_memory and keep_freed_cpu_memory()
     tiny = dict(depth=2, hidden=64, heads=4)
     dts = measured_dtypes()
-    auto = "bf16" if "bf16" in dts and torch.cpu._is_avx512_bf16_supported() else "fp32"   # what dtype=auto trains in
+    auto = "bf16" if "bf16" in dts and bf16_is_native("cpu") else "fp32"   # what dtype=auto trains in
     rows = []   # (section, measurement, value, unit, note)
 
     def add(*row):

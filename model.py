@@ -9,6 +9,7 @@ A model built with none of them is unconditional.
 """
 import ctypes
 import math
+import os
 from dataclasses import dataclass
 
 import torch
@@ -158,6 +159,19 @@ def compile_model(model, log=print):
                 "running eager (install g++ or clang++, or set CXX, for the compiled model)")
             return model
     return torch.compile(model)
+
+
+def bf16_is_native(device_type):
+    """True where this process runs bf16 matmuls natively: a CUDA GPU with bf16, or a CPU with avx512_bf16 whose
+    AVX-512 kernels it may use. ATEN_CPU_CAPABILITY=avx2 or ONEDNN_MAX_CPU_ISA=AVX2 (the usual way to run as a CPU
+    without bf16 would) takes that away: oneDNN then emulates bf16, ~10x slower than fp32 (BENCHMARKS.md round 15)."""
+    if device_type == "cuda":
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    if device_type != "cpu" or not torch.cpu._is_avx512_bf16_supported():
+        return False
+    isa = os.environ.get("ONEDNN_MAX_CPU_ISA", "ALL").upper()   # oneDNN's names: AVX2, AVX512_CORE_BF16, ...
+    onednn_bf16 = isa in ("ALL", "DEFAULT") or any(k in isa for k in ("BF16", "AMX", "AVX10"))
+    return onednn_bf16 and torch.backends.cpu.get_cpu_capability().startswith("AVX512")
 
 
 def keep_freed_cpu_memory(largest=32 << 20):

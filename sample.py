@@ -25,7 +25,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from model import DiT, compile_model, config_from_checkpoint, keep_freed_cpu_memory, shift_time
+from model import DiT, bf16_is_native, compile_model, config_from_checkpoint, keep_freed_cpu_memory, shift_time
 
 SOLVERS = {"euler": 1, "heun": 2}   # velocity evaluations per step
 
@@ -497,9 +497,7 @@ def format_eval(result):
 
 
 def pick_dtype(dev):
-    use_bf16 = dtype == "bfloat16" or dtype == "auto" and (
-        torch.cuda.is_available() and torch.cuda.is_bf16_supported() if dev.startswith("cuda")
-        else dev == "cpu" and torch.cpu._is_avx512_bf16_supported())
+    use_bf16 = dtype == "bfloat16" or dtype == "auto" and bf16_is_native(torch.device(dev).type)
     return torch.autocast(torch.device(dev).type, dtype=torch.bfloat16, enabled=use_bf16)
 
 

@@ -27,8 +27,8 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from model import (LEGACY_MODEL_ARGS, DiT, DiTConfig, TrainingDraws, compile_model, flow_loss, interpolate,
-                   keep_freed_cpu_memory)
+from model import (LEGACY_MODEL_ARGS, DiT, DiTConfig, TrainingDraws, bf16_is_native, compile_model, flow_loss,
+                   interpolate, keep_freed_cpu_memory)
 from prepare_data import ShardStream, configure_cache, exit_skipping_shutdown, iterate_split, load_index
 
 # ----------------------------------------------------------------------------------------------
@@ -213,9 +213,7 @@ if fsdp and not ddp:
 master = rank == 0
 device_type = torch.device(device).type
 if dtype == "auto":
-    bf16_ok = (torch.cuda.is_available() and torch.cuda.is_bf16_supported() if device_type == "cuda"
-               else device_type == "cpu" and torch.cpu._is_avx512_bf16_supported())
-    dtype = "bfloat16" if bf16_ok else "float32"
+    dtype = "bfloat16" if bf16_is_native(device_type) else "float32"
 autocast = torch.autocast(device_type, dtype=torch.bfloat16) if dtype == "bfloat16" else nullcontext()
 if keep_freed_memory and device_type == "cpu":
     keep_freed_cpu_memory()

@@ -8,8 +8,8 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from model import (X_PRED_MIN_T, MoE, DiT, DiTConfig, config_from_checkpoint, flow_loss, interpolate, velocity_from_x,
-                   velocity_target)
+from model import (X_PRED_MIN_T, MoE, DiT, DiTConfig, bf16_is_native, config_from_checkpoint, flow_loss, interpolate,
+                   velocity_from_x, velocity_target)
 
 
 def tiny(**kw):
@@ -326,6 +326,30 @@ def test_compiled_training_step_has_no_atomic_adds(tmp_path, monkeypatch):
     assert code and any("cpp_fused" in c for c in code)        # inductor generated C++ kernels
     assert not [c for c in code if "atomic_add" in c]
     assert torch.equal(step(), grad)
+
+
+def test_bf16_is_native_only_with_avx512_bf16_that_the_process_may_use(monkeypatch):
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX512")
+    monkeypatch.delenv("ONEDNN_MAX_CPU_ISA", raising=False)
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)
+    assert not bf16_is_native("cpu")
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: True)
+    assert bf16_is_native("cpu") and not bf16_is_native("mps")
+    for isa, native in (("AVX2", False), ("avx512_core", False), ("AVX512_CORE_BF16", True), ("AVX512_CORE_AMX", True),
+                        ("AVX10_1_512", True), ("ALL", True)):
+        monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", isa)
+        assert bf16_is_native("cpu") == native, isa
+    monkeypatch.delenv("ONEDNN_MAX_CPU_ISA")
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX2")
+    assert not bf16_is_native("cpu")
+
+
+def test_aten_cpu_capability_avx2_makes_bf16_not_native_in_a_real_process():
+    """The switch the README gives for running as a CPU without bf16, read by torch itself (not a mock)."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = subprocess.run([sys.executable, "-c", "import model; print(model.bf16_is_native('cpu'))"], cwd=root,
+                         env={**os.environ, "ATEN_CPU_CAPABILITY": "avx2"}, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
 
 
 FAULTS_PER_ROUND = """
