@@ -25,9 +25,9 @@ import torch
 
 import prepare_data
 from configurator import apply_overrides
-from model import (DiT, DiTConfig, attention, bf16_is_native, compile_model, interpolate, keep_freed_cpu_memory,
-                   velocity_target)
-from sample import guided_velocity, sample_ode
+from model import (DiT, DiTConfig, attention, bf16_is_native, compile_model, flow_loss, interpolate,
+                   keep_freed_cpu_memory)
+from sample import SOLVERS, guided_velocity, sample_ode
 
 # ----------------------------------------------------------------------------------------------
 quick = False             # tiny sizes, one repeat, no train.py subprocess: a smoke test in seconds
@@ -42,6 +42,8 @@ e2e_steps = 200           # its optimizer steps (metrics every 50; the first rec
                           # by as many bare train steps, and the row gives the median ratio of these pairs
 bf16 = "auto"             # measure bf16 too: 'auto' (only where the CPU has it natively), 'true', 'false'
 batch_sweep = "8,16,32,64"  # batch sizes of the quick-start train step sweep ('' = none)
+sampler_sweep = "euler:16,euler:32,heun:16"  # quick-start samplers timed, as solver:steps ('' = none): each guided
+                          # on every step and on the recipe's guidance interval (sample_guidance_interval)
 profile_top = 8           # operators listed from torch.profiler of one quick-start train step (0 = none)
 compare_rev = ""          # also time each recipe's train step (and the quick start's sampling) with model.py as it was
                           # at this git revision (e.g. HEAD~1), interleaved with this one: what a model change gained
@@ -130,13 +132,16 @@ def matmul_fn(n, dtype):
 
 
 def train_step_fn(model, batch_size, shape, dtype, p_uncond=0.1):
-    """One optimizer step of train.py's loop (forward, per-sample velocity MSE, backward, clip, fused AdamW, EMA)."""
+    """One optimizer step of train.py's loop: forward, the recipe's loss (model.flow_loss with the model's
+    prediction, and train.py's learned loss weighting where the model has it), backward, clip, fused AdamW, EMA."""
     decay = [p for p in model.parameters() if p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.dim() < 2]
     opt = torch.optim.AdamW([{"params": decay}, {"params": no_decay, "weight_decay": 0.0}], lr=1e-4, fused=True)
     ema = [p.detach().clone() for p in model.parameters()]
     x = torch.randn(batch_size, *shape)
     y = torch.randint(0, model.cfg.num_classes or 1, (batch_size,))
+    prediction = getattr(model.cfg, "prediction", "v")      # an older model.py (compare_rev) may predate these
+    weighting = getattr(model.cfg, "loss_weighting", False)
 
     def step():
         t = torch.sigmoid(torch.randn(batch_size))
@@ -144,7 +149,11 @@ def train_step_fn(model, batch_size, shape, dtype, p_uncond=0.1):
         drop = torch.rand(batch_size) < p_uncond
         with autocast_for(dtype):
             v = model(interpolate(x, noise, t), t, y=y if model.cfg.num_classes else None, drop_y=drop)
-        loss = (v.float() - velocity_target(x, noise)).pow(2).mean(dim=(1, 2, 3)).sum() / batch_size
+        per_sample = flow_loss(v, x, noise, t, prediction)             # (B,)
+        if weighting:
+            logvar = model.loss_logvar_t
+            per_sample = per_sample * torch.exp(-logvar) + logvar
+        loss = per_sample.sum() / batch_size
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
@@ -182,15 +191,31 @@ def forward_fn(model, n, shape, dtype):
     return run
 
 
-def sample_fn(model, n, shape, dtype, steps):
+def sample_fn(model, n, shape, dtype, steps, solver="euler", interval=(0.0, 1.0)):
+    """Sampling n images from noise: `steps` of `solver`, class guidance (2 batched branches) while t is in
+    `interval`, one conditional forward elsewhere. run() returns the network forwards per image it took."""
     model.eval()
     cond = {"y": torch.arange(n) % model.cfg.num_classes} if model.cfg.num_classes else {}
     noise = torch.randn(n, *shape)
 
     def run():
+        v_fn = guided_velocity(model, cond, 2.0, 1.0, interval)
         with autocast_for(dtype):
-            sample_ode(guided_velocity(model, cond, 2.0, 1.0), noise, steps, "euler")
+            sample_ode(v_fn, noise, steps, solver)
+        return v_fn.forwards
     return run
+
+
+def parse_sampler_sweep(spec):
+    """'euler:16,heun:16' -> [('euler', 16), ('heun', 16)]; an error names the entry that does not parse."""
+    out = []
+    for entry in filter(None, (e.strip() for e in spec.split(","))):
+        solver, _, steps = entry.partition(":")
+        if solver not in SOLVERS or not steps.isdigit() or int(steps) < 1:
+            raise SystemExit(f"benchmark.py: sampler_sweep entry {entry!r}: expected solver:steps with solver one of "
+                             f"{', '.join(SOLVERS)} and steps >= 1, e.g. 'euler:32,heun:16'")
+        out.append((solver, int(steps)))
+    return out
 
 
 def write_latent_shards(root, n_samples, shape=(4, 32, 32), text_len=77, text_dim=384, shard_size=100):
@@ -312,6 +337,18 @@ def main():
             add("sampling", f"{rname} {name}, {size}, {steps} Euler steps x 2 branches, batch {n_sample}",
                 n_sample / t[name], "img/s", f"attn_impl={cfg['attn_impl']}" + (
                     f" ({'math' if name == 'bf16' else 'sdpa'} here)" if cfg["attn_impl"] == "auto" else ""))
+        if rname == "mnist" and sampler_sweep:
+            # what a sampler costs: its forwards per image (guidance batches 2 branches where it applies)
+            lo, hi = cfg["sample_guidance_interval"]
+            sweep = [(solver, 2 if quick else n_steps, interval)
+                     for solver, n_steps in parse_sampler_sweep(sampler_sweep) for interval in ((0.0, 1.0), (lo, hi))]
+            sweep = list(dict.fromkeys(sweep))                     # quick=True makes every step count 2
+            fns = {v: sample_fn(models[auto], n_sample, shape, dts[auto], v[1], v[0], v[2]) for v in sweep}
+            forwards = {v: fn() for v, fn in fns.items()}          # also the warm-up
+            t = median_times(fns, n_rep, 0)
+            for v in sweep:
+                add("sampler", f"{rname} {auto}, {v[0]} {v[1]} steps, guidance on t in [{v[2][0]:g}, {v[2][1]:g}], "
+                    f"batch {n_sample}", n_sample / t[v], "img/s", f"{forwards[v]} forwards per image")
         if rname == "mnist" and batch_sweep:
             # the quick start's batch size is a speed choice too: small batches leave the cores idle
             sizes = [2, 4] if quick else [int(b) for b in batch_sweep.split(",")]

@@ -8,6 +8,7 @@ import torch
 
 import benchmark
 from prepare_data import ShardStream
+from sample import velocity_evals
 
 
 def test_median_times_reports_each_variant_and_keeps_their_ratio():
@@ -83,6 +84,26 @@ def test_bf16_is_measured_only_where_native_unless_forced(monkeypatch):
         raise AssertionError("an unknown bf16 setting must be refused")
     except SystemExit as e:
         assert "bf16='yes'" in str(e)
+
+
+def test_sampler_sweep_times_each_solver_guided_everywhere_and_on_the_recipes_interval(monkeypatch):
+    for key, value in dict(quick=True, recipes="mnist", end_to_end=False, batch_sweep="", profile_top=0, bf16="false",
+                           sampler_sweep="euler:32, heun:16").items():
+        monkeypatch.setattr(benchmark, key, value)
+    rows = [r for r in benchmark.main() if r[0] == "sampler"]
+    lo, hi = benchmark.recipe("mnist")["sample_guidance_interval"]
+    got = [re.fullmatch(r"mnist fp32, (\w+ \d+ steps), guidance on t in \[(.+)\], batch \d+", r[1]).groups() for r in rows]
+    assert got == [(f"{solver} 2 steps", f"{a:g}, {b:g}") for solver in ("euler", "heun") for a, b in ((0, 1), (lo, hi))]
+    assert all(r[2] > 0 and r[3] == "img/s" for r in rows)
+    # quick=True samples 2 steps (t = 1, then 0.5): guided everywhere, each velocity costs 2 forwards; on the
+    # interval, the one at t = 1 costs 1
+    full = [2 * velocity_evals(2, solver) for solver in ("euler", "heun")]
+    assert [int(r[4].split()[0]) for r in rows] == [full[0], full[0] - 1, full[1], full[1] - 1]
+    with pytest.raises(SystemExit, match="sampler_sweep entry 'rk4:8'"):
+        benchmark.parse_sampler_sweep("euler:8,rk4:8")
+    with pytest.raises(SystemExit, match="sampler_sweep entry 'euler'"):
+        benchmark.parse_sampler_sweep("euler")
+    assert benchmark.parse_sampler_sweep("") == []
 
 
 def test_adamw_implementations_take_the_same_step():
