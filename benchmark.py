@@ -300,6 +300,7 @@ def main():
     kept = keep_freed_memory and keep_freed_cpu_memory()
     tiny = dict(depth=2, hidden=64, heads=4)
     dts = measured_dtypes()
+    samplers = parse_sampler_sweep(sampler_sweep)   # a bad entry fails here, not minutes into the run
     auto = "bf16" if "bf16" in dts and bf16_is_native("cpu") else "fp32"   # what dtype=auto trains in
     rows = []   # (section, measurement, value, unit, note)
 
@@ -337,11 +338,11 @@ def main():
             add("sampling", f"{rname} {name}, {size}, {steps} Euler steps x 2 branches, batch {n_sample}",
                 n_sample / t[name], "img/s", f"attn_impl={cfg['attn_impl']}" + (
                     f" ({'math' if name == 'bf16' else 'sdpa'} here)" if cfg["attn_impl"] == "auto" else ""))
-        if rname == "mnist" and sampler_sweep:
+        if rname == "mnist" and samplers:
             # what a sampler costs: its forwards per image (guidance batches 2 branches where it applies)
             lo, hi = cfg["sample_guidance_interval"]
             sweep = [(solver, 2 if quick else n_steps, interval)
-                     for solver, n_steps in parse_sampler_sweep(sampler_sweep) for interval in ((0.0, 1.0), (lo, hi))]
+                     for solver, n_steps in samplers for interval in ((0.0, 1.0), (lo, hi))]
             sweep = list(dict.fromkeys(sweep))                     # quick=True makes every step count 2
             fns = {v: sample_fn(models[auto], n_sample, shape, dts[auto], v[1], v[0], v[2]) for v in sweep}
             forwards = {v: fn() for v, fn in fns.items()}          # also the warm-up

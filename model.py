@@ -163,8 +163,9 @@ def compile_model(model, log=print):
 
 def bf16_is_native(device_type):
     """True where this process runs bf16 matmuls natively: a CUDA GPU with bf16, or a CPU with avx512_bf16 whose
-    AVX-512 kernels it may use. ATEN_CPU_CAPABILITY=avx2 or ONEDNN_MAX_CPU_ISA=AVX2 (the usual way to run as a CPU
-    without bf16 would) takes that away: oneDNN then emulates bf16, ~10x slower than fp32 (BENCHMARKS.md round 15)."""
+    AVX-512 kernels it may use. ATEN_CPU_CAPABILITY=avx2 or ONEDNN_MAX_CPU_ISA=AVX2, which make a process run the
+    code of a CPU without AVX-512, take that away: oneDNN then emulates bf16, far slower than fp32 (BENCHMARKS.md
+    round 15)."""
     if device_type == "cuda":
         return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
     if device_type != "cpu" or not torch.cpu._is_avx512_bf16_supported():
