@@ -441,6 +441,67 @@ def test_member_bytes_reads_what_extractfile_reads_and_refuses_a_cut_member(digi
             tar.extractfile(last).read()
 
 
+def tarfile_members(path):
+    """shard_members as tarfile's own parser reads them: [(key, [(field, name, data offset, size)])]."""
+    members = {}
+    with tarfile.open(path) as tar:
+        while True:
+            try:
+                info = tar.next()
+            except tarfile.TarError:
+                break
+            if info is None:
+                break
+            key, _, field = info.name.partition('.')
+            members.setdefault(key, {})[field] = info
+    return listing(sorted(members.items()))
+
+
+def listing(members):
+    return [(key, sorted((f, i.name, i.offset_data, i.size, i.isreg()) for f, i in fields.items())) for key, fields in members]
+
+
+def test_shard_headers_read_fast_agree_with_tarfile_and_leave_other_tars_to_it(digits, tmp_path):
+    index = pd.load_index(digits)
+    shard = os.path.join(digits, index['splits']['train']['28x28'][0]['path'])
+    with open(shard, 'rb') as f:
+        assert pd.plain_tar_headers(f) is not None                 # write_shard's shards take the fast path
+    with tarfile.open(shard) as tar:
+        assert listing(pd.shard_members(tar)) == tarfile_members(shard)
+    # tars it leaves to tarfile: pax and GNU long names, a non-ASCII name (pax), a directory member; a ustar
+    # name with a prefix it reads itself
+    cases = [(tarfile.PAX_FORMAT, ['a' * 120 + '.x.npy'], None), (tarfile.GNU_FORMAT, ['b' * 120 + '.cls'], None),
+             (tarfile.PAX_FORMAT, ['\u00e9t\u00e9.txt'], None), (tarfile.USTAR_FORMAT, ['d/'], None),
+             (tarfile.USTAR_FORMAT, ['p' * 90 + '/' + 'q' * 60 + '.txt'], 'fast')]
+    for i, (fmt, names, path) in enumerate(cases):
+        tar_path = tmp_path / f'case{i}.tar'
+        with tarfile.open(tar_path, 'w', format=fmt) as tar:
+            for name in ['k1.cls', *names, 'k2.txt']:
+                info = tarfile.TarInfo(name)
+                if name.endswith('/'):
+                    info.type = tarfile.DIRTYPE
+                    tar.addfile(info)
+                else:
+                    info.size = len(name.encode()) * 3
+                    tar.addfile(info, io.BytesIO(name.encode() * 3))
+        with open(tar_path, 'rb') as f:
+            assert (pd.plain_tar_headers(f) is not None) == (path == 'fast'), (fmt, names)
+        with tarfile.open(tar_path) as tar:
+            assert listing(pd.shard_members(tar)) == tarfile_members(tar_path), (fmt, names)
+    # damaged shards: cut inside a header, inside a member, and a header with a wrong checksum
+    data = Path(shard).read_bytes()
+    with open(shard, 'rb') as f:
+        tenth = pd.plain_tar_headers(f)[10]
+    bad = bytearray(data)
+    bad[tenth.offset + 5] ^= 0x20
+    for i, damaged in enumerate([data[:tenth.offset + 100], data[:tenth.offset_data + 10], bytes(bad)]):
+        path = tmp_path / f'damaged{i}.tar'
+        path.write_bytes(damaged)
+        with tarfile.open(path) as tar:
+            got = listing(pd.shard_members(tar))
+        assert got == tarfile_members(path) and 0 < len(got) <= 4, i   # the members before the damage
+
+
 def test_corrupt_shards_give_invalid_slots(digits, tmp_path):
     root = str(tmp_path / 'copy')
     shutil.copytree(digits, root)
