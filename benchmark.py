@@ -206,6 +206,24 @@ def sample_fn(model, n, shape, dtype, steps, solver="euler", interval=(0.0, 1.0)
     return run
 
 
+def header_fn(shards, impl):
+    """Reading every member header of `shards` as ShardReader opens a shard: impl 'shard_members' (its reader) or
+    'tarfile' (tarfile's own parser, member by member). run() returns the number of members."""
+    import tarfile
+
+    def run():
+        n = 0
+        for path in shards:
+            with tarfile.open(path) as tar:
+                if impl == "tarfile":
+                    while tar.next() is not None:
+                        n += 1
+                else:
+                    n += sum(len(fields) for _, fields in prepare_data.shard_members(tar))
+        return n
+    return run
+
+
 def parse_sampler_sweep(spec):
     """'euler:16,heun:16' -> [('euler', 16), ('heun', 16)]; an error names the entry that does not parse."""
     out = []
@@ -444,6 +462,14 @@ def main():
                 f"{n_rep} alternated pairs, {min(ratios):.2f}-{max(ratios):.2f})")
         sets["latents 4x32x32 + text 77x384"] = write_latent_shards(os.path.join(tmp, "latents"), 64 if quick else 400)
         for label, root in sets.items():
+            shards = [os.path.join(root, shard["path"]) for buckets in prepare_data.load_index(root)["splits"].values()
+                      for entries in buckets.values() for shard in entries]
+            t = median_times({name: header_fn(shards, name) for name in ("tarfile", "shard_members")}, n_rep, 1)
+            members = header_fn(shards, "tarfile")()
+            for name in ("tarfile", "shard_members"):
+                add("shard headers", f"{label}, {name}", t[name] / members * 1e6, "us/member",
+                    f"{t['tarfile'] / t[name]:.1f}x tarfile's parser" if name != "tarfile" else
+                    f"{members} members in {len(shards)} shards")
             for w in (0, 1, 2):
                 rate = statistics.median(loader_rate(root, w, 4 if quick else loader_batches) for _ in range(n_rep))
                 add("data loader", f"{label}, {w} workers, batch 8", rate, "samples/s",
