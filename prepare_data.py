@@ -229,16 +229,26 @@ def shard_members(tar):
     """[(key, {field: TarInfo}), ...] in key order, from the tar headers only. Tolerant: a damaged shard
     yields the members before the damage (reading a member cut short then fails on its own)."""
     infos = plain_tar_headers(tar.fileobj) if isinstance(tar.fileobj, (io.BufferedReader, io.FileIO)) else None
-    if infos is None:      # not a plain uncompressed ustar shard of regular files, or damaged: tarfile decides
-        infos = []         # (tar.next() seeks back to where tarfile stands, after the member that open() read)
-        while True:
-            try:
-                info = tar.next()
-            except tarfile.TarError:
-                break
-            if info is None:
-                break
-            infos.append(info)
+    # not a plain uncompressed ustar shard of regular files, or damaged: tarfile decides
+    return group_members(tarfile_headers(tar) if infos is None else infos)
+
+
+def tarfile_headers(tar):
+    """The TarInfos of an open tar as tarfile's own parser reads them, up to the end or the first damage. tar.next()
+    goes on from where tarfile stands (after the member that open() read), whatever read the file since."""
+    infos = []
+    while True:
+        try:
+            info = tar.next()
+        except tarfile.TarError:
+            return infos
+        if info is None:
+            return infos
+        infos.append(info)
+
+
+def group_members(infos):
+    """TarInfos -> [(key, {field: TarInfo}), ...] in key order: webdataset's 'key.field' member names."""
     members = {}
     for info in infos:
         key, _, field = info.name.partition('.')

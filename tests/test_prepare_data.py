@@ -442,19 +442,9 @@ def test_member_bytes_reads_what_extractfile_reads_and_refuses_a_cut_member(digi
 
 
 def tarfile_members(path):
-    """shard_members as tarfile's own parser reads them: [(key, [(field, name, data offset, size)])]."""
-    members = {}
+    """shard_members as tarfile's own parser reads them: [(key, [(field, name, data offset, size, isreg)])]."""
     with tarfile.open(path) as tar:
-        while True:
-            try:
-                info = tar.next()
-            except tarfile.TarError:
-                break
-            if info is None:
-                break
-            key, _, field = info.name.partition('.')
-            members.setdefault(key, {})[field] = info
-    return listing(sorted(members.items()))
+        return listing(pd.group_members(pd.tarfile_headers(tar)))
 
 
 def listing(members):
