@@ -263,8 +263,9 @@ def plain_tar_headers(f):
     """The TarInfos of an uncompressed tar whose members are all regular files with plain ustar headers (what
     write_shard and most webdataset writers produce), read with one seek and one 512-byte read per member.
     tarfile's own parser takes ~15 us per member, 3.5x this (BENCHMARKS.md round 17); a reader that opens each
-    shard once per epoch pays that for every sample, every epoch. Most of what is left is the checksum's sum. None for anything else (pax or GNU long-name headers, other member
-    types, base-256 sizes, a bad checksum, a cut header): tarfile reads those, with its own rules."""
+    shard once per epoch pays that for every sample, every epoch. Most of what is left is the checksum's sum.
+    None for anything else (pax or GNU long-name headers, other member types, base-256 sizes, a bad checksum, a cut
+    header): tarfile reads those, with its own rules."""
     infos, offset = [], 0
     while True:
         f.seek(offset)
