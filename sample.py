@@ -32,7 +32,7 @@ SOLVERS = {"euler": 1, "heun": 2}   # velocity evaluations per step
 # ----------------------------------------------------------------------------------------------
 ckpt = ""            # a checkpoint file, or an out_dir (its newest checkpoint)
 out = ""             # output PNG; default <checkpoint folder>/samples/sample-<step>.png
-# The sampler: a checkpoint's recipe (train.py's sample_* settings) replaces these six defaults; the
+# The sampler: a checkpoint's recipe (train.py's sample_* settings) replaces these seven defaults; the
 # command line overrides both.
 steps = 32           # solver steps from t=1 to t=0 (Heun evaluates the velocity twice per step)
 solver = "euler"     # 'euler' (1st order) or 'heun' (2nd order)
@@ -40,6 +40,7 @@ shift = 1.0          # time shift s of the step grid, t' = s t / (1 + (s - 1) t)
 text_scale = 3.0     # guidance on text and class labels; 1 = none
 image_scale = 1.0    # guidance on the image embedding; 1 = none
 guidance_interval = (0.0, 1.0)  # guide only while lo <= t <= hi; outside, one conditional forward
+temperature = 1.0    # scale of the starting noise: below 1 trades variety (recall) for cleaner images (precision)
 classes = "all"      # for class-conditional models: 'all' or comma-separated labels, e.g. '3,7'
 per_class = 8        # images per class (one grid row per class)
 prompts = ""         # text file, one prompt per line (encoded with the checkpoint's text encoder)
@@ -71,8 +72,8 @@ def time_grid(steps, shift=1.0, device=None):
     return shift_time(torch.linspace(1.0, 0.0, steps + 1, device=device), shift)
 
 
-def sample_ode(v_fn, noise, steps, solver="euler", shift=1.0):
-    """Integrate d xt/dt = v from t=1 (noise) to t=0 (data) on time_grid(steps, shift).
+def sample_ode(v_fn, noise, steps, solver="euler", shift=1.0, temperature=1.0):
+    """Integrate d xt/dt = v from t=1 (temperature x noise) to t=0 (data) on time_grid(steps, shift).
 
     Euler: one velocity per step. Heun: an Euler predictor, then the average of the velocities at both
     ends of the step (trapezoid rule, exact when v is linear in t), so 2 velocities per step, except on the
@@ -81,7 +82,7 @@ def sample_ode(v_fn, noise, steps, solver="euler", shift=1.0):
     """
     if solver not in SOLVERS:
         raise ValueError(f"solver={solver!r}: expected one of {', '.join(SOLVERS)}")
-    x = noise
+    x = noise * temperature if temperature != 1 else noise
     ts = time_grid(steps, shift, noise.device)
     for i in range(steps):
         t, dt = ts[i].expand(len(x)), ts[i + 1] - ts[i]
@@ -411,7 +412,8 @@ def generated_features(net, meta, data_dir, split, features, n, sampler, batch_s
         mine = {k: v[rows].to(device) for k, v in cond.items() if v is not None}
         v_fn = guided_velocity(net, mine, sampler["text_scale"], sampler["image_scale"], sampler["interval"])
         with autocast:
-            x = sample_ode(v_fn, noise, sampler["steps"], sampler["solver"], sampler["shift"])
+            x = sample_ode(v_fn, noise, sampler["steps"], sampler["solver"], sampler["shift"],
+                           sampler.get("temperature", 1.0))
         forwards = v_fn.forwards
         images = decode(x.float(), meta)
         if rank >= len(y):
@@ -505,7 +507,7 @@ def pick_dtype(dev):
 # sample.py uses them unless the command line sets them, so a recipe is sampled as it was tuned.
 RECIPE_SAMPLER = {"steps": "sample_steps", "solver": "sample_solver", "shift": "sample_shift",
                   "text_scale": "sample_text_scale", "image_scale": "sample_image_scale",
-                  "guidance_interval": "sample_guidance_interval"}
+                  "guidance_interval": "sample_guidance_interval", "temperature": "sample_temperature"}
 GIVEN = set()   # keys set on the command line (filled in __main__)
 
 
@@ -526,6 +528,8 @@ def check_settings():
         sys.exit(f"sample.py: ema={ema!r}: expected true, false or both")
     if steps < 1 or shift <= 0:
         sys.exit(f"sample.py: steps={steps} must be >= 1 and shift={shift} > 0")
+    if not temperature > 0:
+        sys.exit(f"sample.py: temperature={temperature}: expected > 0 (the starting noise's scale; 1 = unit noise)")
     if len(guidance_interval) != 2 or not 0 <= guidance_interval[0] <= guidance_interval[1] <= 1:
         sys.exit(f"sample.py: guidance_interval={guidance_interval!r}: expected lo,hi with 0 <= lo <= hi <= 1")
 
@@ -582,7 +586,7 @@ def draw_grid(model, state, path, dev, autocast):
     noise = torch.randn(n, cfg.in_channels, H // down, W // down, generator=g, device=dev)
     v_fn = guided_velocity(model, cond, text_scale, image_scale, guidance_interval)
     with autocast:
-        x = sample_ode(v_fn, noise, steps, solver, shift)
+        x = sample_ode(v_fn, noise, steps, solver, shift, temperature)
     save_grid(decode(x.float(), meta), path, nrow=nrow)
     return (H, W), n, v_fn.forwards
 
@@ -747,7 +751,8 @@ def main():
         model, state = load_model(path, str(ema).lower() == "true")
         use_recipe_sampler(state["config"])
         info = export_onnx_model(model, state, export_onnx, dict(steps=steps, solver=solver, shift=shift,
-                                 text_scale=text_scale, image_scale=image_scale, guidance_interval=guidance_interval))
+                                 text_scale=text_scale, image_scale=image_scale, guidance_interval=guidance_interval,
+                                 temperature=temperature))
         print(f"wrote {export_onnx} and {os.path.splitext(export_onnx)[0]}.json (inputs {', '.join(info['inputs'])}; "
               f"ONNX Runtime vs PyTorch max |diff| {info.get('max_abs_diff_vs_torch', 'not checked: no onnxruntime')})")
         return
@@ -772,7 +777,7 @@ def main():
             features = features or load_feature_net(eval_features, dev)
             preview = []
             sampler = dict(steps=steps, solver=solver, shift=shift, text_scale=text_scale, image_scale=image_scale,
-                           interval=guidance_interval)
+                           interval=guidance_interval, temperature=temperature)
             result = evaluate(model, state["data"], root, num_samples, sampler, eval_features, eval_split,
                               eval_batch_size, seed, dev, autocast, eval_ref_max, eval_k, features=features,
                               preview=preview)

@@ -127,6 +127,7 @@ sample_interval = 500         # steps between EMA sample grids in out_dir/sample
 sample_steps = 32             # solver steps for sample grids and evaluation
 sample_solver = "euler"       # 'euler' | 'heun' (sample.py)
 sample_shift = 1.0            # time shift of the sampling grid (sample.py)
+sample_temperature = 1.0      # scale of the starting noise (sample.py's temperature)
 sample_guidance_interval = (0.0, 1.0)  # guide only for t in [lo, hi] (sample.py)
 sample_text_scale = 3.0       # guidance scale (text and class) for sample grids, as sample.py
 sample_image_scale = 1.0      # guidance scale (image) for sample grids
@@ -639,7 +640,7 @@ def sample_grid(tag, net):
     noise = torch.randn(n, model_args["in_channels"], H, W, generator=g, device=device)
     v_fn = guided_velocity(net, cond, sample_text_scale, sample_image_scale, sample_guidance_interval)
     with autocast:
-        x = sample_ode(v_fn, noise, sample_steps, sample_solver, sample_shift)
+        x = sample_ode(v_fn, noise, sample_steps, sample_solver, sample_shift, sample_temperature)
     path = os.path.join(out_dir, "samples", f"{tag}.png")
     save_grid(decode(x.float(), index), path, nrow=nrow)
     return path
@@ -695,7 +696,7 @@ def run_eval():
     from sample import evaluate, format_eval, load_feature_net
     feature_net = feature_net or load_feature_net(eval_features, device)
     sampler = dict(steps=sample_steps, solver=sample_solver, shift=sample_shift, text_scale=sample_text_scale,
-                   image_scale=sample_image_scale, interval=sample_guidance_interval)
+                   image_scale=sample_image_scale, interval=sample_guidance_interval, temperature=sample_temperature)
     meta = {k: index[k] for k in ("space", "channels", "vae", "num_classes", "buckets")}
     result = evaluate(ema_model, meta, data_dir, eval_samples, sampler, eval_features, "auto", eval_batch_size,
                       seed, device, autocast, rank=rank, world_size=world_size, features=feature_net)

@@ -32,7 +32,7 @@ def tiny_checkpoint(path, text_len=0, **model_args):
                 text_encoder={"name": "tiny", "max_length": text_len} if cfg.text_dim else None,
                 image_encoder={"name": "tiny"} if cfg.image_dim else None)
     config = dict(sample_steps=6, sample_solver="euler", sample_shift=2.0, sample_text_scale=3.0,
-                  sample_image_scale=1.5, sample_guidance_interval=(0.3, 0.8))
+                  sample_image_scale=1.5, sample_guidance_interval=(0.3, 0.8), sample_temperature=0.9)
     torch.save(dict(model_args=asdict(cfg), model=model.state_dict(), ema=model.state_dict(), step=5,
                     config=config, data=data), path)
     return path
@@ -114,7 +114,7 @@ def test_class_model_exports_from_the_command_line_with_parity_and_the_same_png(
     assert info["class_names"] == ["c0", "c1", "c2", "c3"] and (info["height"], info["width"]) == (16, 16)
     # the recipe's sampler, with the command line's steps over it
     assert info["sampler"] == {"steps": 12, "solver": "euler", "shift": 2.0, "text_scale": 3.0, "image_scale": 1.5,
-                               "guidance_interval": [0.3, 0.8]}
+                               "guidance_interval": [0.3, 0.8], "temperature": 0.9}
     assert info["max_abs_diff_vs_torch"] <= PARITY
     model, _ = load_model(str(ckpt))
     worst, png = check_parity_and_euler(model, onnx_path, tmp_path, 3.0, 1.0, (0.3, 0.8))

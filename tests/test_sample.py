@@ -23,6 +23,20 @@ def test_euler_on_the_exact_field_of_one_point_recovers_it():
     assert torch.allclose(out, x0.expand(5, -1, -1, -1), atol=1e-5)
 
 
+def test_temperature_scales_the_starting_noise_and_nothing_else():
+    noise = torch.randn(3, 1, 4, 4)
+    seen = []
+
+    def v(xt, t):
+        seen.append(xt.clone())
+        return torch.zeros_like(xt)
+    out = sample_ode(v, noise, steps=4, shift=0.6, temperature=0.9)
+    assert torch.equal(seen[0], noise * 0.9) and torch.equal(out, noise * 0.9)   # a zero field keeps the start
+    drift = lambda xt, t: xt * 0.5 + 1                                            # noqa: E731
+    assert torch.equal(sample_ode(drift, noise * 0.9, steps=4, shift=0.6),
+                       sample_ode(drift, noise, steps=4, shift=0.6, temperature=0.9))
+
+
 def test_euler_on_a_two_point_mixture_lands_on_the_data():
     data = torch.tensor([[-2.0, 1.0], [3.0, -1.0]])               # two points in 2-D
 
@@ -221,3 +235,10 @@ def test_bad_evaluation_requests_are_named(mnist_dir, tmp_path):
     with pytest.raises(SystemExit, match="eval_split='val'.*no 'val' split"):
         check_eval_request(meta, 20, "val", str(tmp_path / "noval"))
     assert check_eval_request(meta, 20, "auto", str(tmp_path / "noval"))[1] == "train"
+
+
+def test_a_temperature_that_is_not_positive_is_named(monkeypatch):
+    import sample
+    monkeypatch.setattr(sample, "temperature", 0.0)
+    with pytest.raises(SystemExit, match=r"temperature=0.0: expected > 0"):
+        sample.check_settings()

@@ -616,13 +616,17 @@ def test_loss_weighting_learns_u_of_t_resumes_bitwise_and_samples(tmp_path, mnis
 def test_sample_py_uses_the_recipes_sampler_unless_told_otherwise(tmp_path, mnist_dir):
     out = tmp_path / "out"
     run("train.py", *TINY, f"--data_dir={mnist_dir}", f"--out_dir={out}", "--max_steps=2", "--sample_steps=3",
-        "--sample_text_scale=2.5", "--sample_guidance_interval=0.5,1.0", "--sample_solver=heun")
+        "--sample_text_scale=2.5", "--sample_guidance_interval=0.5,1.0", "--sample_solver=heun",
+        "--sample_temperature=0.9")
     proc = run("sample.py", f"--ckpt={out}", "--per_class=1", f"--out={tmp_path / 'a.png'}")
     assert "sampler settings from the checkpoint's recipe" in proc.stdout
     with open(tmp_path / "a.json") as f:
         a = json.load(f)
-    assert (a["steps"], a["solver"], a["text_scale"], a["guidance_interval"]) == (3, "heun", 2.5, [0.5, 1.0])
-    run("sample.py", f"--ckpt={out}", "--per_class=1", "--steps=5", "--text_scale=3", f"--out={tmp_path / 'b.png'}")
+    assert (a["steps"], a["solver"], a["text_scale"], a["guidance_interval"], a["temperature"]) == \
+        (3, "heun", 2.5, [0.5, 1.0], 0.9)
+    run("sample.py", f"--ckpt={out}", "--per_class=1", "--steps=5", "--text_scale=3", "--temperature=1.1",
+        f"--out={tmp_path / 'b.png'}")
     with open(tmp_path / "b.json") as f:
         b = json.load(f)
-    assert (b["steps"], b["solver"], b["text_scale"], b["guidance_interval"]) == (5, "heun", 3.0, [0.5, 1.0])
+    assert (b["steps"], b["solver"], b["text_scale"], b["guidance_interval"], b["temperature"]) == \
+        (5, "heun", 3.0, [0.5, 1.0], 1.1)

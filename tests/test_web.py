@@ -95,13 +95,13 @@ def test_the_page_draws_the_python_samplers_pixels_from_the_same_noise(site, bro
     w, h, rgba = page.evaluate("""() => { const c = document.getElementById('grid');
         return [c.width, c.height, Array.from(c.getContext('2d').getImageData(0, 0, c.width, c.height).data)]; }""")
     got = np.array(rgba, dtype=int).reshape(h, w, 4)
-    # sample.py's sampler on the same noise: the model's recipe sampler (shift 2, interval 0.3..0.8), the page's
-    # steps and scale, one row per class
+    # sample.py's sampler on the same noise: the model's recipe sampler (shift 2, interval 0.3..0.8, temperature
+    # 0.9), the page's steps and scale, one row per class
     model, state = load_model(str(ckpt))
     sampler = state["config"]
     y = torch.arange(model.cfg.num_classes).repeat_interleave(PER_CLASS)
     v_fn = guided_velocity(model, {"y": y}, SCALE, 1.0, sampler["sample_guidance_interval"])
-    x = sample_ode(v_fn, noise, STEPS, shift=sampler["sample_shift"])
+    x = sample_ode(v_fn, noise, STEPS, shift=sampler["sample_shift"], temperature=sampler["sample_temperature"])
     save_grid(((x + 1) / 2).clamp(0, 1), str(tmp_path / "python.png"), nrow=PER_CLASS)
     want = np.asarray(Image.open(tmp_path / "python.png")).astype(int)
     assert got.shape[:2] == want.shape and (got[..., 3] == 255).all()

@@ -101,7 +101,7 @@ async function load() {
   $("scale").value = params.get("scale") || info.sampler.text_scale;
   $("seed").value = params.get("seed") || 0;
   $("go").disabled = false;
-  show("ready", `Model of step ${info.step}: ${info.height}x${info.width}, ${info.num_classes} classes; Euler, shift ${info.sampler.shift}, guidance for t in [${info.sampler.guidance_interval}].`);
+  show("ready", `Model of step ${info.step}: ${info.height}x${info.width}, ${info.num_classes} classes; Euler, shift ${info.sampler.shift}, guidance for t in [${info.sampler.guidance_interval}], noise temperature ${info.sampler.temperature ?? 1}.`);
 }
 
 async function generate(noise) {
@@ -117,7 +117,9 @@ async function generate(noise) {
     y: new ort.Tensor("int64", BigInt64Array.from(labels.flatMap((c) => Array(per).fill(BigInt(c)))), [n]),
   };
   const ts = timeGrid(steps, info.sampler.shift);
-  let x = Float32Array.from(x0);
+  // sample_ode starts from temperature x noise, one float32 product (exact in a double, then rounded)
+  const temperature = Math.fround(info.sampler.temperature ?? 1);
+  let x = Float32Array.from(x0, (v) => (temperature === 1 ? v : Math.fround(v * temperature)));
   show("running", `Generating ${n} images...`);
   $("go").disabled = true;
   try {
