@@ -183,6 +183,8 @@ from sample import SOLVERS  # noqa: E402  (sample.py owns the samplers)
 
 if sample_solver not in SOLVERS:
     fail(f"sample_solver={sample_solver!r}: expected one of {', '.join(SOLVERS)}")
+if not sample_temperature > 0:
+    fail(f"sample_temperature={sample_temperature}: expected > 0 (the starting noise's scale; 1 = unit noise)")
 BUDGET_WARMUP_STEPS = 5       # first steps of a max_minutes probe left untimed (allocator, caches, workers)
 if budget_round_steps < 1:
     fail(f"budget_round_steps={budget_round_steps} must be at least 1")

@@ -283,6 +283,7 @@ def test_dry_run_prints_the_plan_and_writes_nothing(tmp_path, mnist_dir):
     (["--muon_lr=-1"], "peak learning rates must be positive"),
     (["--prediction=eps"], "prediction='eps': expected 'v' or 'x'"),
     (["--mlp_act=relu"], "mlp_act='relu'"),
+    (["--sample_temperature=0"], "sample_temperature=0.0: expected > 0"),
     (["--data_dir=/nonexistent"], "/nonexistent"),
 ])
 def test_bad_config_names_the_problem(tmp_path, mnist_dir, args, needle):
