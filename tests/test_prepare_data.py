@@ -448,7 +448,8 @@ def tarfile_members(path):
 
 
 def listing(members):
-    return [(key, sorted((f, i.name, i.offset_data, i.size, i.isreg()) for f, i in fields.items())) for key, fields in members]
+    return [(key, sorted((f, i.name, i.offset_data, i.size, i.isreg()) for f, i in fields.items()))
+            for key, fields in members]
 
 
 def test_shard_headers_read_fast_agree_with_tarfile_and_leave_other_tars_to_it(digits, tmp_path):
