@@ -281,25 +281,30 @@ def test_fsdp_matches_ddp_resumes_and_saves_full_tensors(ddp_run, tmp_path, mnis
 
 
 def test_evaluation_split_across_ranks_equals_one_process(tmp_path, mnist_dir):
-    """eval_interval under DDP: each rank generates rows of every batch, features are gathered, and the
-    metrics equal a 1-rank run with accumulation 2 (the same model, the same images, the same numbers)."""
+    """eval_interval under DDP and under FSDP2 (whose sharded EMA needs every rank in every forward): each rank
+    generates rows of every batch, features are gathered, and the metrics equal a 1-rank run with accumulation 2
+    (the same model, the same images, the same numbers)."""
     common = [*ARGS, f"--data_dir={mnist_dir}", "--eval_interval=6", "--eval_samples=30", "--eval_batch_size=14",
-              "--best_by=fd"]
-    torchrun("train.py", *common, "--batch_size=4", f"--out_dir={tmp_path / 'ddp'}")
-    run("train.py", *common, "--batch_size=4", "--grad_accum_steps=2", f"--out_dir={tmp_path / 'one'}")
+              "--best_by=fd", "--batch_size=4"]
+    torchrun("train.py", *common, f"--out_dir={tmp_path / 'ddp'}")
+    torchrun("train.py", *common, "--fsdp=true", f"--out_dir={tmp_path / 'fsdp'}")
+    run("train.py", *common, "--grad_accum_steps=2", f"--out_dir={tmp_path / 'one'}")
     def last_eval(out):
         with open(out / "metrics.jsonl") as f:
             return [r for r in map(json.loads, f) if "fd" in r][-1]
-    ddp, one = last_eval(tmp_path / "ddp"), last_eval(tmp_path / "one")
-    assert ddp["step"] == one["step"] == 6
-    # the same images, generated in smaller per-rank batches (BLAS may round differently): at most one
-    # sample in 30 may flip a threshold; a wrong split (rows lost, doubled or mislabelled) moves FD far more
-    for key in ("precision", "recall", "class_acc"):
-        assert abs(ddp[key] - one[key]) <= 1 / 30 + 1e-9, key
-    assert abs(ddp["fd"] - one["fd"]) <= 1e-3 * abs(one["fd"])
-    with open(tmp_path / "ddp" / "samples" / "eval-00000006.json") as f:
-        assert json.load(f)["model"]["n"] == 30
-    assert (tmp_path / "ddp" / "best.pt").exists()
+    one = last_eval(tmp_path / "one")
+    assert one["step"] == 6
+    for name in ("ddp", "fsdp"):
+        got = last_eval(tmp_path / name)
+        assert got["step"] == 6, name
+        # the same images, generated in smaller per-rank batches (BLAS may round differently): at most one
+        # sample in 30 may flip a threshold; a wrong split (rows lost, doubled or mislabelled) moves FD far more
+        for key in ("precision", "recall", "class_acc"):
+            assert abs(got[key] - one[key]) <= 1 / 30 + 1e-9, (name, key)
+        assert abs(got["fd"] - one["fd"]) <= 1e-3 * abs(one["fd"]), name
+        with open(tmp_path / name / "samples" / "eval-00000006.json") as f:
+            assert json.load(f)["model"]["n"] == 30, name
+        assert (tmp_path / name / "best.pt").exists(), name
 
 
 def test_muon_and_moe_on_two_ranks_equal_one_process(tmp_path, mnist_dir):
