@@ -12,6 +12,7 @@ import ast
 import dataclasses
 import importlib.util
 import json
+import math
 import os
 import statistics
 import subprocess
@@ -22,6 +23,8 @@ from contextlib import nullcontext
 
 import numpy as np
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten, tree_map
 
 import prepare_data
 from configurator import apply_overrides
@@ -45,6 +48,9 @@ batch_sweep = "8,16,32,64"  # batch sizes of the quick-start train step sweep ('
 sampler_sweep = "euler:16,euler:32,heun:16"  # quick-start samplers timed, as solver:steps ('' = none): each guided
                           # on every step and on the recipe's guidance interval (sample_guidance_interval)
 profile_top = 8           # operators listed from torch.profiler of one quick-start train step (0 = none)
+op_replay = True          # replay each recipe's train step operator by operator: the time of its matmuls and attention
+                          # alone (so the MFU the step would reach if nothing else took time), of every operator alone,
+                          # and of every operator in order, each on inputs of its own (what caches and dispatch cost)
 compare_rev = ""          # also time each recipe's train step (and the quick start's sampling) with model.py as it was
                           # at this git revision (e.g. HEAD~1), interleaved with this one: what a model change gained
 keep_freed_memory = True  # as train.py and sample.py: malloc keeps freed memory for the next step (model.keep_freed_cpu_memory);
@@ -313,6 +319,106 @@ def profile_step(step, n_steps, top):
     return [(e.key, 100 * e.self_cpu_time_total / total, e.self_cpu_time_total / 1e3 / n_steps) for e in events[:top]]
 
 
+ATEN = torch.ops.aten
+MATMULS = (ATEN.mm.default, ATEN.addmm.default, ATEN.bmm.default, ATEN.baddbmm.default)
+ATTENTION = tuple(op for name in ("_scaled_dot_product_flash_attention_for_cpu",
+                                  "_scaled_dot_product_flash_attention_for_cpu_backward",
+                                  "_scaled_dot_product_flash_attention", "_scaled_dot_product_flash_attention_backward",
+                                  "_scaled_dot_product_efficient_attention",
+                                  "_scaled_dot_product_efficient_attention_backward")
+                  if hasattr(ATEN, name) for op in [getattr(ATEN, name).default])
+
+
+@dataclasses.dataclass(frozen=True)
+class _Layout:
+    shape: tuple
+    stride: tuple
+    offset: int
+    dtype: torch.dtype
+
+    @property
+    def storage_size(self):
+        """Elements of the smallest storage that holds this layout."""
+        if 0 in self.shape:
+            return self.offset
+        return self.offset + 1 + sum((n - 1) * s for n, s in zip(self.shape, self.stride))
+
+    def tensor(self):
+        """A tensor of this layout on storage of its own: random floats, zeros for integers and bools (valid indices)."""
+        base = (torch.randn(self.storage_size, dtype=self.dtype) if self.dtype.is_floating_point
+                else torch.zeros(self.storage_size, dtype=self.dtype))
+        return base.as_strided(self.shape, self.stride, self.offset)
+
+
+class _RecordOps(TorchDispatchMode):
+    """Every ATen operator that runs while active, with each tensor argument reduced to its layout."""
+    def __init__(self):
+        super().__init__()
+        self.ops = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        layout = lambda a: _Layout(a.shape, a.stride(), a.storage_offset(), a.dtype) if isinstance(a, torch.Tensor) else a
+        self.ops.append((func, tree_map(layout, args), tree_map(layout, kwargs)))
+        return func(*args, **kwargs)
+
+
+def matmul_flops(func, args):
+    """FLOPs (2 per multiply-add) of one recorded mm / addmm / bmm / baddbmm."""
+    a, b = (args[0], args[1]) if func in (ATEN.mm.default, ATEN.bmm.default) else (args[1], args[2])
+    return 2 * math.prod(a.shape) * b.shape[-1]
+
+
+REPLAY_MAX_BYTES = 2 << 30   # inputs of its own for every operator of a step only up to this much memory
+
+
+def record_ops(step):
+    """[(func, args, kwargs)] of the operators of one call of step (after one untimed call), tensors as _Layout."""
+    step()
+    with _RecordOps() as rec:
+        step()
+    return rec.ops
+
+
+def replay_calls(ops, shared):
+    """The recorded operators with tensors made in their recorded layouts: one tensor per distinct layout if
+    `shared` (little memory; operators reuse inputs another just used, so caches are warm), else inputs of its own
+    for every operator (as the step's saved activations, they are cold by the time they are read)."""
+    made = {}
+    is_layout = lambda a: isinstance(a, _Layout)
+    make = lambda a: (made.setdefault(a, a.tensor()) if shared else a.tensor()) if is_layout(a) else a
+    return [(f, tree_map(make, a, is_leaf=is_layout), tree_map(make, k, is_leaf=is_layout)) for f, a, k in ops]
+
+
+def op_replay_times(step, n_repeats):
+    """Where a step's time goes, without a profiler's overhead. Seconds per step of: the step; its matmuls alone
+    ('matmul'); its matmuls and attention products alone ('heavy'), both in warm caches (so these give the most the
+    step could reach if nothing else took time); every operator alone, each repeated on its inputs ('alone'); every
+    operator in the recorded order, each on inputs of its own ('in_order', None where those would take more than
+    REPLAY_MAX_BYTES: 'in_order_bytes' says how much). Also the counts ('ops', 'heavy_ops') and the matmuls' FLOPs
+    ('flops'). Replaying calls each operator from Python, a few us each that the step pays too. Denormals are
+    flushed while replaying, so that in-place operators repeated on the same inputs do not slow down."""
+    ops = record_ops(step)
+    calls = replay_calls(ops, shared=True)
+    mm = [c for c in calls if c[0] in MATMULS]
+    heavy = [c for c in calls if c[0] in MATMULS + ATTENTION]
+    run = lambda cs: [f(*a, **k) for f, a, k in cs]
+    layouts = [x for _, a, k in ops for x in tree_flatten((a, k))[0] if isinstance(x, _Layout)]
+    in_order_bytes = sum(x.dtype.itemsize * x.storage_size for x in layouts)
+    fns = {"step": step, "matmul": lambda: run(mm), "heavy": lambda: run(heavy)}
+    if in_order_bytes <= REPLAY_MAX_BYTES:
+        own = replay_calls(ops, shared=False)
+        fns["in_order"] = lambda: run(own)
+    torch.set_flush_denormal(True)
+    try:
+        t = median_times(fns, n_repeats, 1)
+        t["alone"] = sum(median_times({0: lambda: f(*a, **k)}, 5, 1)[0] for f, a, k in calls)
+    finally:
+        torch.set_flush_denormal(False)
+    return dict(t, in_order=t.get("in_order"), in_order_bytes=in_order_bytes, ops=len(calls), heavy_ops=len(heavy),
+                flops=sum(matmul_flops(f, a) for f, a, _ in mm))
+
+
 def main():
     n_rep, n_warm = (1, 1) if quick else (repeats, warmup)
     kept = keep_freed_memory and keep_freed_cpu_memory()
@@ -421,6 +527,26 @@ def main():
             step = train_step_fn(build_model(cfg, shape[0], 10), batch, shape, dts[auto])
             for op, share, ms in profile_step(step, 2 if quick else 20, profile_top):
                 add("profile", f"{rname} {auto} train step, batch {batch}: {op}", share, "% self CPU", f"{ms:.2f} ms/step")
+        if op_replay:   # what the step would take if only its matmuls (and attention) ran, and where the rest goes
+            r = op_replay_times(train_step_fn(build_model(cfg, shape[0], 10), batch, shape, dts[auto]), n_rep)
+            flops_model = build_model(cfg, shape[0], 10)
+            what = f"{rname} {auto} train step, batch {batch}"
+            share = lambda k: f"{100 * r[k] / r['step']:.0f}% of the step"
+            add("op replay", f"{what}: the step", 1e3 * r["step"], "ms", mfu(flops_model, shape, batch / r["step"], auto))
+            add("op replay", f"{what}: its matmuls alone", 1e3 * r["matmul"], "ms",
+                f"{share('matmul')}, at {r['flops'] / r['matmul'] / (peak[auto] * 1e7):.0f}% of the matmul peak")
+            add("op replay", f"{what}: its {r['heavy_ops']} matmuls and attention products alone", 1e3 * r["heavy"],
+                "ms", f"{share('heavy')}: the step's {mfu(flops_model, shape, batch / r['heavy'], auto)} "
+                      f"if nothing else took time")
+            add("op replay", f"{what}: all {r['ops']} operators, each alone (warm caches)", 1e3 * r["alone"], "ms",
+                share("alone"))
+            if r["in_order"] is None:
+                add("op replay", f"{what}: all {r['ops']} operators in order, each on inputs of its own", "-", "ms",
+                    f"not run: their inputs would take {r['in_order_bytes'] / 2**30:.1f} GiB "
+                    f"(more than REPLAY_MAX_BYTES)")
+            else:
+                add("op replay", f"{what}: all {r['ops']} operators in order, each on inputs of its own",
+                    1e3 * r["in_order"], "ms", f"{share('in_order')} (the rest: autograd and the model's Python)")
     # attention implementations: the kernel alone, then the small model (train step, no-grad forward)
     N = 16 if quick else 256
     for name, dtype in dts.items():
@@ -479,7 +605,8 @@ def main():
           f"freed memory {'kept by malloc' if kept else 'handled by the C library as by default'}\n")
     print("| section | measurement | value | unit | note |\n|---|---|---:|---|---|")
     for section, what, value, unit, note in rows:
-        print(f"| {section} | {what} | {value:.3g} | {unit} | {note} |")
+        value = f"{value:.3g}" if isinstance(value, (int, float)) else value   # '-' for a measurement not run
+        print(f"| {section} | {what} | {value} | {unit} | {note} |")
     return rows
 
 

@@ -151,3 +151,34 @@ def test_compile_comparison_times_both_variants(monkeypatch, rev):
         assert "x " not in part[names.index(base)][4]     # the base row carries no ratio
     assert all(re.search(r"MFU \d+\.\d%", r[4]) for r in rows[:len(names)])   # the train step's, each variant's
     assert rows[len(names) + names.index(base)][4] == ""   # the base's sampling row: no ratio and no MFU
+
+
+def test_op_replay_counts_the_steps_matmul_flops_and_times_every_operator(monkeypatch, capsys):
+    cfg = {**benchmark.recipe("mnist"), "depth": 2, "hidden": 32, "heads": 2, "attn_impl": "math"}
+    model = benchmark.build_model(cfg, 1, 10)
+    step = benchmark.train_step_fn(model, 4, (1, 8, 8), torch.float32)
+    # with the explicit softmax, the attention products are matmuls too: forward + backward of every linear
+    # layer and product is ~3x the forward FLOPs that flops_per_image counts (the patch embedding is a convolution)
+    r = benchmark.op_replay_times(step, 2)
+    assert 0.9 < r["flops"] / (3 * model.flops_per_image(8, 8) * 4) < 1.05
+    assert r["heavy_ops"] >= 2 * 4 * 3 and r["ops"] > 5 * r["heavy_ops"]
+    assert all(r[k] > 0 for k in ("step", "matmul", "heavy", "alone", "in_order"))
+    assert r["heavy"] < r["alone"] and r["in_order_bytes"] > 0
+    # every recorded operator replays on tensors of its recorded layout
+    ops = benchmark.record_ops(step)
+    assert any(f is torch.ops.aten._fused_adamw_.default for f, _, _ in ops)
+    for (f, a, k), (_, a2, _) in zip(ops, benchmark.replay_calls(ops, shared=False)):
+        for lay, x in zip(a, a2):
+            if isinstance(lay, benchmark._Layout):
+                assert (x.shape, x.stride(), x.dtype) == (lay.shape, lay.stride, lay.dtype)
+    # a step whose own inputs would not fit in memory skips that replay, and the table says how much it would take
+    monkeypatch.setattr(benchmark, "REPLAY_MAX_BYTES", 1000)
+    for key, value in dict(quick=True, recipes="mnist", end_to_end=False, batch_sweep="", sampler_sweep="",
+                           profile_top=0, bf16="false", op_replay=True).items():
+        monkeypatch.setattr(benchmark, key, value)
+    rows = [r for r in benchmark.main() if r[0] == "op replay"]
+    assert [r[1].split(": ", 1)[1].split()[0] for r in rows] == ["the", "its", "its", "all", "all"]
+    assert rows[-1][2] == "-" and re.fullmatch(r"not run: their inputs would take \d+\.\d GiB \(more than REPLAY_MAX_BYTES\)",
+                                              rows[-1][4])
+    assert all(r[2] > 0 for r in rows[:-1]) and "if nothing else took time" in rows[2][4]
+    assert "| op replay | mnist fp32 train step, batch 4: all" in capsys.readouterr().out
