@@ -114,6 +114,7 @@ class DiTConfig:
     heads: int = 6            # attention heads; hidden must be divisible by heads
     mlp_ratio: float = 4.0    # MLP hidden = mlp_ratio * hidden
     num_classes: int = 0      # 0 = no class conditioning
+    class_embed_std: float = 0.02  # std of the class embedding table at initialisation (DiT's 0.02)
     text_dim: int = 0         # width of the text encoder's token embeddings; 0 = no text
     image_dim: int = 0        # width of the pooled image embedding; 0 = no image conditioning
     qk_norm: bool = True      # RMS-normalise queries and keys per head (stabilises attention logits)
@@ -143,6 +144,8 @@ class DiTConfig:
         if self.moe_experts < 0 or (self.moe_experts and not 1 <= self.moe_top_k <= self.moe_experts):
             raise ValueError(f"moe_experts={self.moe_experts}, moe_top_k={self.moe_top_k}: need 0 experts, or "
                              f"1 <= top_k <= experts")
+        if not self.class_embed_std > 0:
+            raise ValueError(f"class_embed_std={self.class_embed_std} must be > 0")
         if self.moe_capacity < 0:
             raise ValueError(f"moe_capacity={self.moe_capacity} must be >= 0 (0 = no limit)")
 
@@ -404,7 +407,7 @@ class DiT(nn.Module):
             if isinstance(m, nn.Linear):
                 nn.init.normal_(m.weight, std=0.02)
         if self.cfg.num_classes:
-            nn.init.normal_(self.y_embed.weight, std=0.02)
+            nn.init.normal_(self.y_embed.weight, std=self.cfg.class_embed_std)
         # adaLN-Zero: every residual branch starts closed and the output starts at zero, so the
         # network is the identity map at initialisation. Cross-attention has no gate; its output
         # projection starts at zero for the same reason.

@@ -50,6 +50,7 @@ qk_norm = True                # RMS-normalise queries and keys
 grad_checkpoint = False       # recompute blocks in backward (memory for compute)
 attn_impl = "auto"            # 'auto' | 'sdpa' | 'math'
 mlp_act = "gelu"              # 'gelu' | 'gelu_tanh' | 'silu' (model.MLP_ACTS)
+class_embed_std = 0.02        # std of the class embedding at initialisation: how strongly the label conditions at first
 moe_experts = 0               # mixture-of-experts MLP: experts per block; 0 = dense
 moe_top_k = 2                 # experts per token (token-choice routing)
 moe_capacity = 1.25           # expert capacity factor: assignments over ceil(capacity * tokens * top_k / experts) drop; 0 = none
@@ -259,7 +260,7 @@ buckets = {name: (H // down, W // down) for name, (H, W) in index["buckets"].ite
 model_args = dict(
     in_channels=index["channels"], patch_size=patch_size, hidden=hidden, depth=depth, heads=heads,
     mlp_ratio=mlp_ratio, qk_norm=qk_norm, grad_checkpoint=grad_checkpoint, attn_impl=attn_impl,
-    mlp_act=mlp_act, prediction=prediction, loss_weighting=loss_weighting,
+    mlp_act=mlp_act, prediction=prediction, loss_weighting=loss_weighting, class_embed_std=class_embed_std,
     moe_experts=moe_experts, moe_top_k=moe_top_k,
     moe_capacity=moe_capacity, moe_shared_expert=moe_shared_expert,
     num_classes=index["num_classes"] if use_class else 0,

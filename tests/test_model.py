@@ -66,6 +66,20 @@ def test_config_errors():
         DiTConfig(hidden=65, heads=4)
     with pytest.raises(ValueError, match="patch_size=3"):
         DiTConfig(patch_size=3)
+    with pytest.raises(ValueError, match="class_embed_std=0"):
+        DiTConfig(num_classes=10, class_embed_std=0)
+
+
+def test_class_embed_std_sets_the_class_tables_spread_and_nothing_else():
+    torch.manual_seed(0)
+    base = DiT(DiTConfig(hidden=64, heads=4, depth=1, num_classes=1000))
+    torch.manual_seed(0)
+    strong = DiT(DiTConfig(hidden=64, heads=4, depth=1, num_classes=1000, class_embed_std=1.0))
+    assert abs(base.y_embed.weight.std().item() - 0.02) < 0.001 and abs(strong.y_embed.weight.std().item() - 1.0) < 0.05
+    # the same random draws, scaled: every other weight is the same, so the two runs differ only in this
+    assert torch.allclose(strong.y_embed.weight * 0.02, base.y_embed.weight, atol=1e-6)
+    other = {k: v for k, v in base.state_dict().items() if not k.startswith("y_embed")}
+    assert all(torch.equal(v, strong.state_dict()[k]) for k, v in other.items())
 
 
 def test_drop_flags_equal_missing_conditions_and_conditions_matter():
