@@ -87,6 +87,18 @@ def test_checkpoint_is_weights_only_and_sampling_reproduces(tmp_path, mnist_dir)
     assert shots[0] == shots[1] and shots[0] != shots[2]
 
 
+def test_the_quick_start_recipes_class_table_spread_reaches_the_model(tmp_path, mnist_dir):
+    # config/mnist.py starts the class table at std 0.25 (BENCHMARKS.md round 20); train.py's default is DiT's 0.02
+    for name, args, std in (("recipe", ["config/mnist.py"], 0.25), ("default", [], 0.02)):
+        out = tmp_path / name
+        run("train.py", *args, *TINY, f"--data_dir={mnist_dir}", f"--out_dir={out}", "--max_steps=1", "--lr=1e-6",
+            "--ckpt_interval=1")
+        state = load(out / "ckpt-00000001.pt")
+        assert state["model_args"]["class_embed_std"] == std
+        table = state["model"]["y_embed.weight"]                          # 11 x 32: 10 classes and the null label
+        assert abs(table.std().item() / std - 1) < 0.15, (name, table.std().item())
+
+
 def test_gradient_accumulation_equals_a_larger_batch(tmp_path, mnist_dir):
     """k micro-batches of b equal one batch of k*b: same samples, same per-sample noise and t, and
     the loss normalised by the nominal batch, so the weights agree to float rounding."""
@@ -284,6 +296,7 @@ def test_dry_run_prints_the_plan_and_writes_nothing(tmp_path, mnist_dir):
     (["--prediction=eps"], "prediction='eps': expected 'v' or 'x'"),
     (["--mlp_act=relu"], "mlp_act='relu'"),
     (["--sample_temperature=0"], "sample_temperature=0.0: expected > 0"),
+    (["--class_embed_std=0"], "class_embed_std=0"),
     (["--data_dir=/nonexistent"], "/nonexistent"),
 ])
 def test_bad_config_names_the_problem(tmp_path, mnist_dir, args, needle):
