@@ -63,7 +63,9 @@ sample_guidance_interval = (0.3, 0.8)  # variety (recall) that guidance there re
                           # pairs of nine training seeds (four held out from the choice) and three sampling seeds at
                           # 7,600 steps (BENCHMARKS.md round 18), class accuracy 98.3-99.7%, lowest class 93-99%; FD alike on the
                           # 13,750- and 21,500-step README runs (+0.1%, +0.4%). Guidance 2.0 put a class at 94% (round 18);
-                          # 2.75 at temperature 1 scored FD 3-5% worse than 2.5 at 0.95 (round 17)
+                          # 2.75 at temperature 1 scored FD 3-5% worse than 2.5 at 0.95 (round 17). Re-checked with the class
+                          # table at 0.25 (round 20): 2.0 lowered FD 1.1% and the class margins with it, temperature 0.85
+                          # raised FD 2.4%; neither met the targets in more draws
 sample_temperature = 0.9  # start from 0.9 x the unit noise: precision for recall; 0.85 kept the classes higher (lowest
                           # 95-99%) at FD +0.9 / -1.0 / -0.4% against 2.5 at 0.95 (round 18)
 log_interval = 250
