@@ -311,6 +311,12 @@ def load_index(root):
     return index
 
 
+def trained_buckets(index):
+    """{name: [H, W]} of the buckets that hold training samples: a bucket that no image filled is in the index but
+    is no size the model ever saw, so grids, evaluation and sampling keep to these."""
+    return {name: hw for name, hw in index['buckets'].items() if index['splits']['train'].get(name)}
+
+
 # ----------------------------------------------------------------------------- shards from anywhere
 
 class FetchError(RuntimeError):
@@ -1121,20 +1127,26 @@ class ShardStream(torch.utils.data.IterableDataset):
             n += workers
 
 
-def iterate_split(root, split='val', batch_size=8, text_max_length=None):
+def iterate_split(root, split='val', batch_size=8, text_max_length=None, bucket=None):
     """One pass over every sample of a split in a fixed order (no shuffle, no flip), for validation.
 
-    Buckets in sorted order, shards and samples in stored order; the last batch of a bucket may be short.
+    Buckets in sorted order (or only `bucket`), shards and samples in stored order; the last batch of a
+    bucket may be short. Each batch carries 'g' (its number) and 'start' (the split-order index of its first
+    sample).
     """
     index = load_index(root)
     reader = ShardReader(root, index, text_max_length)
-    g = 0
-    for bucket, shards in sorted(index['splits'].get(split, {}).items()):
+    g = start = 0
+    for name, shards in sorted(index['splits'].get(split, {}).items()):
+        if bucket is not None and name != bucket:
+            start += sum(shard['count'] for shard in shards)
+            continue
         slots = [(s, p) for s, shard in enumerate(shards) for p in range(shard['count'])]
         for i in range(0, len(slots), batch_size):
             part = slots[i:i + batch_size]
-            yield {**reader.read_batch(split, bucket, part, [False] * len(part)), 'g': g, 'epoch': 0}
+            yield {**reader.read_batch(split, name, part, [False] * len(part)), 'g': g, 'start': start, 'epoch': 0}
             g += 1
+            start += len(part)
 
 
 if __name__ == '__main__':

@@ -15,6 +15,7 @@ with text/class condition c_t and image condition c_i, and v(.,.) the model's ve
     both:       v = v(0,0) + s_i * (v(0,c_i) - v(0,0)) + s_t * (v(c_t,c_i) - v(0,c_i))
 (InstructPix2Pix's dual guidance, arXiv:2211.09800); scales of 1 give the plain conditional model.
 """
+import functools
 import io
 import json
 import math
@@ -142,12 +143,18 @@ def decode(x, meta):
     through the VAE named in the data index, undoing the stored scaling and shift."""
     if meta["space"] == "pixels":
         return ((x + 1) / 2).clamp(0, 1)
-    from prepare_data import load_vae
-    vae, vae_meta = load_vae(meta["vae"]["name"], x.device)
+    vae, vae_meta = vae_for(meta["vae"]["name"], x.device)
     z = x / vae_meta["scaling_factor"] + vae_meta["shift_factor"]
     with torch.no_grad():
         images = torch.cat([vae.decode(chunk).sample for chunk in z.split(8)])
     return ((images.float() + 1) / 2).clamp(0, 1)
+
+
+@functools.lru_cache(maxsize=2)
+def vae_for(name, device):
+    """The data's VAE, loaded once per process and device (decode runs on every grid and evaluation batch)."""
+    from prepare_data import load_vae
+    return load_vae(name, device)
 
 
 def save_grid(images, path, nrow=8, pad=2):
@@ -328,42 +335,71 @@ def split_size(index, split):
     return sum(s["count"] for shards in index["splits"].get(split, {}).values() for s in shards)
 
 
-def reference(data_dir, split, feature_name, features, device, max_n, batch_size=250):
+def reference(data_dir, split, feature_name, features, device, max_n, batch_size=250, rank=0, world_size=1):
     """Features, labels and statistics of the real images of a split, computed once and cached in
     data_dir/eval_cache/, keyed by feature network and split (and the split's shards and max_n), so
     evaluating another checkpoint costs only the generated side. Latents are decoded by the data's VAE
-    first, exactly as generated latents are. Returns (dict, whether it came from the cache)."""
+    first, exactly as generated latents are. Returns (dict, whether it came from the cache).
+
+    Every rank calls it: each computes the features of every world_size-th image, all ranks gather them and
+    each computes the statistics itself, so no rank sits in a collective while rank 0 works alone (that
+    would outlast the process group's timeout on a large set). Rank 0 writes the cache."""
+    import torch.distributed as dist
+
     from prepare_data import iterate_split, load_index, local_dir, write_atomic
     index = load_index(data_dir)
     key = {"features": feature_name, "split": split, "max_n": max_n, "shards": index["splits"].get(split)}
     slug = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in feature_name)
     path = os.path.join(local_dir(data_dir), "eval_cache", f"{slug}-{split}.pt")   # remote data: in the shard cache
+    ref = None
     if os.path.isfile(path):
         try:
             ref = torch.load(path, map_location="cpu", weights_only=True)
-            if ref.get("key") == key:
-                return ref, True
+            ref = ref if ref.get("key") == key else None
         except Exception:   # a damaged cache is rebuilt, never trusted
-            pass
+            ref = None
+    if world_size > 1:      # build together unless every rank has the cache (nodes may not share data_dir)
+        everyone = torch.tensor([float(ref is not None)], device=device)
+        dist.all_reduce(everyone, op=dist.ReduceOp.MIN)
+        ref = ref if everyone.item() else None
+    if ref is not None:
+        return ref, True
     total = split_size(index, split)
     take = set(torch.linspace(0, total - 1, max_n).round().long().tolist()) if total > max_n else None
-    feats, ys, i = [], [], 0
+    mine = []   # (split-order indices, features, labels) of this rank's images, a batch at a time
     for batch in iterate_split(data_dir, split, batch_size=batch_size):
-        keep = [j for j in range(len(batch["x"])) if (take is None or i + j in take) and batch["valid"][j]]
-        i += len(batch["x"])
+        keep = [j for j in range(len(batch["x"])) if (batch["start"] + j) % world_size == rank
+                and (take is None or batch["start"] + j in take) and batch["valid"][j]]
         if keep:
-            feats.append(features(decode(batch["x"][keep].to(device).float(), index)).cpu())
-            ys.append(batch["y"][keep] if "y" in batch else torch.zeros(len(keep), dtype=torch.long))
-    feats = torch.cat(feats)
-    ref = {"key": key, "features": feats.float(), "y": torch.cat(ys), "n": len(feats)}
+            f = features(decode(batch["x"][keep].to(device).float(), index)).cpu()
+            y = batch["y"][keep] if "y" in batch else torch.zeros(len(keep), dtype=torch.long)
+            mine.append((batch["start"] + torch.tensor(keep), f, y))
+    if world_size > 1:
+        parts = [None] * world_size
+        dist.all_gather_object(parts, mine)
+        mine = [p for part in parts for p in part]
+    order = torch.cat([i for i, _, _ in mine]).argsort()        # split order, as one process reads it
+    feats = torch.cat([f for _, f, _ in mine])[order]
+    ref = {"key": key, "features": feats.float(), "y": torch.cat([y for _, _, y in mine])[order], "n": len(feats)}
     ref["mu"], ref["cov"] = stats(feats)
     if index["num_classes"] and split == "train":
         ref["probe"] = fit_probe(feats, ref["y"], index["num_classes"])
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    buf = io.BytesIO()
-    torch.save(ref, buf)
-    write_atomic(path, buf.getvalue())
+    if rank == 0:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        buf = io.BytesIO()
+        torch.save(ref, buf)
+        write_atomic(path, buf.getvalue())
     return ref, False
+
+
+def references(data_dir, feature_name, features, device, max_n=eval_ref_max, rank=0, world_size=1):
+    """{'train': (ref, cached), 'val': (ref, cached) or None}: what evaluate() compares against. Every rank
+    calls it (reference())."""
+    from prepare_data import load_index
+    has_val = bool(split_size(load_index(data_dir), "val"))
+    return {split: reference(data_dir, split, feature_name, features, device, max_n, rank=rank,
+                             world_size=world_size) if split == "train" or has_val else None
+            for split in ("train", "val")}
 
 
 def eval_conditions(data_dir, index, cfg, split, n, batch_size, down):
@@ -371,8 +407,8 @@ def eval_conditions(data_dir, index, cfg, split, n, batch_size, down):
     class-balanced labels at the largest bucket for class-only models; otherwise the conditions of the
     split's samples, an even stride through it (so buckets come in proportion; repeated if n exceeds
     it), each at its own bucket."""
-    from prepare_data import iterate_split
-    H, W = max(index["buckets"].values(), key=lambda hw: hw[0] * hw[1])
+    from prepare_data import ShardReader, trained_buckets
+    H, W = max(trained_buckets(index).values(), key=lambda hw: hw[0] * hw[1])
     if cfg.num_classes and not cfg.text_dim and not cfg.image_dim:
         labels = torch.arange(cfg.num_classes).repeat_interleave(n // cfg.num_classes)
         for i in range(0, len(labels), batch_size):
@@ -380,11 +416,17 @@ def eval_conditions(data_dir, index, cfg, split, n, batch_size, down):
         return
     total = split_size(index, split)
     picks = torch.bincount((torch.arange(n) * total) // n, minlength=total)   # copies of each sample
-    start = 0
-    for batch in iterate_split(data_dir, split, batch_size=batch_size):
-        rows = torch.repeat_interleave(torch.arange(len(batch["x"])), picks[start:start + len(batch["x"])])
-        start += len(batch["x"])
-        if len(rows):
+    reader, start = ShardReader(data_dir, index), 0
+    for bucket, shards in sorted(index["splits"][split].items()):   # iterate_split's batches, reading only the picks
+        slots = [(s, p) for s, shard in enumerate(shards) for p in range(shard["count"])]
+        for i in range(0, len(slots), batch_size):
+            copies = picks[start:start + len(slots[i:i + batch_size])]
+            start += len(copies)
+            chosen = copies.nonzero().flatten().tolist()
+            if not chosen:
+                continue
+            batch = reader.read_batch(split, bucket, [slots[i + j] for j in chosen], [False] * len(chosen))
+            rows = torch.repeat_interleave(torch.arange(len(chosen)), copies[chosen])
             cond = {"y": batch["y"][rows] if cfg.num_classes else None,
                     "text": batch["text"][rows] if cfg.text_dim else None,
                     "text_mask": batch["text_mask"][rows] if cfg.text_dim else None,
@@ -444,31 +486,33 @@ def check_eval_request(meta, n, split, data_dir):
 
 
 def evaluate(net, meta, data_dir, n, sampler, feature_name="efficientnet-lite0", split="auto", batch_size=100,
-             seed=0, device="cpu", autocast=None, ref_max=50000, k=3, rank=0, world_size=1, features=None,
-             preview=None):
+             seed=0, device="cpu", autocast=None, ref_max=eval_ref_max, k=3, rank=0, world_size=1, features=None,
+             preview=None, refs=None):
     """Generated vs real: FD, precision/recall, class accuracy and per class (quality()), for the model
     and for the real-vs-real floor (the val split's first n against the same train reference). Every
-    rank calls it (generation is split across ranks); rank 0 gets the result dict, the others None."""
+    rank calls it (generation is split across ranks); rank 0 gets the result dict, the others None.
+    `refs`: references() computed beforehand (training builds them once, at its start)."""
     import contextlib
     import torch.distributed as dist
     index, split = check_eval_request(meta, n, split, data_dir)
     features = features or load_feature_net(feature_name, device)
     autocast = autocast or contextlib.nullcontext()
     t0 = time.time()
+    refs = refs or references(data_dir, feature_name, features, device, ref_max, rank, world_size)
+    t_gen = time.time()
     fake, fake_y, forwards = generated_features(net, meta, data_dir, split, features, n, sampler, batch_size, seed,
                                                 device, autocast, rank, world_size, preview)
+    gen_s = time.time() - t_gen
     if world_size > 1:
         parts = [None] * world_size
         dist.all_gather_object(parts, (fake, fake_y))
         fake, fake_y = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
     if rank != 0:
         return None
-    gen_s = time.time() - t0
-    ref, cached = reference(data_dir, "train", feature_name, features, device, ref_max)
-    probe = ref.get("probe")
+    (ref, cached), probe = refs["train"], refs["train"][0].get("probe")
     result = {"model": quality(fake, fake_y, ref, probe, meta["num_classes"], k, seed)}
-    if split_size(index, "val"):
-        val, _ = reference(data_dir, "val", feature_name, features, device, ref_max)
+    if refs["val"]:
+        val = refs["val"][0]
         m = min(len(fake), val["n"])
         sel = torch.linspace(0, val["n"] - 1, m).round().long()
         result["floor"] = quality(val["features"][sel].double(), val["y"][sel], ref, probe, meta["num_classes"], k, seed)
@@ -758,7 +802,7 @@ def main():
         return
     autocast = pick_dtype(dev)
     which = {"true": [True], "false": [False], "both": [True, False]}[str(ema).lower()]
-    features = None
+    features = refs = None
     for use_ema in which:
         model, state = load_model(path, use_ema, dev)
         if compile:
@@ -774,13 +818,15 @@ def main():
             configure_cache(state["config"].get("cache_dir", ""), state["config"].get("cache_max_gb", 100.0))  # the run's cache
             if not is_remote(root) and not os.path.isfile(os.path.join(root, "index.json")):
                 sys.exit(f"sample.py: data_dir={root!r} has no index.json; pass --data_dir=<the prepared data>")
+            check_eval_request(state["data"], num_samples, eval_split, root)   # before the expensive parts
             features = features or load_feature_net(eval_features, dev)
+            refs = refs or references(root, eval_features, features, dev, eval_ref_max)   # once for --ema=both
             preview = []
             sampler = dict(steps=steps, solver=solver, shift=shift, text_scale=text_scale, image_scale=image_scale,
                            interval=guidance_interval, temperature=temperature)
             result = evaluate(model, state["data"], root, num_samples, sampler, eval_features, eval_split,
                               eval_batch_size, seed, dev, autocast, eval_ref_max, eval_k, features=features,
-                              preview=preview)
+                              preview=preview, refs=refs)
             # --out names the preview grid; the JSON goes beside it (and '-raw' marks the raw weights of --ema=both)
             stem = (os.path.splitext(out)[0] + ("-raw" if len(which) == 2 and not use_ema else "") if out else
                     os.path.join(os.path.dirname(path), "samples", f"eval-{tag}"))

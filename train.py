@@ -29,7 +29,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from model import (LEGACY_MODEL_ARGS, DiT, DiTConfig, TrainingDraws, bf16_is_native, compile_model, flow_loss,
                    interpolate, keep_freed_cpu_memory)
-from prepare_data import ShardStream, configure_cache, exit_skipping_shutdown, iterate_split, load_index
+from prepare_data import (ShardStream, configure_cache, exit_skipping_shutdown, iterate_split, load_index,
+                          trained_buckets)
 
 # ----------------------------------------------------------------------------------------------
 # defaults; override with a config file and --key=value (configurator.py)
@@ -254,7 +255,7 @@ if max_images > 0:
 if max_minutes > 0:           # takes precedence over both; fixed after budget_probe_steps (the loop's plan)
     max_steps = 10 ** 9
 down = index["vae"]["downsample"] if index["vae"] else 1    # image pixels per latent cell
-buckets = {name: (H // down, W // down) for name, (H, W) in index["buckets"].items()}   # model input sizes
+buckets = {name: (H // down, W // down) for name, (H, W) in trained_buckets(index).items()}   # model input sizes
 
 # ---------------------------------------------------------------------------------------------- model, EMA, optimizer
 model_args = dict(
@@ -276,7 +277,7 @@ for name, (H, W) in buckets.items():
         fail(f"bucket {name} (model input {H}x{W}) is not divisible by patch_size={patch_size}")
 text_len = index["text_encoder"]["max_length"] if model_args["text_dim"] else 0
 largest = max(H * W for H, W in buckets.values())
-H_max, W_max = next((H, W) for H, W in buckets.values() if H * W == largest)
+bucket_max, (H_max, W_max) = next((name, hw) for name, hw in buckets.items() if hw[0] * hw[1] == largest)
 flops_per_step = 3 * raw_model.flops_per_image(H_max, W_max, text_len) * global_batch   # fwd + bwd = 3x fwd
 n_params = raw_model.num_params()
 
@@ -578,8 +579,8 @@ def save_checkpoint(path):
                      budget_steps=max_steps if budget_planned else 0, budget_plan_from=plan_from,
                      elapsed=elapsed_before + time.time() - t_start,
                      config=config, model_args=model_args,
-                     data={k: index[k] for k in ("space", "channels", "vae", "text_encoder", "image_encoder",
-                                                 "num_classes", "class_names", "buckets")})
+                     data={**{k: index[k] for k in ("space", "channels", "vae", "text_encoder", "image_encoder",
+                                                    "num_classes", "class_names")}, "buckets": trained_buckets(index)})
         tmp = path + ".tmp"
         try:
             os.makedirs(out_dir, exist_ok=True)
@@ -625,27 +626,40 @@ def plain_ema():
     return net.to(device).requires_grad_(False).eval()
 
 
-def sample_grid(tag, net):
-    """Write a sample grid of `net` (plain_ema()) with fixed seeds to out_dir/samples (rank 0 only, no collectives)."""
-    from sample import decode, guided_velocity, sample_ode, save_grid
-    g = torch.Generator(device=device).manual_seed(seed)
+GRID_PER_CLASS, GRID_MAX_CLASSES, GRID_SAMPLES = 8, 16, 16   # a class grid's columns and rows; a text/image grid's size
+
+
+def grid_conditions():
+    """The sample grids' conditions, fixed for the whole run and read once (rank 0, a moment): up to
+    GRID_MAX_CLASSES labels spread over the classes, GRID_PER_CLASS images each, at the largest trained bucket;
+    for text and image models, the conditions of the first GRID_SAMPLES samples of that bucket (val, else
+    train). Returns (conditions on the device, (H, W), images per row)."""
     if model_args["num_classes"]:
-        per_class = 8
-        n = model_args["num_classes"] * per_class
-        cond = {"y": torch.arange(model_args["num_classes"], device=device).repeat_interleave(per_class)}
-        H, W = H_max, W_max
-        nrow = per_class
-    else:   # conditions of the first validation (else training) samples of the largest bucket
-        split = "val" if has_val else "train"
-        batch = next(b for b in iterate_split(data_dir, split, batch_size=16) if b["x"].shape[-2:] == (H_max, W_max))
-        cond = {k: v for k, v in conditions(to_device(batch)).items() if v is not None}
-        n, (H, W), nrow = len(batch["x"]), (H_max, W_max), 4
+        k = model_args["num_classes"]
+        labels = torch.linspace(0, k - 1, min(k, GRID_MAX_CLASSES)).round().long()
+        return {"y": labels.repeat_interleave(GRID_PER_CLASS).to(device)}, (H_max, W_max), GRID_PER_CLASS
+    split = "val" if index["splits"]["val"].get(bucket_max) else "train"
+    batch = next(iterate_split(data_dir, split, batch_size=GRID_SAMPLES, bucket=bucket_max))
+    return {k: v for k, v in conditions(to_device(batch)).items() if v is not None}, (H_max, W_max), 4
+
+
+def sample_grid(tag, net):
+    """Write a sample grid of `net` (plain_ema()) with fixed seeds to out_dir/samples (rank 0 only, no collectives),
+    sampled in chunks of eval_batch_size images."""
+    from sample import decode, guided_velocity, sample_ode, save_grid
+    cond, (H, W), nrow = grid
+    n = len(next(iter(cond.values())))
+    g = torch.Generator(device=device).manual_seed(seed)
     noise = torch.randn(n, model_args["in_channels"], H, W, generator=g, device=device)
-    v_fn = guided_velocity(net, cond, sample_text_scale, sample_image_scale, sample_guidance_interval)
-    with autocast:
-        x = sample_ode(v_fn, noise, sample_steps, sample_solver, sample_shift, sample_temperature)
+    images = []
+    for rows in torch.arange(n, device=device).split(eval_batch_size):
+        v_fn = guided_velocity(net, {k: v[rows] for k, v in cond.items()}, sample_text_scale, sample_image_scale,
+                               sample_guidance_interval)
+        with autocast:
+            x = sample_ode(v_fn, noise[rows], sample_steps, sample_solver, sample_shift, sample_temperature)
+        images.append(decode(x.float(), index).cpu())
     path = os.path.join(out_dir, "samples", f"{tag}.png")
-    save_grid(decode(x.float(), index), path, nrow=nrow)
+    save_grid(torch.cat(images), path, nrow=nrow)
     return path
 
 
@@ -689,24 +703,19 @@ def validate():
     return out
 
 
-feature_net = None
-
-
 def run_eval():
     """sample.evaluate on the EMA with the grid's sampler, generation split across ranks (every rank calls
     it); writes out_dir/samples/eval-<step>.json and returns the headline numbers on every rank."""
-    global feature_net
-    from sample import evaluate, format_eval, load_feature_net
-    feature_net = feature_net or load_feature_net(eval_features, device)
+    from sample import evaluate, format_eval
     sampler = dict(steps=sample_steps, solver=sample_solver, shift=sample_shift, text_scale=sample_text_scale,
                    image_scale=sample_image_scale, interval=sample_guidance_interval, temperature=sample_temperature)
     meta = {k: index[k] for k in ("space", "channels", "vae", "num_classes", "buckets")}
     result = evaluate(ema_model, meta, data_dir, eval_samples, sampler, eval_features, "auto", eval_batch_size,
-                      seed, device, autocast, rank=rank, world_size=world_size, features=feature_net)
+                      seed, device, autocast, rank=rank, world_size=world_size, features=feature_net, refs=eval_refs)
     keys = ("fd", "precision", "recall", "class_acc")
     head = torch.tensor([result["model"].get(k, float("nan")) if master else 0.0 for k in keys], device=device)
     if ddp:
-        dist.broadcast(head, 0)
+        dist.broadcast(head, 0)   # rank 0's scoring takes a moment: the references were built at the start
     if master:
         log(format_eval(result))
         os.makedirs(os.path.join(out_dir, "samples"), exist_ok=True)
@@ -820,6 +829,16 @@ def plan_budget():
     if next_plan is not None and next_plan >= max_steps:
         next_plan = None
 
+
+# ---------------------------------------------------------------------------------------------- grids, evaluation
+# Prepared once, before the loop: the grid's conditions (rank 0) and, on every rank together, the evaluation's real
+# reference (features of the train and val images): no rank then waits long in a collective for rank 0 alone.
+grid = grid_conditions() if master and sample_interval else None
+feature_net = eval_refs = None
+if eval_interval:
+    from sample import load_feature_net, references
+    feature_net = load_feature_net(eval_features, device)
+    eval_refs = references(data_dir, eval_features, feature_net, device, rank=rank, world_size=world_size)
 
 # ---------------------------------------------------------------------------------------------- loop
 N_BINS = 4                                          # t bins for the per-t loss: [0, .25), ... [.75, 1]

