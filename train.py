@@ -1,7 +1,7 @@
 """Train a DiT as a rectified flow. The whole training loop, top to bottom.
 
     python prepare_data.py                                   # the built-in MNIST digits -> data/mnist
-    python train.py config/mnist.py                          # CPU quick start, ~7.5 minutes on 2 cores
+    python train.py config/mnist.py                          # CPU quick start: ~9 minutes (a time budget)
     python train.py config/small.py --data_dir=data/photos   # one GPU
     torchrun --standalone --nproc_per_node=8 train.py config/large.py --data_dir=data/photos
 

@@ -16,6 +16,4 @@ ema_warmup_steps = 2000
 ckpt_interval = 2000
 sample_interval = 2000
 log_interval = 50
-compile = True       # torch.compile: the train step 1.42x (bf16) and 1.08x (fp32) faster on a 2-core AMX CPU after
-                     # 56 / 38 s of compiling, 1.04x on a Zen 3 after 169 s (BENCHMARKS.md round 12): paid back after
-                     # 3-73 minutes of training. Without a C++ compiler it warns and trains eager
+compile = True       # paid back after 3-73 minutes of training (BENCHMARKS.md round 12); no C++ compiler: eager
