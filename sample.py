@@ -60,7 +60,7 @@ eval = False         # evaluate instead of drawing a grid: FD, precision/recall,
 num_samples = 1000   # images to generate (class-balanced for class-labelled data)
 eval_features = "efficientnet-lite0"  # feature network: 'efficientnet-lite0' (offline) or a HF vision model id/path
 eval_split = "auto"  # where generation takes its conditions: 'auto' (val, else train), 'val' or 'train'
-eval_batch_size = 100  # images generated per batch
+eval_batch_size = 100  # images generated per batch (evaluation and grids)
 eval_ref_max = 50000   # real images in a split's reference statistics (an even subset beyond that)
 eval_k = 3           # k of the k-nearest-neighbour manifolds for precision and recall
 data_dir = ""        # data to evaluate against; '' = the data_dir the checkpoint was trained on
@@ -136,6 +136,22 @@ def guided_velocity(model, cond, text_scale, image_scale, interval=(0.0, 1.0)):
         return v[0] + image_scale * (v[1] - v[0]) + text_scale * (v[2] - v[1])
     v_fn.forwards = 0
     return v_fn
+
+
+def generate(model, cond, noise, sampler, meta, autocast, chunk):
+    """Images in [0, 1] on the CPU from `noise` (N, C, h, w) and conditions `cond` (N rows each), sampled with
+    `sampler` (dict of steps, solver, shift, temperature, text_scale, image_scale, interval) and decoded, `chunk`
+    images at a time so that a large grid never needs one giant batch. Returns (images, forwards per image)."""
+    images, forwards = [], 0
+    for rows in torch.arange(len(noise), device=noise.device).split(chunk):
+        v_fn = guided_velocity(model, {k: v[rows] for k, v in cond.items() if v is not None}, sampler["text_scale"],
+                               sampler["image_scale"], sampler["interval"])
+        with autocast:
+            x = sample_ode(v_fn, noise[rows], sampler["steps"], sampler["solver"], sampler["shift"],
+                           sampler["temperature"])
+        images.append(decode(x.float(), meta).cpu())
+        forwards = v_fn.forwards
+    return torch.cat(images), forwards
 
 
 def decode(x, meta):
@@ -628,11 +644,11 @@ def draw_grid(model, state, path, dev, autocast):
         cond["image_emb"] = emb.repeat_interleave(reps, 0)
     g = torch.Generator(device=dev).manual_seed(seed)
     noise = torch.randn(n, cfg.in_channels, H // down, W // down, generator=g, device=dev)
-    v_fn = guided_velocity(model, cond, text_scale, image_scale, guidance_interval)
-    with autocast:
-        x = sample_ode(v_fn, noise, steps, solver, shift, temperature)
-    save_grid(decode(x.float(), meta), path, nrow=nrow)
-    return (H, W), n, v_fn.forwards
+    sampler = dict(steps=steps, solver=solver, shift=shift, temperature=temperature, text_scale=text_scale,
+                   image_scale=image_scale, interval=guidance_interval)
+    drawn, forwards = generate(model, cond, noise, sampler, meta, autocast, eval_batch_size)
+    save_grid(drawn, path, nrow=nrow)
+    return (H, W), n, forwards
 
 
 # ---------------------------------------------------------------------------------------------- ONNX export

@@ -139,7 +139,7 @@ eval_interval = 0             # steps between evaluations of the EMA (sample.eva
                               # class accuracy) and one at the end; 0 = off
 eval_samples = 1000           # images generated per evaluation, split across ranks
 eval_features = "efficientnet-lite0"  # feature network (sample.py): 'efficientnet-lite0' or a HF vision model
-eval_batch_size = 100         # images generated per batch per evaluation
+eval_batch_size = 100         # images generated per batch, in evaluations and sample grids
 best_by = "val_loss"          # what keeps out_dir/best.pt: 'val_loss' (needs val_interval) or 'fd' (eval_interval)
 grad_warn = 10.0              # warn when the grad norm (before clipping) exceeds this
 max_bad_steps = 5             # stop after this many non-finite steps in a row
@@ -644,22 +644,15 @@ def grid_conditions():
 
 
 def sample_grid(tag, net):
-    """Write a sample grid of `net` (plain_ema()) with fixed seeds to out_dir/samples (rank 0 only, no collectives),
-    sampled in chunks of eval_batch_size images."""
-    from sample import decode, guided_velocity, sample_ode, save_grid
+    """Write a sample grid of `net` (plain_ema()) with fixed seeds to out_dir/samples (rank 0 only, no collectives)."""
+    from sample import generate, save_grid
     cond, (H, W), nrow = grid
     n = len(next(iter(cond.values())))
     g = torch.Generator(device=device).manual_seed(seed)
     noise = torch.randn(n, model_args["in_channels"], H, W, generator=g, device=device)
-    images = []
-    for rows in torch.arange(n, device=device).split(eval_batch_size):
-        v_fn = guided_velocity(net, {k: v[rows] for k, v in cond.items()}, sample_text_scale, sample_image_scale,
-                               sample_guidance_interval)
-        with autocast:
-            x = sample_ode(v_fn, noise[rows], sample_steps, sample_solver, sample_shift, sample_temperature)
-        images.append(decode(x.float(), index).cpu())
+    images, _ = generate(net, cond, noise, sampler, index, autocast, eval_batch_size)
     path = os.path.join(out_dir, "samples", f"{tag}.png")
-    save_grid(torch.cat(images), path, nrow=nrow)
+    save_grid(images, path, nrow=nrow)
     return path
 
 
@@ -707,8 +700,6 @@ def run_eval():
     """sample.evaluate on the EMA with the grid's sampler, generation split across ranks (every rank calls
     it); writes out_dir/samples/eval-<step>.json and returns the headline numbers on every rank."""
     from sample import evaluate, format_eval
-    sampler = dict(steps=sample_steps, solver=sample_solver, shift=sample_shift, text_scale=sample_text_scale,
-                   image_scale=sample_image_scale, interval=sample_guidance_interval, temperature=sample_temperature)
     meta = {k: index[k] for k in ("space", "channels", "vae", "num_classes", "buckets")}
     result = evaluate(ema_model, meta, data_dir, eval_samples, sampler, eval_features, "auto", eval_batch_size,
                       seed, device, autocast, rank=rank, world_size=world_size, features=feature_net, refs=eval_refs)
@@ -833,6 +824,8 @@ def plan_budget():
 # ---------------------------------------------------------------------------------------------- grids, evaluation
 # Prepared once, before the loop: the grid's conditions (rank 0) and, on every rank together, the evaluation's real
 # reference (features of the train and val images): no rank then waits long in a collective for rank 0 alone.
+sampler = dict(steps=sample_steps, solver=sample_solver, shift=sample_shift, text_scale=sample_text_scale,
+               image_scale=sample_image_scale, interval=sample_guidance_interval, temperature=sample_temperature)
 grid = grid_conditions() if master and sample_interval else None
 feature_net = eval_refs = None
 if eval_interval:
