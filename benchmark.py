@@ -28,6 +28,7 @@ from torch.utils._pytree import tree_flatten, tree_map
 
 import prepare_data
 from configurator import apply_overrides
+from data import FORMAT, VERSION, ShardStream, load_index, shard_members
 from model import (DiT, DiTConfig, attention, bf16_is_native, compile_model, flow_loss, interpolate,
                    keep_freed_cpu_memory)
 from sample import SOLVERS, guided_velocity, sample_ode
@@ -225,7 +226,7 @@ def header_fn(shards, impl):
                     while tar.next() is not None:
                         n += 1
                 else:
-                    n += sum(len(fields) for _, fields in prepare_data.shard_members(tar))
+                    n += sum(len(fields) for _, fields in shard_members(tar))
         return n
     return run
 
@@ -258,7 +259,7 @@ def write_latent_shards(root, n_samples, shape=(4, 32, 32), text_len=77, text_di
                               "text.npy": prepare_data.npy_bytes(rng.standard_normal((text_len, text_dim)).astype(np.float16))})
             for i in range(count)))
         shards.append({"path": rel, "count": count})
-    index = {"format": prepare_data.FORMAT, "version": prepare_data.VERSION, "complete": True, "space": "latents",
+    index = {"format": FORMAT, "version": VERSION, "complete": True, "space": "latents",
              "channels": shape[0], "vae": {"name": "synthetic", "downsample": d, "scaling_factor": 1.0},
              "text_encoder": {"name": "synthetic", "dim": text_dim, "max_length": text_len}, "image_encoder": None,
              "num_classes": 0, "class_names": [], "has_flip": False, "buckets": {bucket: [shape[1] * d, shape[2] * d]},
@@ -270,7 +271,7 @@ def write_latent_shards(root, n_samples, shape=(4, 32, 32), text_len=77, text_di
 
 def loader_rate(root, num_workers, n_batches, batch_size=8):
     """Samples/s drawn through a DataLoader as train.py builds it, after the first batch (worker start-up)."""
-    stream = prepare_data.ShardStream(root, "train", batch_size=batch_size)
+    stream = ShardStream(root, "train", batch_size=batch_size)
     loader = torch.utils.data.DataLoader(stream, batch_size=None, num_workers=num_workers)
     it = iter(loader)
     next(it)
@@ -588,7 +589,7 @@ def main():
                 f"{n_rep} alternated pairs, {min(ratios):.2f}-{max(ratios):.2f})")
         sets["latents 4x32x32 + text 77x384"] = write_latent_shards(os.path.join(tmp, "latents"), 64 if quick else 400)
         for label, root in sets.items():
-            shards = [os.path.join(root, shard["path"]) for buckets in prepare_data.load_index(root)["splits"].values()
+            shards = [os.path.join(root, shard["path"]) for buckets in load_index(root)["splits"].values()
                       for entries in buckets.values() for shard in entries]
             t = median_times({name: header_fn(shards, name) for name in ("tarfile", "shard_members")}, n_rep, 1)
             members = header_fn(shards, "tarfile")()

@@ -68,7 +68,7 @@ def shift_time(t, shift):
 class TrainingDraws:
     """Each training sample's own timestep, noise and guidance-dropout draw, keyed by (seed, sample id): the
     same whatever the batch, rank or accumulation step the sample lands in, so DDP equals one process and a
-    resume repeats them. Called by the data stream (prepare_data.ShardStream(draws=...)), so that with loader
+    resume repeats them. Called by the data stream (data.ShardStream(draws=...)), so that with loader
     processes the draws run beside the training step, and on a GPU they arrive with the batch in one copy
     instead of as a few small kernels per sample. Drawn on the CPU: the streams do not depend on the device.
     A plain object of numbers, so that spawned loader processes can unpickle it."""

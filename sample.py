@@ -362,7 +362,8 @@ def reference(data_dir, split, feature_name, features, device, max_n, batch_size
     would outlast the process group's timeout on a large set). Rank 0 writes the cache."""
     import torch.distributed as dist
 
-    from prepare_data import iterate_split, load_index, local_dir, write_atomic
+    from data import iterate_split, load_index, local_dir
+    from prepare_data import write_atomic
     index = load_index(data_dir)
     key = {"features": feature_name, "split": split, "max_n": max_n, "shards": index["splits"].get(split)}
     slug = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in feature_name)
@@ -411,7 +412,7 @@ def reference(data_dir, split, feature_name, features, device, max_n, batch_size
 def references(data_dir, feature_name, features, device, max_n=eval_ref_max, rank=0, world_size=1):
     """{'train': (ref, cached), 'val': (ref, cached) or None}: what evaluate() compares against. Every rank
     calls it (reference())."""
-    from prepare_data import load_index
+    from data import load_index
     has_val = bool(split_size(load_index(data_dir), "val"))
     return {split: reference(data_dir, split, feature_name, features, device, max_n, rank=rank,
                              world_size=world_size) if split == "train" or has_val else None
@@ -423,7 +424,7 @@ def eval_conditions(data_dir, index, cfg, split, n, batch_size, down):
     class-balanced labels at the largest bucket for class-only models; otherwise the conditions of the
     split's samples, an even stride through it (so buckets come in proportion; repeated if n exceeds
     it), each at its own bucket."""
-    from prepare_data import ShardReader, trained_buckets
+    from data import ShardReader, trained_buckets
     H, W = max(trained_buckets(index).values(), key=lambda hw: hw[0] * hw[1])
     if cfg.num_classes and not cfg.text_dim and not cfg.image_dim:
         labels = torch.arange(cfg.num_classes).repeat_interleave(n // cfg.num_classes)
@@ -458,7 +459,7 @@ def generated_features(net, meta, data_dir, split, features, n, sampler, batch_s
     forwards (FSDP needs that) and the images do not depend on the number of ranks (each batch's noise
     comes from its own seed). `sampler`: dict(steps, solver, shift, text_scale, image_scale, interval).
     `preview`: a list that receives this rank's first images, for a grid."""
-    from prepare_data import load_index
+    from data import load_index
     down = meta["vae"]["downsample"] if meta["vae"] else 1
     cfg, feats, ys, forwards = net.cfg, [], [], 0
     batches = eval_conditions(data_dir, load_index(data_dir), cfg, split, n, batch_size, down)
@@ -487,7 +488,7 @@ def generated_features(net, meta, data_dir, split, features, n, sampler, batch_s
 
 def check_eval_request(meta, n, split, data_dir):
     """Bad evaluation requests, each named: a split the data lacks, too few samples for covariances."""
-    from prepare_data import load_index
+    from data import load_index
     index = load_index(data_dir)
     if split == "auto":
         split = "val" if split_size(index, "val") else "train"
@@ -830,7 +831,7 @@ def main():
                         velocity_evals_per_image=velocity_evals(steps, solver))
         if eval:
             root = data_dir or state["config"]["data_dir"]
-            from prepare_data import configure_cache, is_remote
+            from data import configure_cache, is_remote
             configure_cache(state["config"].get("cache_dir", ""), state["config"].get("cache_max_gb", 100.0))  # the run's cache
             if not is_remote(root) and not os.path.isfile(os.path.join(root, "index.json")):
                 sys.exit(f"sample.py: data_dir={root!r} has no index.json; pass --data_dir=<the prepared data>")

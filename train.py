@@ -27,10 +27,10 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+from data import ShardStream, configure_cache, iterate_split, load_index, trained_buckets
 from model import (LEGACY_MODEL_ARGS, DiT, DiTConfig, TrainingDraws, bf16_is_native, compile_model, flow_loss,
                    interpolate, keep_freed_cpu_memory)
-from prepare_data import (ShardStream, configure_cache, exit_skipping_shutdown, iterate_split, load_index,
-                          trained_buckets)
+from prepare_data import exit_skipping_shutdown
 
 # ----------------------------------------------------------------------------------------------
 # defaults; override with a config file and --key=value (configurator.py)

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import benchmark
-from prepare_data import ShardStream
+from data import ShardStream
 from sample import velocity_evals
 
 

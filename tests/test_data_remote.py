@@ -1,4 +1,4 @@
-"""Shards from anywhere (prepare_data.py's URL layer on webdataset's gopen): an http.server on 127.0.0.1 and a
+"""Shards from anywhere (data.py's URL layer on webdataset's gopen): an http.server on 127.0.0.1 and a
 `pipe:cat` command train the same weights as the local folder, resume bitwise, fetch failures are retried
 then named, the cache stays within its size, and plain webdataset reads the shards."""
 import functools
@@ -11,6 +11,7 @@ import pytest
 import torch
 import webdataset as wds
 
+import data as dt  # not `import data`: the fixture `data` below is the prepared folder
 import prepare_data as pd
 from conftest import TINY, run
 from test_train import assert_same_state, ckpts, load
@@ -47,15 +48,15 @@ def server(data):
 
 
 def shard_bytes(data):
-    return sum(s['bytes'] for lst in pd.load_index(data)['splits']['train'].values() for s in lst)
+    return sum(s['bytes'] for lst in dt.load_index(data)['splits']['train'].values() for s in lst)
 
 
 def test_plain_webdataset_reads_the_shards(data):
-    index = pd.load_index(data)
+    index = dt.load_index(data)
     urls = [os.path.join(data, s['path']) for s in index['splits']['train']['28x28']]
     samples = list(wds.WebDataset(urls, shardshuffle=False).decode())
     assert len(samples) == sum(s['count'] for s in index['splits']['train']['28x28']) == 200
-    first = next(pd.iterate_split(data, 'train', batch_size=4))
+    first = next(dt.iterate_split(data, 'train', batch_size=4))
     for i, s in enumerate(samples[:4]):
         assert s['__key__'] == first['key'][i] == f'{i:09d}'
         assert isinstance(s['x.npy'], np.ndarray) and s['x.npy'].dtype == np.float16 and s['x.npy'].shape == (1, 28, 28)
@@ -91,14 +92,14 @@ def test_http_and_pipe_train_the_same_weights_and_resume(tmp_path, data, server)
 
 
 def test_cache_evicts_least_recently_used_shards(tmp_path, data, server, monkeypatch):
-    monkeypatch.setattr(pd, 'MAX_OPEN_SHARDS', 1)   # the reader holds one shard open: the others may go
+    monkeypatch.setattr(dt, 'MAX_OPEN_SHARDS', 1)   # the reader holds one shard open: the others may go
     one = shard_bytes(data) / 4
-    pd.configure_cache(str(tmp_path / 'c'), 2.5 * one / 1e9)
+    dt.configure_cache(str(tmp_path / 'c'), 2.5 * one / 1e9)
     try:
-        remote = list(pd.iterate_split(server, 'train', batch_size=SHARD))   # shard after shard
-        local = list(pd.iterate_split(data, 'train', batch_size=SHARD))
+        remote = list(dt.iterate_split(server, 'train', batch_size=SHARD))   # shard after shard
+        local = list(dt.iterate_split(data, 'train', batch_size=SHARD))
     finally:
-        pd.configure_cache()
+        dt.configure_cache()
     assert [b['key'] for b in remote] == [b['key'] for b in local]
     assert all(torch.equal(a['x'], b['x']) and a['n_bad'] == 0 for a, b in zip(remote, local))
     left = sorted(f for _, _, fs in os.walk(tmp_path / 'c') for f in fs if f.endswith('.tar'))
@@ -106,22 +107,22 @@ def test_cache_evicts_least_recently_used_shards(tmp_path, data, server, monkeyp
 
 
 def test_a_failing_fetch_is_retried_then_named(tmp_path, data, server, monkeypatch):
-    monkeypatch.setattr(pd, 'FETCH_BACKOFF_S', 0.01)
-    with pytest.raises(pd.FetchError, match=f'{server}/missing/index.json .4 attempts'):
-        pd.load_index(f'{server}/missing')
+    monkeypatch.setattr(dt, 'FETCH_BACKOFF_S', 0.01)
+    with pytest.raises(dt.FetchError, match=f'{server}/missing/index.json .4 attempts'):
+        dt.load_index(f'{server}/missing')
     assert Quiet.requests.count('/missing/index.json') == 4
     # a command that fails twice, then works: the third attempt reads the data
     counter = tmp_path / 'tries'
     flaky = (f"pipe:n=$(cat {counter} 2>/dev/null || echo 0); echo $((n+1)) > {counter}; "
              f"test $n -ge 2 && cat {data}/{{}}")
-    assert pd.load_index(flaky)['splits'] == pd.load_index(data)['splits'] and counter.read_text().strip() == '3'
+    assert dt.load_index(flaky)['splits'] == dt.load_index(data)['splits'] and counter.read_text().strip() == '3'
     with pytest.raises(ValueError, match="needs \\{\\} where the file goes"):
-        pd.load_index(f'pipe:cat {data}/index.json')
+        dt.load_index(f'pipe:cat {data}/index.json')
     # a shard that cannot be fetched ends the read naming its URL: it is not a corrupt sample
     only_index = f'pipe:case {{}} in index.json) cat {data}/index.json;; *) exit 3;; esac'
-    pd.configure_cache(str(tmp_path / 'c'))
+    dt.configure_cache(str(tmp_path / 'c'))
     try:
-        with pytest.raises(pd.FetchError, match=r'pipe:case train/28x28/shard-00000\d.tar in .*\(4 attempts\)'):
-            next(iter(pd.ShardStream(only_index, batch_size=4)))
+        with pytest.raises(dt.FetchError, match=r'pipe:case train/28x28/shard-00000\d.tar in .*\(4 attempts\)'):
+            next(iter(dt.ShardStream(only_index, batch_size=4)))
     finally:
-        pd.configure_cache()
+        dt.configure_cache()

@@ -1,4 +1,5 @@
-"""prepare_data.py: shard writing (MNIST, real photos, tiny encoders), resume, errors, and the reader."""
+"""prepare_data.py: shard writing (MNIST, real photos, tiny encoders), resume, errors; the photos read back
+through the stream. The reader itself is tested in test_data.py."""
 import io
 import re
 import os
@@ -17,6 +18,7 @@ os.environ['HF_HUB_OFFLINE'] = '1'
 os.environ['TRANSFORMERS_OFFLINE'] = '1'
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+import data as dt  # noqa: E402
 import prepare_data as pd  # noqa: E402
 
 RATIOS = '1:1,2:3,3:2'  # with bucket_area 32*32 and multiple 2: buckets 32x32, 40x26 (portrait), 26x40 (landscape)
@@ -29,7 +31,7 @@ def run_cli(*args):
 
 def read_shards(root, split='train'):
     """{key: {field: bytes}} of every sample of a split, plus {key: bucket}."""
-    index = pd.load_index(root)
+    index = dt.load_index(root)
     samples, buckets = {}, {}
     for bucket, shards in index['splits'][split].items():
         for shard in shards:
@@ -85,14 +87,6 @@ def photos(tmp_path_factory):
     return out, captions
 
 
-@pytest.fixture(scope='module')
-def digits(tmp_path_factory):
-    """MNIST with flipped views forced on: 48 train samples in shards of 10, 12 val."""
-    out = str(tmp_path_factory.mktemp('digits') / 'out')
-    pd.prepare(out_dir=out, max_examples=60, val_examples=12, shard_size=10, flip='true')
-    return out
-
-
 # ----------------------------------------------------------------------------- writing
 
 def test_mnist_cli(tmp_path):
@@ -100,7 +94,7 @@ def test_mnist_cli(tmp_path):
     out = tmp_path / 'mnist'
     r = run_cli(f'--out_dir={out}', '--max_examples=300', '--val_examples=20', '--shard_size=128')
     assert r.returncode == 0, r.stderr
-    index = pd.load_index(str(out))
+    index = dt.load_index(str(out))
     counts = {split: sum(s['count'] for lst in buckets.values() for s in lst) for split, buckets in index['splits'].items()}
     assert counts == {'train': 280, 'val': 20}
     assert [s['count'] for s in index['splits']['train']['28x28']] == [128, 128, 24]
@@ -127,7 +121,7 @@ def test_mnist_cli(tmp_path):
 def test_photo_buckets_flip_and_text(photos):
     from transformers import AutoModel, AutoTokenizer
     out, captions = photos
-    index = pd.load_index(out)
+    index = dt.load_index(out)
     assert index['skipped'] == {'unreadable': 1, 'too_small': 1, 'extreme_aspect': 1}
     assert index['buckets'] == {'32x32': [32, 32], '40x26': [40, 26], '26x40': [26, 40]}
     counts = {b: sum(s['count'] for s in lst) for b, lst in index['splits']['train'].items()}
@@ -166,13 +160,13 @@ def test_photo_buckets_flip_and_text(photos):
 
 def test_photo_stream_shapes_and_flips(photos):
     out, _ = photos
-    index = pd.load_index(out)
+    index = dt.load_index(out)
     samples, _ = read_shards(out)
     by_txt = {}
     for f in samples.values():
         by_txt[f['txt'].decode()] = (npy(f['x.npy']), False)
         by_txt.setdefault(f['txt_flip'].decode(), (npy(f['x_flip.npy']), True))
-    stream = iter(pd.ShardStream(out, batch_size=2, flip_prob=0.5, seed=3))
+    stream = iter(dt.ShardStream(out, batch_size=2, flip_prob=0.5, seed=3))
     flips = set()
     for _ in range(12):
         b = next(stream)
@@ -238,7 +232,7 @@ def test_tiny_encoders(tmp_path):
     pd.prepare(source=str(src), out_dir=out, bucket_area=32 * 32, bucket_ratios=RATIOS, vae=vae_dir,
                text_encoder=t5_dir, text_max_length=16, image_encoder=dino_dir)
 
-    index = pd.load_index(out)
+    index = dt.load_index(out)
     assert index['space'] == 'latents' and index['channels'] == 4
     assert index['vae'] == {'name': vae_dir, 'scaling_factor': vae.config.scaling_factor, 'shift_factor': 0.0,
                             'latent_channels': 4, 'downsample': 2}
@@ -262,7 +256,7 @@ def test_tiny_encoders(tmp_path):
         z = vae.encode(torch.from_numpy(pd.to_pixels(view, 3))[None]).latent_dist.mean[0] * vae.config.scaling_factor
     np.testing.assert_allclose(npy(cat['x_flip.npy']), z.numpy(), atol=1e-2)
     assert not np.allclose(npy(cat['x_flip.npy']), npy(cat['x.npy'])[:, :, ::-1], atol=1e-2)
-    b = next(iter(pd.ShardStream(out, batch_size=1, flip_prob=1.0)))
+    b = next(iter(dt.ShardStream(out, batch_size=1, flip_prob=1.0)))
     assert b['x'].shape[:2] == (1, 4) and b['text'].shape == (1, 16, 32) and b['image_emb'].shape == (1, 32)
     assert (b['text_mask'].sum() > 0) and not b['text_mask'][0, -1]
 
@@ -273,7 +267,7 @@ def test_resume_keeps_finished_shards(tmp_path):
     part = str(tmp_path / 'part')
     pd.prepare(out_dir=part, **settings)
     # simulate a kill after 3 of the 5 train shards: drop the last 2 from disk and the index
-    index = pd.load_index(part)
+    index = dt.load_index(part)
     lost = index['splits']['train']['28x28'][3:]
     index['splits']['train']['28x28'] = index['splits']['train']['28x28'][:3]
     index['complete'] = False
@@ -317,211 +311,6 @@ def test_bad_arguments(tmp_path):
     assert r.returncode != 0 and "bucket_ratios='1-1'" in r.stderr
     r = run_cli('--shard_sise=3')
     assert r.returncode != 0 and 'shard_sise' in r.stderr and 'shard_size' in r.stderr
-
-
-# ----------------------------------------------------------------------------- reading
-
-def test_stream_ddp_equivalence_workers_and_resume(digits):
-    B = 4  # 48 train samples -> 12 global batches per epoch, 6 per rank with 2 ranks
-    one = pd.ShardStream(digits, batch_size=B, flip_prob=0.5, seed=1)
-    assert one.batches_per_epoch == 12
-    it = iter(one)
-    world1 = [next(it) for _ in range(24)]  # two epochs
-    assert [b['g'] for b in world1] == list(range(24)) and [b['epoch'] for b in world1] == [0] * 12 + [1] * 12
-
-    def loader(rank, start=0):
-        stream = pd.ShardStream(digits, batch_size=B, rank=rank, world_size=2, flip_prob=0.5, seed=1, start=start)
-        return iter(torch.utils.data.DataLoader(stream, batch_size=None, num_workers=2))
-
-    ranks = []
-    for rank in (0, 1):
-        it = loader(rank)
-        ranks.append([next(it) for _ in range(12)])
-    for rank, batches in enumerate(ranks):
-        for i, b in enumerate(batches):
-            ref = world1[2 * i + rank]
-            assert b['g'] == ref['g'] == 2 * i + rank and b['key'] == ref['key']
-            assert torch.equal(b['x'], ref['x']) and torch.equal(b['y'], ref['y'])
-    epoch0 = [k for r in ranks for b in r[:6] for k in b['key']]
-    assert sorted(epoch0) == [f'{i:09d}' for i in range(48)]  # every sample exactly once
-    epoch1 = [k for r in ranks for b in r[6:] for k in b['key']]
-    assert sorted(epoch1) == sorted(epoch0) and epoch1 != epoch0  # reshuffled
-    it = loader(1, start=5)
-    for ref in ranks[1][5:]:
-        b = next(it)
-        assert b['g'] == ref['g'] and b['key'] == ref['key'] and torch.equal(b['x'], ref['x'])
-
-    # flips come from the stored views: each x is the stored image or its mirror, and both occur
-    plain = iter(pd.ShardStream(digits, batch_size=B, seed=1))
-    mirrored = 0
-    for ref in world1[:12]:
-        b = next(plain)
-        assert b['key'] == ref['key']
-        same = (b['x'] == ref['x']).flatten(1).all(1)
-        mirror = (b['x'].flip(-1) == ref['x']).flatten(1).all(1)
-        assert (same | mirror).all()
-        mirrored += int((mirror & ~same).sum())
-    assert 0 < mirrored < 48
-
-
-def test_training_draws_are_keyed_by_sample_in_any_rank_worker_or_spawned_process(digits):
-    """train.py's timesteps, noise and dropout draws come with each batch (model.TrainingDraws): per sample id,
-    the same on one rank as on two ranks with loader processes (forked or spawned) and after a resume."""
-    from model import TrainingDraws, shift_time
-    B, draws = 4, TrainingDraws(seed=1, t_shift=1.5)
-    it = iter(pd.ShardStream(digits, batch_size=B, seed=1, draws=draws))
-    world1 = [next(it) for _ in range(16)]                 # into the second epoch: 48 samples, 12 batches each
-    by_sid = {}
-    for b in world1:
-        assert b['t'].shape == (B,) and b['u'].shape == (B,) and b['noise'].shape == b['x'].shape
-        for i, s in enumerate(b['sid'].tolist()):
-            by_sid[s] = (b['t'][i], b['noise'][i], b['u'][i])
-    assert len(by_sid) == 64
-    ts = torch.stack([v[0] for v in by_sid.values()])
-    assert ((ts > 0) & (ts < 1)).all() and ts.unique().numel() == 64
-    again = min(s for s in by_sid if s >= 48)              # an image of epoch 0 again in epoch 1: a new draw
-    assert not torch.equal(by_sid[again - 48][1], by_sid[again][1])
-
-    def check(batches):
-        for b in batches:
-            for i, s in enumerate(b['sid'].tolist()):
-                t, noise, u = by_sid[s]
-                assert b['t'][i] == t and torch.equal(b['noise'][i], noise) and b['u'][i] == u
-
-    for rank, ctx in ((0, None), (1, 'spawn')):
-        stream = pd.ShardStream(digits, batch_size=B, rank=rank, world_size=2, seed=1, start=2, draws=draws)
-        loader = torch.utils.data.DataLoader(stream, batch_size=None, num_workers=2 if ctx is None else 1,
-                                             multiprocessing_context=ctx)
-        check(b for _, b in zip(range(6), loader))
-    # the settings take effect: the shift maps the unshifted draws, uniform t is another draw, a seed changes all
-    plain = next(iter(pd.ShardStream(digits, batch_size=B, seed=1, draws=TrainingDraws(seed=1))))
-    assert torch.allclose(shift_time(plain['t'], 1.5), world1[0]['t']) and torch.equal(plain['noise'], world1[0]['noise'])
-    uniform = next(iter(pd.ShardStream(digits, batch_size=B, seed=1, draws=TrainingDraws(1, 'uniform'))))
-    assert torch.equal(uniform['noise'], plain['noise']) and not torch.allclose(uniform['t'], plain['t'])
-    other = next(iter(pd.ShardStream(digits, batch_size=B, seed=1, draws=TrainingDraws(seed=2))))
-    assert not torch.allclose(other['noise'], plain['noise'])
-    with pytest.raises(ValueError, match="t_sampling='beta'"):
-        TrainingDraws(t_sampling='beta')
-
-
-def test_stream_errors(digits, tmp_path):
-    with pytest.raises(ValueError, match='for one full batch of batch_size 64'):
-        pd.ShardStream(digits, batch_size=64)
-    # 12 global batches an epoch over 5 ranks: epochs end mid-step, yet the ranks' batches, merged in
-    # g order, are epoch after epoch of every sample exactly once, and every rank keeps getting batches
-    streams = [iter(pd.ShardStream(digits, batch_size=4, rank=r, world_size=5)) for r in range(5)]
-    merged = sorted((b for s in streams for b in (next(s) for _ in range(6))), key=lambda b: b['g'])
-    assert [b['g'] for b in merged] == list(range(30))
-    for e in range(2):
-        keys = [k for b in merged[12 * e:12 * (e + 1)] for k in b['key']]
-        assert sorted(keys) == [f'{i:09d}' for i in range(48)] and {b['epoch'] for b in merged[12 * e:12 * (e + 1)]} == {e}
-    plain = str(tmp_path / 'plain')
-    pd.prepare(out_dir=plain, max_examples=20)
-    with pytest.raises(ValueError, match='has_flip'):
-        pd.ShardStream(plain, flip_prob=0.5)
-    with pytest.raises(FileNotFoundError, match=str(tmp_path / 'nothing')):
-        pd.load_index(str(tmp_path / 'nothing'))
-
-
-def test_member_bytes_reads_what_extractfile_reads_and_refuses_a_cut_member(digits, tmp_path):
-    index = pd.load_index(digits)
-    shard = os.path.join(digits, index['splits']['train']['28x28'][0]['path'])
-    with tarfile.open(shard) as tar:
-        members = [m for m in tar.getmembers() if m.isreg()]
-        assert len(members) > 10
-        assert all(pd.member_bytes(tar, m) == tar.extractfile(m).read() for m in members)
-    cut = tmp_path / 'cut.tar'
-    data = Path(shard).read_bytes()
-    last = members[-1]
-    cut.write_bytes(data[:last.offset_data + last.size // 2])      # the last member loses half its bytes
-    with tarfile.open(cut) as tar:     # reads the first header only; `last` comes from the whole shard's listing
-        with pytest.raises(EOFError, match=re.escape(last.name)):
-            pd.member_bytes(tar, last)
-        with pytest.raises((EOFError, tarfile.ReadError)):       # the old path's errors; ShardReader catches both
-            tar.extractfile(last).read()
-
-
-def tarfile_members(path):
-    """shard_members as tarfile's own parser reads them: [(key, [(field, name, data offset, size, isreg)])]."""
-    with tarfile.open(path) as tar:
-        return listing(pd.group_members(pd.tarfile_headers(tar)))
-
-
-def listing(members):
-    return [(key, sorted((f, i.name, i.offset_data, i.size, i.isreg()) for f, i in fields.items()))
-            for key, fields in members]
-
-
-def test_shard_headers_read_fast_agree_with_tarfile_and_leave_other_tars_to_it(digits, tmp_path):
-    index = pd.load_index(digits)
-    shard = os.path.join(digits, index['splits']['train']['28x28'][0]['path'])
-    with open(shard, 'rb') as f:
-        assert pd.plain_tar_headers(f) is not None                 # write_shard's shards take the fast path
-    with tarfile.open(shard) as tar:
-        assert listing(pd.shard_members(tar)) == tarfile_members(shard)
-    # tars it leaves to tarfile: pax and GNU long names, a non-ASCII name (pax), a directory member; a ustar
-    # name with a prefix it reads itself
-    cases = [(tarfile.PAX_FORMAT, ['a' * 120 + '.x.npy'], None), (tarfile.GNU_FORMAT, ['b' * 120 + '.cls'], None),
-             (tarfile.PAX_FORMAT, ['\u00e9t\u00e9.txt'], None), (tarfile.USTAR_FORMAT, ['d/'], None),
-             (tarfile.USTAR_FORMAT, ['p' * 90 + '/' + 'q' * 60 + '.txt'], 'fast')]
-    for i, (fmt, names, path) in enumerate(cases):
-        tar_path = tmp_path / f'case{i}.tar'
-        with tarfile.open(tar_path, 'w', format=fmt) as tar:
-            for name in ['k1.cls', *names, 'k2.txt']:
-                info = tarfile.TarInfo(name)
-                if name.endswith('/'):
-                    info.type = tarfile.DIRTYPE
-                    tar.addfile(info)
-                else:
-                    info.size = len(name.encode()) * 3
-                    tar.addfile(info, io.BytesIO(name.encode() * 3))
-        with open(tar_path, 'rb') as f:
-            assert (pd.plain_tar_headers(f) is not None) == (path == 'fast'), (fmt, names)
-        with tarfile.open(tar_path) as tar:
-            assert listing(pd.shard_members(tar)) == tarfile_members(tar_path), (fmt, names)
-    # damaged shards: cut inside a header, inside a member, and a header with a wrong checksum
-    data = Path(shard).read_bytes()
-    with open(shard, 'rb') as f:
-        tenth = pd.plain_tar_headers(f)[10]
-    bad = bytearray(data)
-    bad[tenth.offset + 5] ^= 0x20
-    for i, damaged in enumerate([data[:tenth.offset + 100], data[:tenth.offset_data + 10], bytes(bad)]):
-        path = tmp_path / f'damaged{i}.tar'
-        path.write_bytes(damaged)
-        with tarfile.open(path) as tar:
-            got = listing(pd.shard_members(tar))
-        assert got == tarfile_members(path) and 0 < len(got) <= 4, i   # the members before the damage
-
-
-def test_corrupt_shards_give_invalid_slots(digits, tmp_path):
-    root = str(tmp_path / 'copy')
-    shutil.copytree(digits, root)
-    index = pd.load_index(root)
-    shards = [os.path.join(root, s['path']) for s in index['splits']['train']['28x28']]
-    with open(shards[1], 'r+b') as f:  # cut mid-way through a member
-        f.truncate(os.path.getsize(shards[1]) // 2 + 700)
-    Path(shards[2]).write_bytes(np.random.default_rng(0).bytes(5000))  # not a tar at all
-    n_bad = 0
-    stream = iter(pd.ShardStream(root, batch_size=4))
-    for _ in range(12):
-        b = next(stream)
-        assert b['x'].shape == (4, 1, 28, 28)
-        assert int((~b['valid']).sum()) == b['n_bad']
-        assert (b['x'][~b['valid']] == 0).all() and (b['y'][~b['valid']] == 0).all()
-        n_bad += b['n_bad']
-    assert 10 < n_bad < 20  # all of the garbage shard, part of the truncated one
-    val = list(pd.iterate_split(root, 'val', batch_size=5))
-    assert sum(b['n_bad'] for b in val) == 0
-
-
-def test_iterate_split(digits):
-    batches = list(pd.iterate_split(digits, 'val', batch_size=5))
-    assert [len(b['key']) for b in batches] == [5, 5, 2] and all(b['valid'].all() for b in batches)
-    assert [k for b in batches for k in b['key']] == [f'{i:09d}' for i in range(12)]
-    again = list(pd.iterate_split(digits, 'val', batch_size=5))
-    assert all(torch.equal(a['x'], b['x']) for a, b in zip(batches, again))
-    samples, _ = read_shards(digits, 'val')
-    np.testing.assert_array_equal(batches[0]['x'][0].numpy(), npy(samples['000000000']['x.npy']).astype(np.float32))
 
 
 def test_mnist_holds_out_a_val_split_by_default_and_folders_do_not(tmp_path):
@@ -607,7 +396,7 @@ def test_hugging_face_datasets_source_equals_the_folder_and_reports_progress(tmp
     r = run('prepare_data.py', f'--source=hf:{tmp_path / "parquet"}', '--caption_column=caption', '--label_column=label',
             f'--out_dir={tmp_path / "hf"}', '--progress_interval=1e-9', *common, env=env)
     assert re.search(r'progress: \d+/10 images \(\d+\.\d%\), [\d.]+ img/s \(1 rank\), ETA \d+:\d\d:\d\d', r.stdout), r.stdout
-    folder, hf = pd.load_index(str(tmp_path / 'folder')), pd.load_index(str(tmp_path / 'hf'))
+    folder, hf = dt.load_index(str(tmp_path / 'folder')), dt.load_index(str(tmp_path / 'hf'))
     assert hf['class_names'] == folder['class_names'] == ['circle', 'square'] and hf['num_classes'] == 2
     assert hf['splits'] == folder['splits'] and hf['has_flip']
     shards = [s['path'] for lst in hf['splits'].values() for b in lst.values() for s in b]
@@ -615,7 +404,7 @@ def test_hugging_face_datasets_source_equals_the_folder_and_reports_progress(tmp
     shutil.copytree(tmp_path / 'src', tmp_path / 'images', ignore=shutil.ignore_patterns('*.txt', '*.md'))
     run('prepare_data.py', f'--source=hf:{tmp_path / "images"}', '--label_column=label', f'--out_dir={tmp_path / "imagefolder"}',
         *common, env=env)   # a folder of images alone: datasets' imagefolder, labels from the subfolders
-    index = pd.load_index(str(tmp_path / 'imagefolder'))
+    index = dt.load_index(str(tmp_path / 'imagefolder'))
     assert index['class_names'] == ['circle', 'square'] and sum(s['count'] for b in index['splits']['train'].values() for s in b) == 8
     r = run('prepare_data.py', f'--source=hf:{tmp_path / "parquet"}', '--caption_column=text', f'--out_dir={tmp_path / "bad"}',
             env=env, check=False)
