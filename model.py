@@ -168,9 +168,16 @@ def bf16_is_native(device_type):
     """True where this process runs bf16 matmuls natively: a CUDA GPU with bf16, or a CPU with avx512_bf16 whose
     AVX-512 kernels it may use. ATEN_CPU_CAPABILITY=avx2 or ONEDNN_MAX_CPU_ISA=AVX2, which make a process run the
     code of a CPU without AVX-512, take that away: oneDNN then emulates bf16, far slower than fp32 (BENCHMARKS.md
-    round 15)."""
+    round 15). On CUDA, is_bf16_supported() alone also counts the emulation that pre-Ampere GPUs (T4, V100) run,
+    slower than fp32 and with attention on the math kernel; a torch without `including_emulation`
+    gets the same answer from the compute capability (bf16 matmuls are native from 8.0, Ampere)."""
     if device_type == "cuda":
-        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+        if not torch.cuda.is_available():
+            return False
+        try:
+            return torch.cuda.is_bf16_supported(including_emulation=False)
+        except TypeError:
+            return torch.version.hip is not None or torch.cuda.get_device_capability()[0] >= 8
     if device_type != "cpu" or not torch.cpu._is_avx512_bf16_supported():
         return False
     isa = os.environ.get("ONEDNN_MAX_CPU_ISA", "ALL").upper()   # oneDNN's names: AVX2, AVX512_CORE_BF16, ...

@@ -358,6 +358,22 @@ def test_bf16_is_native_only_with_avx512_bf16_that_the_process_may_use(monkeypat
     assert not bf16_is_native("cpu")
 
 
+@pytest.mark.parametrize("major, native", [(7, False), (8, True)])   # V100/T4 emulate bf16; Ampere on runs it
+def test_bf16_is_native_on_cuda_only_without_emulation(monkeypatch, major, native):
+    """A GPU below compute capability 8 runs bf16 by emulation, which is_bf16_supported() counts by default:
+    dtype='auto' must not pick it there. Mocked like torch's own function; also through the fallback for a torch
+    whose is_bf16_supported has no including_emulation."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (major, 0))
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: major >= 8 or including_emulation)
+    assert bf16_is_native("cuda") == native
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: True)   # older signature: counts emulation
+    monkeypatch.setattr(torch.version, "hip", None)
+    assert bf16_is_native("cuda") == native
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert not bf16_is_native("cuda")
+
+
 def test_aten_cpu_capability_avx2_makes_bf16_not_native_in_a_real_process():
     """The switch the README gives for running as a CPU without bf16, read by torch itself (not a mock): the
     capability that bf16_is_native reads says AVX2, so even a CPU with avx512_bf16 does not count as native."""
