@@ -352,9 +352,12 @@ def checkpoint_paths():
 
 
 def load_checkpoint(path):
-    """Load to CPU without executing code from the file; raise ValueError naming what is wrong."""
+    """Load to CPU without executing code from the file; raise ValueError naming what is wrong. mmap: the tensors
+    are the file's pages, mapped copy-on-write and read as load_state_dict copies them to the model (and to the GPU),
+    so no rank first copies the whole checkpoint, optimizer included, into its host memory. On a CPU the optimizer
+    keeps the mapped tensors as its state; its first update copies each page (the file is never written)."""
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as e:   # truncated zip, bad pickle, or a pickle that asks to run code
         raise ValueError(f"checkpoint {path} cannot be loaded safely ({type(e).__name__}: {str(e)[:200]})") from None
     missing = {"model", "ema", "optimizer", "step", "micro_batches"} - set(state)

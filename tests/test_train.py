@@ -208,16 +208,39 @@ def test_out_of_memory_batch_is_skipped(tmp_path, mnist_dir):
     assert metrics(out)[-1]["oom_steps"] == 1 and state["micro_batches"] == 10   # data position kept
 
 
-def test_corrupt_checkpoint_falls_back_and_crafted_pickle_is_refused(tmp_path, mnist_dir):
+# train.py through a wrapper that prints the mmap flag of every torch.load call (how it loads, not what)
+MMAP_SPY = """
+import runpy, sys, torch
+load, calls = torch.load, []
+def spy(*args, **kwargs):
+    calls.append(kwargs.get("mmap"))
+    return load(*args, **kwargs)
+torch.load = spy
+sys.argv[0] = "train.py"
+try:
+    runpy.run_path("train.py", run_name="__main__")
+finally:
+    print("torch.load mmap:", calls)
+"""
+
+
+def test_corrupt_checkpoint_falls_back_and_crafted_pickle_is_refused(tmp_path, mnist_dir, monkeypatch):
     out = tmp_path / "out"
     common = [*TINY, f"--data_dir={mnist_dir}", f"--out_dir={out}", "--ckpt_interval=2"]
     run("train.py", *common, "--max_steps=4")
     newest = out / "ckpt-00000004.pt"
     newest.write_bytes(newest.read_bytes()[:1000])               # truncated, as by a failing disk
     (out / "ckpt-00000006.pt.tmp").write_bytes(b"partial")       # an interrupted save is ignored
-    proc = run("train.py", *common, "--max_steps=6")
+    proc = run("-c", MMAP_SPY, *common, "--max_steps=6")
     assert "ckpt-00000004.pt cannot be loaded safely" in proc.stdout and "falling back" in proc.stdout
     assert "resuming from" in proc.stdout and "at step 2" in proc.stdout
+    # both checkpoints were memory-mapped, not read whole into every rank's host memory; sample.py's too
+    assert "torch.load mmap: [True, True]" in proc.stdout
+    from sample import load_model
+    flags = []
+    monkeypatch.setattr(torch, "load", lambda *a, load=torch.load, **k: flags.append(k.get("mmap")) or load(*a, **k))
+    load_model(str(out / "ckpt-00000006.pt"))
+    assert flags == [True]
 
     class Evil:
         def __reduce__(self):
