@@ -405,11 +405,16 @@ elapsed_before = state.get("elapsed", 0.0) if state else 0.0
 log(f"resuming from {resume_path} at step {step}" if state else "starting from scratch")
 
 if fsdp:   # shard each block and the rest; the EMA is sharded the same way so updates stay local
-    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    # bf16: all-gather the parameters in bf16 for forward and backward and reduce-scatter the gradients in fp32;
+    # the shards (weights, gradients, optimizer state, EMA) stay fp32. Forward inputs are left as they come: t keeps
+    # fp32 for the timestep features, and autocast casts the rest as it does under DDP
+    mp_policy = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32, cast_forward_inputs=False)
+                 if dtype == "bfloat16" else MixedPrecisionPolicy())   # fp32: no policy
     for m in (raw_model, ema_model):
         for block in m.blocks:
-            fully_shard(block)
-        fully_shard(m)
+            fully_shard(block, mp_policy=mp_policy)
+        fully_shard(m, mp_policy=mp_policy)
     model = raw_model
 elif ddp:
     model = DDP(raw_model, device_ids=[local_rank] if device_type == "cuda" else None)
