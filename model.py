@@ -368,6 +368,25 @@ class DiTBlock(nn.Module):
         return torch.addcmul(x, gate2, self.mlp(modulate(self.norm2(x), shift2, scale2)))  # x + gate2 * mlp
 
 
+class ClassLookup(torch.autograd.Function):
+    """table[y] (B, D) for a table (n, D) and labels y (B,): an index, so the rows come out exact on every device
+    and in every dtype (a one-hot matmul would run in TF32 where train.py allows it, and in bf16 under autocast).
+    The backward is the one-hot matmul one_hot(y)^T @ grad, not the lookup's own scatter-add: inductor compiles
+    that for the CPU with atomic adds from several threads, so runs would differ in the last bits. Where TF32 is
+    allowed, this gradient rounds as every other weight gradient of the network does."""
+
+    @staticmethod
+    def forward(ctx, table, y):
+        ctx.save_for_backward(y)
+        ctx.rows = table.shape[0]
+        return table[y]
+
+    @staticmethod
+    def backward(ctx, grad):
+        y, = ctx.saved_tensors
+        return F.one_hot(y, ctx.rows).to(grad.dtype).t().mm(grad), None
+
+
 class DiT(nn.Module):
     def __init__(self, cfg: DiTConfig):
         super().__init__()
@@ -394,12 +413,8 @@ class DiT(nn.Module):
             nn.init.zeros_(self.loss_logvar.bias)
 
     def class_embedding(self, y):
-        """self.y_embed(y) as a one-hot matmul. The lookup's backward, compiled by inductor for the CPU, adds
-        rows with atomics from several threads, so runs differ in the last bits; a matmul's backward does not.
-        The forward is exactly the lookup; autocast is off so that the table is not rounded to bf16."""
-        w = self.y_embed.weight
-        with torch.autocast(w.device.type, enabled=False):
-            return F.one_hot(y, w.shape[0]).to(w.dtype) @ w
+        """self.y_embed(y): the rows of the table, exactly (ClassLookup)."""
+        return ClassLookup.apply(self.y_embed.weight, y)
 
     def _init_weights(self):
         for m in self.modules():
