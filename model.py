@@ -550,3 +550,25 @@ class DiT(nn.Module):
         if cfg.image_dim:
             flops += 2 * (cfg.image_dim * D + D * D)
         return flops
+
+
+def training_memory(n_params, tokens, batch_size, hidden, heads, depth, grad_checkpoint, fused_attention,
+                    world_size=1, ddp=False, fsdp=False, grad_accum_steps=1):
+    """Bytes per rank of a training step, by term, for train.py's --dry_run (an estimate: MoE routing, text
+    tokens, buffers and the allocator's slack are left out). tokens: per image; batch_size: per rank.
+
+    states: fp32 weights, gradients, two Adam moments and the EMA, 20 bytes a parameter, sharded by FSDP.
+    activations: 16-bit activations per block after Korthikanti et al. 2022 (arXiv:2205.05198), N b D (34 +
+      5 heads N / D) bytes, or 2 N b D with recomputation (one block's full set then lives at a time). The second
+      term is the attention scores (softmax input and output, N x N per head); fused SDPA kernels (flash,
+      memory-efficient) recompute them in backward instead of storing them, so it is left out for those.
+    ddp_buckets: DDP all-reduces from flat buckets that hold a second fp32 copy of every gradient (train.py does
+      not use gradient_as_bucket_view).
+    fsdp_unsharded_grads: with accumulation, FSDP2 skips the reduce-scatter until the last micro-step and keeps
+      each gradient whole (fp32) until then."""
+    N, b, D = tokens, batch_size, hidden
+    per_block = N * b * D * (34 + (0 if fused_attention else 5 * heads * N / D))
+    return {"states": n_params * 20 / (world_size if fsdp else 1),
+            "activations": depth * 2 * N * b * D + per_block if grad_checkpoint else depth * per_block,
+            "ddp_buckets": 4 * n_params if ddp and not fsdp else 0,
+            "fsdp_unsharded_grads": 4 * n_params if fsdp and grad_accum_steps > 1 else 0}

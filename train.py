@@ -28,7 +28,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from model import (LEGACY_MODEL_ARGS, DiT, DiTConfig, TrainingDraws, bf16_is_native, compile_model, flow_loss,
-                   interpolate, keep_freed_cpu_memory)
+                   interpolate, keep_freed_cpu_memory, training_memory)
 from prepare_data import ShardStream, configure_cache, exit_skipping_shutdown, iterate_split, load_index
 
 # ----------------------------------------------------------------------------------------------
@@ -289,20 +289,19 @@ log(f"world size {world_size} | device {device} | dtype {dtype} | global batch {
     + (f" ({raw_model.num_params(active=True) / 1e6:.2f}M active per token)" if moe_experts else "") + " | "
     f"{flops_per_step / 1e12:.3f} TFLOP per step at {H_max}x{W_max}")
 if dry_run:
-    # Memory per GPU: fp32 weights, grads, two Adam moments and the EMA (20 bytes a parameter,
-    # all sharded by FSDP) plus 16-bit activations per block after Korthikanti et al.
-    # 2022 (arXiv:2205.05198): ~N*b*D*(34 + 5*heads*N/D) bytes without, 2*N*b*D with recomputation.
-    N = (H_max // patch_size) * (W_max // patch_size)
-    state_bytes = n_params * 20 / (world_size if fsdp else 1)
-    per_block = N * batch_size * hidden * (34 + 5 * heads * N / hidden)
-    act_bytes = depth * 2 * N * batch_size * hidden + per_block if grad_checkpoint else depth * per_block
+    # memory per rank by term (model.training_memory); attention on CUDA through SDPA runs fused kernels, which
+    # never store the N x N scores
+    memory = training_memory(n_params, (H_max // patch_size) * (W_max // patch_size), batch_size, hidden, heads, depth,
+                             grad_checkpoint, device_type == "cuda" and attn_impl in ("auto", "sdpa"), world_size,
+                             ddp, fsdp, grad_accum_steps)
     log(f"dry run: params {n_params:,}"
         + (f" ({raw_model.num_params(active=True):,} active per token: {moe_top_k} of {moe_experts} experts"
            f"{' + shared' if moe_shared_expert else ''})" if moe_experts else "")
         + f" | forward {raw_model.flops_per_image(H_max, W_max, text_len) / 1e9:.2f} "
         f"GFLOP per image | {flops_per_step / 1e12:.3f} TFLOP per step | memory per GPU ~"
-        f"{(state_bytes + act_bytes) / 2**30:.2f} GiB (states {state_bytes / 2**30:.2f}, activations "
-        f"{act_bytes / 2**30:.2f}) | effective batch {global_batch} | {max_steps} steps")
+        f"{sum(memory.values()) / 2**30:.2f} GiB ("
+        + ", ".join(f"{k.replace('_', ' ')} {v / 2**30:.2f}" for k, v in memory.items() if v)
+        + f") | effective batch {global_batch} | {max_steps} steps")
     sys.exit(0)
 
 raw_model.to(device)

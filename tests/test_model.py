@@ -9,7 +9,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from model import (X_PRED_MIN_T, MoE, DiT, DiTConfig, bf16_is_native, config_from_checkpoint, flow_loss, interpolate,
-                   velocity_from_x, velocity_target)
+                   training_memory, velocity_from_x, velocity_target)
 
 
 def tiny(**kw):
@@ -426,3 +426,21 @@ def test_keep_freed_cpu_memory_stops_the_page_faults_of_buffers_freed_and_made_a
     # round faults every page in again; kept, the rounds reuse the heap (a few pages move, < 5% of them)
     assert runs["default"][1] > 0.9 * 24576, runs
     assert runs["keep"][1] < 0.05 * 24576, runs
+
+
+def test_training_memory_terms():
+    """--dry_run's estimate, term by term: fused attention drops exactly the score matrices (5 heads N^2 b bytes a
+    block), DDP adds its fp32 gradient buckets, FSDP shards the states and, with accumulation, adds whole grads."""
+    P, N, b, D, heads, depth = 1_000_000, 256, 8, 384, 6, 12
+    mem = lambda **kw: training_memory(**{**dict(n_params=P, tokens=N, batch_size=b, hidden=D, heads=heads,   # noqa: E731
+                                                 depth=depth, grad_checkpoint=False, fused_attention=False), **kw})
+    one = mem()
+    assert one == {"states": 20 * P, "activations": depth * N * b * D * (34 + 5 * heads * N / D),
+                   "ddp_buckets": 0, "fsdp_unsharded_grads": 0}
+    assert one["activations"] - mem(fused_attention=True)["activations"] == pytest.approx(depth * 5 * heads * N * N * b)
+    ckpt = mem(grad_checkpoint=True, fused_attention=True)["activations"]
+    assert ckpt == depth * 2 * N * b * D + N * b * D * 34          # the stored inputs + one block recomputed
+    assert mem(world_size=4, ddp=True) == {**one, "ddp_buckets": 4 * P}
+    assert mem(world_size=4, ddp=True, fsdp=True) == {**one, "states": 5 * P}
+    assert mem(world_size=4, ddp=True, fsdp=True, grad_accum_steps=2) == {**one, "states": 5 * P, "fsdp_unsharded_grads": 4 * P}
+

@@ -303,6 +303,7 @@ def test_dry_run_prints_the_plan_and_writes_nothing(tmp_path, mnist_dir):
     proc = run("train.py", "config/small.py", f"--data_dir={mnist_dir}", f"--out_dir={out}", "--dry_run")
     text = proc.stdout
     assert "dry run: params" in text and "GiB" in text and "effective batch 8" in text and "50000 steps" in text
+    assert re.search(r"GiB \(states [0-9.]+, activations [0-9.]+\)", text)   # one process: no DDP buckets
     assert not out.exists()
 
 
