@@ -184,19 +184,24 @@ def test_nan_batch_is_skipped_and_counted(tmp_path, mnist_dir):
     out = tmp_path / "out"
     proc = run("train.py", *TINY, f"--data_dir={mnist_dir}", f"--out_dir={out}", "--max_steps=6",
                env={"NANODIT_INJECT": "nan@2"})
-    assert "step 2: non-finite loss or gradient; update skipped" in proc.stdout
+    # counted on the device, reported at the next log step (here every step)
+    assert "step 3: 1 of the last 1 steps had a non-finite loss or gradient; their updates were skipped" in proc.stdout
     m = metrics(out)
     assert m[-1]["bad_steps"] == 1 and m[-1]["step"] == 6
     state = load(out / "ckpt-00000006.pt")
     assert all(torch.isfinite(v).all() for v in state["model"].values())
 
 
-def test_repeated_nans_stop_with_a_checkpoint(tmp_path, mnist_dir):
+@pytest.mark.parametrize("log_interval, stop_at", [(1, 5), (4, 8)])
+def test_repeated_nans_stop_with_a_checkpoint(tmp_path, mnist_dir, log_interval, stop_at):
+    """max_bad_steps is checked where the device-side counts are read, at log steps: the run stops at the first
+    log step after the streak (steps 2-4 here), even when finite steps came between."""
     out = tmp_path / "out"
     proc = run("train.py", *TINY, f"--data_dir={mnist_dir}", f"--out_dir={out}", "--max_steps=50",
-               "--max_bad_steps=3", env={"NANODIT_INJECT": "nan@2,nan@3,nan@4"}, check=False)
+               "--max_bad_steps=3", f"--log_interval={log_interval}", env={"NANODIT_INJECT": "nan@2,nan@3,nan@4"},
+               check=False)
     assert proc.returncode != 0 and "stopped after 3 non-finite steps in a row" in proc.stderr
-    assert ckpts(out) == ["ckpt-00000005.pt"]
+    assert ckpts(out) == [f"ckpt-{stop_at:08d}.pt"]
 
 
 def test_out_of_memory_batch_is_skipped(tmp_path, mnist_dir):
