@@ -974,10 +974,11 @@ while step < max_steps:
     if health and health["worst_in_a_row"] >= max_bad_steps:
         stopped_bad = True
         stop_reason = f"{int(health['worst_in_a_row'])} non-finite steps in a row (max_bad_steps={max_bad_steps})"
-    stop = torch.tensor(float(stop_reason is not None))    # on the CPU: deciding does not wait for the GPU
-    if ddp:
-        dist.all_reduce(stop, op=dist.ReduceOp.MAX, group=stop_group)   # every rank stops at the same step
-    stop = bool(stop)
+    stop = stop_reason is not None
+    if ddp:   # every rank stops at the same step; the flag is a CPU tensor, so agreeing does not wait for the GPU
+        flag = torch.tensor(float(stop))
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=stop_group)
+        stop = bool(flag)
 
     if health or stop:
         health = health or read_health()

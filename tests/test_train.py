@@ -204,6 +204,35 @@ def test_repeated_nans_stop_with_a_checkpoint(tmp_path, mnist_dir, log_interval,
     assert ckpts(out) == [f"ckpt-{stop_at:08d}.pt"]
 
 
+# train.py through a wrapper that counts the main process's reads of tensor values into Python (each one a host
+# sync on a GPU); the data loader's own reads run in its worker process and are not counted
+HOST_READ_SPY = """
+import runpy, sys, torch
+reads = [0]
+for name in ("item", "tolist", "__bool__", "__float__", "__int__"):
+    def spy(self, *args, _read=getattr(torch.Tensor, name), **kwargs):
+        reads[0] += 1
+        return _read(self, *args, **kwargs)
+    setattr(torch.Tensor, name, spy)
+sys.argv[0] = "train.py"
+try:
+    runpy.run_path("train.py", run_name="__main__")
+finally:
+    print("host reads:", reads[0])
+"""
+
+
+def test_no_host_reads_between_log_steps(tmp_path, mnist_dir):
+    """The loop reads tensors (a GPU sync each) only at log steps: 12 steps with one log line read no more than
+    4 steps with one log line. Non-finite steps are skipped on the device, so a NaN step reads nothing either."""
+    def reads(steps, env=None):
+        proc = run("-c", HOST_READ_SPY, *TINY, f"--data_dir={mnist_dir}", f"--out_dir={tmp_path / str(steps)}",
+                   f"--max_steps={steps}", f"--log_interval={steps}", "--num_workers=1", "--ckpt_interval=1000",
+                   env=env)
+        return int(re.search(r"host reads: (\d+)", proc.stdout).group(1))
+    assert reads(12, {"NANODIT_INJECT": "nan@6"}) == reads(4)
+
+
 def test_out_of_memory_batch_is_skipped(tmp_path, mnist_dir):
     out = tmp_path / "out"
     proc = run("train.py", *TINY, f"--data_dir={mnist_dir}", f"--out_dir={out}", "--max_steps=5",
