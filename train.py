@@ -995,8 +995,8 @@ while step < max_steps:
         now = time.time()
         n = stats[1].clamp(min=1).item()
         ips = (step - step_at_log) * global_batch / (now - t_log)
-        record = dict(step=step, loss=stats[0].item() / n, grad_norm=health["grad_norm"], grad_norm_max=health["grad_norm_max"],
-                      lr=lr_now, img_per_s=ips, v_norm=stats[2].item() / n,
+        record = dict(step=step, loss=stats[0].item() / n, grad_norm=health["grad_norm"],
+                      grad_norm_max=health["grad_norm_max"], lr=lr_now, img_per_s=ips, v_norm=stats[2].item() / n,
                       elapsed_s=elapsed_before + now - t_start,
                       eta_s=(max_steps - step) * global_batch / max(ips, 1e-9),
                       bad_steps=bad_steps, oom_steps=oom_steps, bad_samples=bad_samples)

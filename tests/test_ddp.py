@@ -1,8 +1,8 @@
 """Distributed training under torchrun (2 CPU ranks, gloo): DDP equals one process, every rank holds the
 same weights, a DDP run resumes exactly, a failing rank ends the job, and FSDP2 matches DDP.
 
-Every run here uses dtype=float32: bf16 autocast on CPU would add rounding noise that hides real
-differences. Tolerances: DDP vs one process with accumulation, atol 1e-5 (gloo sums the two ranks'
+Every run here uses dtype=float32 (but the check of FSDP's bf16 policy, which compares a run only with
+its own resume): bf16 autocast on CPU would add rounding noise that hides real differences. Tolerances: DDP vs one process with accumulation, atol 1e-5 (gloo sums the two ranks'
 gradients where one process accumulates them; on CPU these two sums of two terms are in fact bitwise
 equal today); resume and rank-vs-rank, bitwise; FSDP vs DDP, atol 1e-5 (reduce-scatter sums in its
 own order, ~1e-8 observed).

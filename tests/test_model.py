@@ -442,5 +442,6 @@ def test_training_memory_terms():
     assert ckpt == depth * 2 * N * b * D + N * b * D * 34          # the stored inputs + one block recomputed
     assert mem(world_size=4, ddp=True) == {**one, "ddp_buckets": 4 * P}
     assert mem(world_size=4, ddp=True, fsdp=True) == {**one, "states": 5 * P}
-    assert mem(world_size=4, ddp=True, fsdp=True, grad_accum_steps=2) == {**one, "states": 5 * P, "fsdp_unsharded_grads": 4 * P}
+    assert (mem(world_size=4, ddp=True, fsdp=True, grad_accum_steps=2)
+            == {**one, "states": 5 * P, "fsdp_unsharded_grads": 4 * P})
 
