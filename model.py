@@ -168,9 +168,16 @@ def bf16_is_native(device_type):
     """True where this process runs bf16 matmuls natively: a CUDA GPU with bf16, or a CPU with avx512_bf16 whose
     AVX-512 kernels it may use. ATEN_CPU_CAPABILITY=avx2 or ONEDNN_MAX_CPU_ISA=AVX2, which make a process run the
     code of a CPU without AVX-512, take that away: oneDNN then emulates bf16, far slower than fp32 (BENCHMARKS.md
-    round 15)."""
+    round 15). On CUDA, is_bf16_supported() alone also counts the emulation that pre-Ampere GPUs (T4, V100) run,
+    slower than fp32 and with attention on the math kernel; a torch without `including_emulation`
+    gets the same answer from the compute capability (bf16 matmuls are native from 8.0, Ampere)."""
     if device_type == "cuda":
-        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+        if not torch.cuda.is_available():
+            return False
+        try:
+            return torch.cuda.is_bf16_supported(including_emulation=False)
+        except TypeError:
+            return torch.version.hip is not None or torch.cuda.get_device_capability()[0] >= 8
     if device_type != "cpu" or not torch.cpu._is_avx512_bf16_supported():
         return False
     isa = os.environ.get("ONEDNN_MAX_CPU_ISA", "ALL").upper()   # oneDNN's names: AVX2, AVX512_CORE_BF16, ...
@@ -361,6 +368,25 @@ class DiTBlock(nn.Module):
         return torch.addcmul(x, gate2, self.mlp(modulate(self.norm2(x), shift2, scale2)))  # x + gate2 * mlp
 
 
+class ClassLookup(torch.autograd.Function):
+    """table[y] (B, D) for a table (n, D) and labels y (B,): an index, so the rows come out exact on every device
+    and in every dtype (a one-hot matmul would run in TF32 where train.py allows it, and in bf16 under autocast).
+    The backward is the one-hot matmul one_hot(y)^T @ grad, not the lookup's own scatter-add: inductor compiles
+    that for the CPU with atomic adds from several threads, so runs would differ in the last bits. Where TF32 is
+    allowed, this gradient rounds as every other weight gradient of the network does."""
+
+    @staticmethod
+    def forward(ctx, table, y):
+        ctx.save_for_backward(y)
+        ctx.rows = table.shape[0]
+        return table[y]
+
+    @staticmethod
+    def backward(ctx, grad):
+        y, = ctx.saved_tensors
+        return F.one_hot(y, ctx.rows).to(grad.dtype).t().mm(grad), None
+
+
 class DiT(nn.Module):
     def __init__(self, cfg: DiTConfig):
         super().__init__()
@@ -387,12 +413,8 @@ class DiT(nn.Module):
             nn.init.zeros_(self.loss_logvar.bias)
 
     def class_embedding(self, y):
-        """self.y_embed(y) as a one-hot matmul. The lookup's backward, compiled by inductor for the CPU, adds
-        rows with atomics from several threads, so runs differ in the last bits; a matmul's backward does not.
-        The forward is exactly the lookup; autocast is off so that the table is not rounded to bf16."""
-        w = self.y_embed.weight
-        with torch.autocast(w.device.type, enabled=False):
-            return F.one_hot(y, w.shape[0]).to(w.dtype) @ w
+        """self.y_embed(y): the rows of the table, exactly (ClassLookup)."""
+        return ClassLookup.apply(self.y_embed.weight, y)
 
     def _init_weights(self):
         for m in self.modules():
@@ -528,3 +550,25 @@ class DiT(nn.Module):
         if cfg.image_dim:
             flops += 2 * (cfg.image_dim * D + D * D)
         return flops
+
+
+def training_memory(n_params, tokens, batch_size, hidden, heads, depth, grad_checkpoint, fused_attention,
+                    world_size=1, ddp=False, fsdp=False, grad_accum_steps=1):
+    """Bytes per rank of a training step, by term, for train.py's --dry_run (an estimate: MoE routing, text
+    tokens, buffers and the allocator's slack are left out). tokens: per image; batch_size: per rank.
+
+    states: fp32 weights, gradients, two Adam moments and the EMA, 20 bytes a parameter, sharded by FSDP.
+    activations: 16-bit activations per block after Korthikanti et al. 2022 (arXiv:2205.05198), N b D (34 +
+      5 heads N / D) bytes, or 2 N b D with recomputation (one block's full set then lives at a time). The second
+      term is the attention scores (softmax input and output, N x N per head); fused SDPA kernels (flash,
+      memory-efficient) recompute them in backward instead of storing them, so it is left out for those.
+    ddp_buckets: DDP all-reduces from flat buckets that hold a second fp32 copy of every gradient (train.py does
+      not use gradient_as_bucket_view).
+    fsdp_unsharded_grads: with accumulation, FSDP2 skips the reduce-scatter until the last micro-step and keeps
+      each gradient whole (fp32) until then."""
+    N, b, D = tokens, batch_size, hidden
+    per_block = N * b * D * (34 + (0 if fused_attention else 5 * heads * N / D))
+    return {"states": n_params * 20 / (world_size if fsdp else 1),
+            "activations": depth * 2 * N * b * D + per_block if grad_checkpoint else depth * per_block,
+            "ddp_buckets": 4 * n_params if ddp and not fsdp else 0,
+            "fsdp_unsharded_grads": 4 * n_params if fsdp and grad_accum_steps > 1 else 0}

@@ -202,7 +202,7 @@ def resolve_checkpoint(path):
 def load_model(path, use_ema=True, device="cpu"):
     """(model in eval mode, checkpoint dict) from a checkpoint, loaded without executing code."""
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)   # read only the pages used
     except Exception as e:
         raise SystemExit(f"sample.py: cannot load checkpoint {path}: {type(e).__name__}: {str(e)[:200]}") from None
     model = DiT(config_from_checkpoint(state["model_args"]))

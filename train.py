@@ -29,7 +29,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from data import ShardStream, configure_cache, iterate_split, load_index, trained_buckets
 from model import (LEGACY_MODEL_ARGS, DiT, DiTConfig, TrainingDraws, bf16_is_native, compile_model, flow_loss,
-                   interpolate, keep_freed_cpu_memory)
+                   interpolate, keep_freed_cpu_memory, training_memory)
 from prepare_data import exit_skipping_shutdown
 
 # ----------------------------------------------------------------------------------------------
@@ -141,8 +141,10 @@ eval_samples = 1000           # images generated per evaluation, split across ra
 eval_features = "efficientnet-lite0"  # feature network (sample.py): 'efficientnet-lite0' or a HF vision model
 eval_batch_size = 100         # images generated per batch, in evaluations and sample grids
 best_by = "val_loss"          # what keeps out_dir/best.pt: 'val_loss' (needs val_interval) or 'fd' (eval_interval)
-grad_warn = 10.0              # warn when the grad norm (before clipping) exceeds this
-max_bad_steps = 5             # stop after this many non-finite steps in a row
+grad_warn = 10.0              # warn when the grad norm (before clipping) exceeds this (counted on the device,
+                              # reported at the next log step with the number of such steps and their max)
+max_bad_steps = 5             # stop after this many non-finite steps in a row; checked at log steps (the counts stay
+                              # on the device between them), so the run stops at the first log step after the streak
 max_hours = 0.0               # save and stop after this many hours; 0 = no limit
 tensorboard = False           # also log to out_dir/tb (needs tensorboard)
 wandb_project = ""            # also log to this W&B project (needs wandb)
@@ -211,6 +213,9 @@ if ddp:
         device = f"cuda:{local_rank}"
         torch.cuda.set_device(device)
     dist.init_process_group("nccl" if device.startswith("cuda") else "gloo", timeout=timedelta(seconds=dist_timeout_s))
+    # the ranks agree every step on whether to stop; over NCCL that flag would be a GPU tensor, whose read waits
+    # for the GPU to finish the step, so it goes over a CPU (gloo) group instead (None: the default group)
+    stop_group = dist.new_group(backend="gloo") if device.startswith("cuda") else None
 else:
     rank, world_size, local_rank = 0, 1, 0
 if fsdp and not ddp:
@@ -290,20 +295,19 @@ log(f"world size {world_size} | device {device} | dtype {dtype} | global batch {
     + (f" ({raw_model.num_params(active=True) / 1e6:.2f}M active per token)" if moe_experts else "") + " | "
     f"{flops_per_step / 1e12:.3f} TFLOP per step at {H_max}x{W_max}")
 if dry_run:
-    # Memory per GPU: fp32 weights, grads, two Adam moments and the EMA (20 bytes a parameter,
-    # all sharded by FSDP) plus 16-bit activations per block after Korthikanti et al.
-    # 2022 (arXiv:2205.05198): ~N*b*D*(34 + 5*heads*N/D) bytes without, 2*N*b*D with recomputation.
-    N = (H_max // patch_size) * (W_max // patch_size)
-    state_bytes = n_params * 20 / (world_size if fsdp else 1)
-    per_block = N * batch_size * hidden * (34 + 5 * heads * N / hidden)
-    act_bytes = depth * 2 * N * batch_size * hidden + per_block if grad_checkpoint else depth * per_block
+    # memory per rank by term (model.training_memory); attention on CUDA through SDPA runs fused kernels, which
+    # never store the N x N scores
+    memory = training_memory(n_params, (H_max // patch_size) * (W_max // patch_size), batch_size, hidden, heads, depth,
+                             grad_checkpoint, device_type == "cuda" and attn_impl in ("auto", "sdpa"), world_size,
+                             ddp, fsdp, grad_accum_steps)
     log(f"dry run: params {n_params:,}"
         + (f" ({raw_model.num_params(active=True):,} active per token: {moe_top_k} of {moe_experts} experts"
            f"{' + shared' if moe_shared_expert else ''})" if moe_experts else "")
         + f" | forward {raw_model.flops_per_image(H_max, W_max, text_len) / 1e9:.2f} "
         f"GFLOP per image | {flops_per_step / 1e12:.3f} TFLOP per step | memory per GPU ~"
-        f"{(state_bytes + act_bytes) / 2**30:.2f} GiB (states {state_bytes / 2**30:.2f}, activations "
-        f"{act_bytes / 2**30:.2f}) | effective batch {global_batch} | {max_steps} steps")
+        f"{sum(memory.values()) / 2**30:.2f} GiB ("
+        + ", ".join(f"{k.replace('_', ' ')} {v / 2**30:.2f}" for k, v in memory.items() if v)
+        + f") | effective batch {global_batch} | {max_steps} steps")
     sys.exit(0)
 
 raw_model.to(device)
@@ -353,9 +357,12 @@ def checkpoint_paths():
 
 
 def load_checkpoint(path):
-    """Load to CPU without executing code from the file; raise ValueError naming what is wrong."""
+    """Load to CPU without executing code from the file; raise ValueError naming what is wrong. mmap: the tensors
+    are the file's pages, mapped copy-on-write and read as load_state_dict copies them to the model (and to the GPU),
+    so no rank first copies the whole checkpoint, optimizer included, into its host memory. On a CPU the optimizer
+    keeps the mapped tensors as its state; its first update copies each page (the file is never written)."""
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as e:   # truncated zip, bad pickle, or a pickle that asks to run code
         raise ValueError(f"checkpoint {path} cannot be loaded safely ({type(e).__name__}: {str(e)[:200]})") from None
     missing = {"model", "ema", "optimizer", "step", "micro_batches"} - set(state)
@@ -403,11 +410,16 @@ elapsed_before = state.get("elapsed", 0.0) if state else 0.0
 log(f"resuming from {resume_path} at step {step}" if state else "starting from scratch")
 
 if fsdp:   # shard each block and the rest; the EMA is sharded the same way so updates stay local
-    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    # bf16: all-gather the parameters in bf16 for forward and backward and reduce-scatter the gradients in fp32;
+    # the shards (weights, gradients, optimizer state, EMA) stay fp32. Forward inputs are left as they come: t keeps
+    # fp32 for the timestep features, and autocast casts the rest as it does under DDP
+    mp_policy = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32, cast_forward_inputs=False)
+                 if dtype == "bfloat16" else MixedPrecisionPolicy())   # fp32: no policy
     for m in (raw_model, ema_model):
         for block in m.blocks:
-            fully_shard(block)
-        fully_shard(m)
+            fully_shard(block, mp_policy=mp_policy)
+        fully_shard(m, mp_policy=mp_policy)
     model = raw_model
 elif ddp:
     model = DDP(raw_model, device_ids=[local_rank] if device_type == "cuda" else None)
@@ -473,6 +485,10 @@ class Muon(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self):
+        # a 0-dim tensor, nonzero to skip this step on the device, without a host sync (train.py sets it, as torch's
+        # GradScaler sets found_inf for the fused AdamW): the updates are computed, then torch.where keeps the old
+        # values, so a finite step is bitwise the in-place one
+        skip = getattr(self, "found_inf", torch.zeros(())) != 0
         for group in self.param_groups:
             lr, mu = group["lr"], group["momentum"]
             by_shape = {}
@@ -486,12 +502,13 @@ class Muon(torch.optim.Optimizer):
                     if "momentum_buffer" not in state:
                         state["momentum_buffer"] = torch.zeros_like(p)
                     buf = state["momentum_buffer"]
-                    buf.lerp_(p.grad, 1 - mu)
-                    updates.append(p.grad.lerp(buf, mu))                    # Nesterov
+                    new_buf = buf.lerp(p.grad, 1 - mu)
+                    updates.append(p.grad.lerp(new_buf, mu))                # Nesterov
+                    buf.copy_(torch.where(skip, buf, new_buf))
                 ortho = self.orthogonalise(torch.stack(updates), self.ns_dtype)
                 for p, u in zip(ps, ortho):
-                    p.mul_(1 - lr * group["weight_decay"])
-                    p.add_(u, alpha=-lr * 0.2 * math.sqrt(max(shape)))
+                    new_p = p.mul(1 - lr * group["weight_decay"]).add_(u, alpha=-lr * 0.2 * math.sqrt(max(shape)))
+                    p.copy_(torch.where(skip, p, new_p))
 
 
 # AdamW decays matrices only. Muon takes the 2-D weights inside the blocks (attention, MLP, adaLN); the embeddings, norms,
@@ -504,14 +521,18 @@ for name, p in raw_model.named_parameters():
         (adamw_decay if p.dim() >= 2 else adamw_no_decay).append(p)
 adamw = torch.optim.AdamW([{"params": adamw_decay, "weight_decay": weight_decay},
                            {"params": adamw_no_decay, "weight_decay": 0.0}],
-                          lr=lr, betas=(beta1, beta2), fused=device_type in ("cuda", "cpu"))
+                          lr=lr, betas=(beta1, beta2), fused=True)
 # fused: one kernel over all tensors. On a CPU, torch defaults to a Python loop per tensor: the fused step of the quick
-# start's 1.9M parameters takes 1.8 ms against 6.8 ms (benchmark.py's "AdamW step" rows, BENCHMARKS.md)
+# start's 1.9M parameters takes 1.8 ms against 6.8 ms (benchmark.py's "AdamW step" rows, BENCHMARKS.md). The fused
+# kernels (CPU, CUDA, MPS) also read found_inf: a step whose loss or gradient is not finite is skipped on the device
+found_inf = torch.zeros((), device=device)   # 1 on a non-finite step: the optimizers skip it (set in the loop)
+adamw.found_inf = found_inf
 if optimizer == "muon":
     muon_peak_lr = muon_lr or lr
     muon = Muon(muon_params, lr=muon_peak_lr, momentum=muon_momentum,
                 weight_decay=weight_decay if muon_weight_decay < 0 else muon_weight_decay,
                 ns_dtype=torch.bfloat16 if dtype == "bfloat16" else torch.float32)
+    muon.found_inf = found_inf
     opt = Optimizers(muon=muon, adamw=adamw)
 else:
     opt = adamw
@@ -837,8 +858,23 @@ if eval_interval:
 N_BINS = 4                                          # t bins for the per-t loss: [0, .25), ... [.75, 1]
 stats = torch.zeros(3 + 2 * N_BINS, device=device)  # loss sum, valid count, |v| sum, bin sums, bin counts
 moe_sums = torch.zeros(3 + moe_experts, device=device)  # MoE: aux loss, dropped fraction, micro-batches, load per expert
-bad_in_a_row = bad_steps = oom_steps = bad_samples = 0
-grad_norm_max = 0.0
+oom_steps = bad_samples = 0
+# Non-finite steps and large gradients are counted on the device and read at log steps only, so that the loop never
+# waits for the GPU between them: non-finite steps in a row now, the longest such run and the total since the last
+# log line, steps above grad_warn and the largest finite grad norm since then
+bad_in_a_row, worst_in_a_row, bad_since_log, warn_since_log, grad_norm_max = (torch.zeros((), device=device)
+                                                                              for _ in range(5))
+bad_steps = 0                                       # non-finite steps in the whole run (read at log steps)
+stopped_bad = False                                 # max_bad_steps stopped the run
+
+
+def read_health():
+    """The device-side counters as numbers (a host sync: at log steps only)."""
+    values = torch.stack([grad_norm.float(), grad_norm_max, bad_in_a_row, worst_in_a_row, bad_since_log,
+                          warn_since_log]).tolist()
+    return dict(zip(("grad_norm", "grad_norm_max", "bad_in_a_row", "worst_in_a_row", "bad", "warned"), values))
+
+
 t_start = t_log = time.time()
 step_at_log = step_at_start = step
 next_plan = None                                    # max_minutes: the step of the next (re)plan
@@ -922,21 +958,22 @@ while step < max_steps:
     grad_norm = torch.nn.utils.clip_grad_norm_(params, grad_clip if grad_clip > 0 else float("inf"))
     if hasattr(grad_norm, "full_tensor"):          # FSDP returns a DTensor
         grad_norm = grad_norm.full_tensor()
-    # one host sync per step (the skip decision needs it); the grad norm is identical on every rank
-    grad_norm, loss_value = torch.stack([grad_norm.float(), loss_step.float()]).tolist()
-    finite = math.isfinite(grad_norm) and math.isfinite(loss_value)
-    if finite:
+    # A non-finite loss or gradient skips the update, decided on the device (no host sync; the grad norm is the
+    # same on every rank): the optimizers skip where found_inf is 1, the EMA lerps with weight 0
+    with torch.no_grad():
+        bad = ~(torch.isfinite(grad_norm) & torch.isfinite(loss_step))
+        found_inf.copy_(bad)
         opt.step()
-        with torch.no_grad():
-            torch._foreach_lerp_(ema_params, params, 1.0 - ema_decay_at(step))
-        bad_in_a_row = 0
-        grad_norm_max = max(grad_norm_max, grad_norm)
-        if grad_norm > grad_warn:
-            log(f"warning: step {step}: grad norm {grad_norm:.2f} above grad_warn={grad_warn}")
-    else:
-        bad_in_a_row += 1
-        bad_steps += 1
-        log(f"step {step}: non-finite loss or gradient; update skipped ({bad_in_a_row} in a row)")
+        # the weight is a tensor (0 on a skipped step); no foreach lerp takes one tensor for all, so on CUDA the list
+        # form runs a kernel per tensor instead of a few fused launches
+        ema_weight = torch.where(bad, 0.0, 1.0 - ema_decay_at(step))
+        torch._foreach_lerp_(ema_params, params, [ema_weight] * len(params))
+        bad_in_a_row.add_(1).mul_(bad)             # reset by a finite step
+        torch.maximum(worst_in_a_row, bad_in_a_row, out=worst_in_a_row)
+        bad_since_log.add_(bad)
+        finite_norm = torch.where(bad, 0.0, grad_norm.float())
+        torch.maximum(grad_norm_max, finite_norm, out=grad_norm_max)
+        warn_since_log.add_(finite_norm > grad_warn)
     opt.zero_grad(set_to_none=True)
     step += 1
     if max_minutes and step == step_at_start + BUDGET_WARMUP_STEPS and not budget_planned:
@@ -945,21 +982,33 @@ while step < max_steps:
         plan_budget()
     if max_hours and time.time() - t_start > max_hours * 3600 and stop_reason is None:
         stop_reason = f"max_hours={max_hours}"
-    if bad_in_a_row >= max_bad_steps:
-        stop_reason = f"{bad_in_a_row} non-finite steps in a row (max_bad_steps={max_bad_steps})"
-    stop = torch.tensor(float(stop_reason is not None), device=device)
-    if ddp:
-        dist.all_reduce(stop, op=dist.ReduceOp.MAX)   # every rank stops at the same step
+    health = read_health() if step % log_interval == 0 or step == max_steps else None
+    if health and health["worst_in_a_row"] >= max_bad_steps:
+        stopped_bad = True
+        stop_reason = f"{int(health['worst_in_a_row'])} non-finite steps in a row (max_bad_steps={max_bad_steps})"
+    stop = stop_reason is not None
+    if ddp:   # every rank stops at the same step; the flag is a CPU tensor, so agreeing does not wait for the GPU
+        flag = torch.tensor(float(stop))
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=stop_group)
+        stop = bool(flag)
 
-    if step % log_interval == 0 or step == max_steps or stop:
+    if health or stop:
+        health = health or read_health()
+        bad_steps += int(health["bad"])
+        if health["bad"]:
+            log(f"step {step}: {int(health['bad'])} of the last {step - step_at_log} steps had a non-finite loss or "
+                f"gradient; their updates were skipped (at most {int(health['worst_in_a_row'])} in a row)")
+        if health["warned"]:
+            log(f"warning: step {step}: {int(health['warned'])} steps since step {step_at_log} had a grad norm above "
+                f"grad_warn={grad_warn} (max {health['grad_norm_max']:.2f})")
         stats = all_sum(stats)
         if moe_experts:
             moe_sums = all_sum(moe_sums)
         now = time.time()
         n = stats[1].clamp(min=1).item()
         ips = (step - step_at_log) * global_batch / (now - t_log)
-        record = dict(step=step, loss=stats[0].item() / n, grad_norm=grad_norm, grad_norm_max=grad_norm_max,
-                      lr=lr_now, img_per_s=ips, v_norm=stats[2].item() / n,
+        record = dict(step=step, loss=stats[0].item() / n, grad_norm=health["grad_norm"],
+                      grad_norm_max=health["grad_norm_max"], lr=lr_now, img_per_s=ips, v_norm=stats[2].item() / n,
                       elapsed_s=elapsed_before + now - t_start,
                       eta_s=(max_steps - step) * global_batch / max(ips, 1e-9),
                       bad_steps=bad_steps, oom_steps=oom_steps, bad_samples=bad_samples)
@@ -972,11 +1021,14 @@ while step < max_steps:
             record["lr_muon"] = lr_muon_now
         for b in range(N_BINS):
             record[f"loss_t{b}"] = stats[3 + b].item() / max(stats[3 + N_BINS + b].item(), 1)
-        log(f"step {step}/{max_steps} | loss {record['loss']:.4f} | grad {grad_norm:.3f} | lr {lr_now:.2e} | "
+        log(f"step {step}/{max_steps} | loss {record['loss']:.4f} | grad {record['grad_norm']:.3f} | lr {lr_now:.2e} | "
             f"{ips:.1f} img/s | elapsed {record['elapsed_s'] / 60:.1f} min | eta {record['eta_s'] / 60:.1f} min")
         write_metrics(record)
         stats.zero_()
-        grad_norm_max, t_log, step_at_log = 0.0, now, step
+        for counter in (worst_in_a_row, bad_since_log, warn_since_log, grad_norm_max):
+            counter.zero_()
+        worst_in_a_row.copy_(bad_in_a_row)          # a run of non-finite steps goes on across log lines
+        t_log, step_at_log = now, step
     if val_interval and (step % val_interval == 0 or step == max_steps):
         val = validate()
         log(f"step {step} | validation " + " | ".join(f"{k} {v:.4f}" for k, v in val.items()))
@@ -1010,8 +1062,8 @@ if writer:
 if master and wandb_project:
     wandb.finish()
 status = 0
-if bad_in_a_row >= max_bad_steps:
-    status = f"train.py: stopped after {bad_in_a_row} non-finite steps in a row; last checkpoint at step {last_ckpt_step}"
+if stopped_bad:
+    status = f"train.py: stopped after {stop_reason}; last checkpoint at step {last_ckpt_step}"
 if ddp:
     dist.destroy_process_group()
     del loader, batches                               # its worker processes stop now (exit skips the interpreter's)

@@ -1,8 +1,8 @@
 """Distributed training under torchrun (2 CPU ranks, gloo): DDP equals one process, every rank holds the
 same weights, a DDP run resumes exactly, a failing rank ends the job, and FSDP2 matches DDP.
 
-Every run here uses dtype=float32: bf16 autocast on CPU would add rounding noise that hides real
-differences. Tolerances: DDP vs one process with accumulation, atol 1e-5 (gloo sums the two ranks'
+Every run here uses dtype=float32 (but the check of FSDP's bf16 policy, which compares a run only with
+its own resume): bf16 autocast on CPU would add rounding noise that hides real differences. Tolerances: DDP vs one process with accumulation, atol 1e-5 (gloo sums the two ranks'
 gradients where one process accumulates them; on CPU these two sums of two terms are in fact bitwise
 equal today); resume and rank-vs-rank, bitwise; FSDP vs DDP, atol 1e-5 (reduce-scatter sums in its
 own order, ~1e-8 observed).
@@ -44,8 +44,11 @@ leave = prepare_data.exit_skipping_shutdown
 
 def dump_then_leave(status=0):
     g = sys._getframe(1).f_globals                    # train.py's
-    torch.save({"model": g["raw_model"].state_dict(), "ema": g["ema_model"].state_dict(),
-                "optimizer": g["opt"].state_dict()}, os.path.join(g["out_dir"], f"rank{g['rank']}.pt"))
+    dump = {"model": g["raw_model"].state_dict(), "ema": g["ema_model"].state_dict(), "optimizer": g["opt"].state_dict()}
+    if g["fsdp"]:   # the mixed-precision policy that FSDP2 holds for the root, a block and the EMA
+        mods = {"root": g["raw_model"], "block": g["raw_model"].blocks[0], "ema": g["ema_model"]}
+        dump["mp_policy"] = {k: str(m._get_fsdp_state()._mp_policy) for k, m in mods.items()}
+    torch.save(dump, os.path.join(g["out_dir"], f"rank{g['rank']}.pt"))
     leave(status)
 
 
@@ -278,6 +281,30 @@ def test_fsdp_matches_ddp_resumes_and_saves_full_tensors(ddp_run, tmp_path, mnis
     proc = run("train.py", *ARGS, f"--data_dir={mnist_dir}", f"--out_dir={tmp_path / 'x'}", "--batch_size=8",
                f"--resume={fsdp / 'ckpt-00000006.pt'}", check=False)
     assert proc.returncode != 0 and "written with fsdp=True" in proc.stderr
+
+
+def test_fsdp_in_bf16_gathers_in_bf16_reduces_in_fp32_and_resumes_exactly(tmp_path, mnist_dir):
+    """dtype=bfloat16 under FSDP2: the root, the blocks and the EMA carry the policy (bf16 parameters in forward
+    and backward, fp32 gradient reductions), the shards and the checkpoint stay fp32, and a run stopped after
+    step 2 resumes to the uninterrupted run's weights bitwise. What bf16 gathers save on a GPU is not measured."""
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    wrapper = tmp_path / "dump_rank_state.py"
+    wrapper.write_text(DUMP_RANK_STATE)
+    common = [*ARGS, f"--data_dir={mnist_dir}", "--batch_size=4", "--fsdp=true", "--dtype=bfloat16", "--val_interval=0"]
+    torchrun(wrapper, REPO, *common, f"--out_dir={straight}")
+    for r in (0, 1):
+        policy = torch.load(straight / f"rank{r}.pt", weights_only=False)["mp_policy"]   # our file; holds DTensors
+        for name, p in policy.items():
+            assert "param_dtype=torch.bfloat16" in p and "reduce_dtype=torch.float32" in p, (r, name, p)
+    proc = torchrun("train.py", *common, f"--out_dir={resumed}", env={"NANODIT_INJECT": "sigterm@1:1"})
+    assert "stopping at step 2" in proc.stdout
+    proc = torchrun("train.py", *common, f"--out_dir={resumed}", "--resume=auto")
+    assert f"resuming from {resumed / 'ckpt-00000002.pt'} at step 2" in proc.stdout
+    a, b = ckpt(straight, STEPS), ckpt(resumed, STEPS)
+    assert all(v.dtype == torch.float32 for v in a["model"].values())
+    for key in ("model", "ema", "optimizer"):
+        assert_close(a[key], b[key], atol=0, where=f"bf16 fsdp resume {key}")
+    assert not torch.equal(a["model"]["blocks.0.attn.q.weight"], ckpt(straight, 3)["model"]["blocks.0.attn.q.weight"])
 
 
 def test_evaluation_split_across_ranks_equals_one_process(tmp_path, mnist_dir):

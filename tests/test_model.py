@@ -9,7 +9,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from model import (X_PRED_MIN_T, MoE, DiT, DiTConfig, bf16_is_native, config_from_checkpoint, flow_loss, interpolate,
-                   velocity_from_x, velocity_target)
+                   training_memory, velocity_from_x, velocity_target)
 
 
 def tiny(**kw):
@@ -281,9 +281,14 @@ def test_moe_under_bf16_autocast_close_to_fp32():
 
 
 def test_class_embedding_is_the_lookup_and_its_gradient():
+    """Exact rows on every device: an index, no matmul in the forward that TF32 (train.py allows it on CUDA) or
+    autocast could round; the backward is a one-hot matmul (deterministic when compiled: see below)."""
     model = randomise(tiny(text_dim=0, image_dim=0))
     y = torch.tensor([3, 3, 10, 0, 3])                          # repeats, and the null label
     assert torch.equal(model.class_embedding(y), model.y_embed(y))
+    with FlopCounterMode(display=False) as counter:
+        model.class_embedding(y)
+    assert counter.get_total_flops() == 0
     w = model.y_embed.weight
     (g_onehot,) = torch.autograd.grad((model.class_embedding(y) * torch.arange(64.0)).sum(), w)
     (g_lookup,) = torch.autograd.grad((model.y_embed(y) * torch.arange(64.0)).sum(), w)
@@ -358,6 +363,22 @@ def test_bf16_is_native_only_with_avx512_bf16_that_the_process_may_use(monkeypat
     assert not bf16_is_native("cpu")
 
 
+@pytest.mark.parametrize("major, native", [(7, False), (8, True)])   # V100/T4 emulate bf16; Ampere on runs it
+def test_bf16_is_native_on_cuda_only_without_emulation(monkeypatch, major, native):
+    """A GPU below compute capability 8 runs bf16 by emulation, which is_bf16_supported() counts by default:
+    dtype='auto' must not pick it there. Mocked like torch's own function; also through the fallback for a torch
+    whose is_bf16_supported has no including_emulation."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (major, 0))
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: major >= 8 or including_emulation)
+    assert bf16_is_native("cuda") == native
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: True)   # older signature: counts emulation
+    monkeypatch.setattr(torch.version, "hip", None)
+    assert bf16_is_native("cuda") == native
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert not bf16_is_native("cuda")
+
+
 def test_aten_cpu_capability_avx2_makes_bf16_not_native_in_a_real_process():
     """The switch the README gives for running as a CPU without bf16, read by torch itself (not a mock): the
     capability that bf16_is_native reads says AVX2, so even a CPU with avx512_bf16 does not count as native."""
@@ -405,3 +426,22 @@ def test_keep_freed_cpu_memory_stops_the_page_faults_of_buffers_freed_and_made_a
     # round faults every page in again; kept, the rounds reuse the heap (a few pages move, < 5% of them)
     assert runs["default"][1] > 0.9 * 24576, runs
     assert runs["keep"][1] < 0.05 * 24576, runs
+
+
+def test_training_memory_terms():
+    """--dry_run's estimate, term by term: fused attention drops exactly the score matrices (5 heads N^2 b bytes a
+    block), DDP adds its fp32 gradient buckets, FSDP shards the states and, with accumulation, adds whole grads."""
+    P, N, b, D, heads, depth = 1_000_000, 256, 8, 384, 6, 12
+    mem = lambda **kw: training_memory(**{**dict(n_params=P, tokens=N, batch_size=b, hidden=D, heads=heads,   # noqa: E731
+                                                 depth=depth, grad_checkpoint=False, fused_attention=False), **kw})
+    one = mem()
+    assert one == {"states": 20 * P, "activations": depth * N * b * D * (34 + 5 * heads * N / D),
+                   "ddp_buckets": 0, "fsdp_unsharded_grads": 0}
+    assert one["activations"] - mem(fused_attention=True)["activations"] == pytest.approx(depth * 5 * heads * N * N * b)
+    ckpt = mem(grad_checkpoint=True, fused_attention=True)["activations"]
+    assert ckpt == depth * 2 * N * b * D + N * b * D * 34          # the stored inputs + one block recomputed
+    assert mem(world_size=4, ddp=True) == {**one, "ddp_buckets": 4 * P}
+    assert mem(world_size=4, ddp=True, fsdp=True) == {**one, "states": 5 * P}
+    assert (mem(world_size=4, ddp=True, fsdp=True, grad_accum_steps=2)
+            == {**one, "states": 5 * P, "fsdp_unsharded_grads": 4 * P})
+

@@ -184,19 +184,53 @@ def test_nan_batch_is_skipped_and_counted(tmp_path, mnist_dir):
     out = tmp_path / "out"
     proc = run("train.py", *TINY, f"--data_dir={mnist_dir}", f"--out_dir={out}", "--max_steps=6",
                env={"NANODIT_INJECT": "nan@2"})
-    assert "step 2: non-finite loss or gradient; update skipped" in proc.stdout
+    # counted on the device, reported at the next log step (here every step)
+    assert "step 3: 1 of the last 1 steps had a non-finite loss or gradient; their updates were skipped" in proc.stdout
     m = metrics(out)
     assert m[-1]["bad_steps"] == 1 and m[-1]["step"] == 6
     state = load(out / "ckpt-00000006.pt")
     assert all(torch.isfinite(v).all() for v in state["model"].values())
 
 
-def test_repeated_nans_stop_with_a_checkpoint(tmp_path, mnist_dir):
+@pytest.mark.parametrize("log_interval, stop_at", [(1, 5), (4, 8)])
+def test_repeated_nans_stop_with_a_checkpoint(tmp_path, mnist_dir, log_interval, stop_at):
+    """max_bad_steps is checked where the device-side counts are read, at log steps: the run stops at the first
+    log step after the streak (steps 2-4 here), even when finite steps came between."""
     out = tmp_path / "out"
     proc = run("train.py", *TINY, f"--data_dir={mnist_dir}", f"--out_dir={out}", "--max_steps=50",
-               "--max_bad_steps=3", env={"NANODIT_INJECT": "nan@2,nan@3,nan@4"}, check=False)
+               "--max_bad_steps=3", f"--log_interval={log_interval}", env={"NANODIT_INJECT": "nan@2,nan@3,nan@4"},
+               check=False)
     assert proc.returncode != 0 and "stopped after 3 non-finite steps in a row" in proc.stderr
-    assert ckpts(out) == ["ckpt-00000005.pt"]
+    assert ckpts(out) == [f"ckpt-{stop_at:08d}.pt"]
+
+
+# train.py through a wrapper that counts the main process's reads of tensor values into Python (each one a host
+# sync on a GPU); the data loader's own reads run in its worker process and are not counted
+HOST_READ_SPY = """
+import runpy, sys, torch
+reads = [0]
+for name in ("item", "tolist", "__bool__", "__float__", "__int__"):
+    def spy(self, *args, _read=getattr(torch.Tensor, name), **kwargs):
+        reads[0] += 1
+        return _read(self, *args, **kwargs)
+    setattr(torch.Tensor, name, spy)
+sys.argv[0] = "train.py"
+try:
+    runpy.run_path("train.py", run_name="__main__")
+finally:
+    print("host reads:", reads[0])
+"""
+
+
+def test_no_host_reads_between_log_steps(tmp_path, mnist_dir):
+    """The loop reads tensors (a GPU sync each) only at log steps: 12 steps with one log line read no more than
+    4 steps with one log line. Non-finite steps are skipped on the device, so a NaN step reads nothing either."""
+    def reads(steps, env=None):
+        proc = run("-c", HOST_READ_SPY, *TINY, f"--data_dir={mnist_dir}", f"--out_dir={tmp_path / str(steps)}",
+                   f"--max_steps={steps}", f"--log_interval={steps}", "--num_workers=1", "--ckpt_interval=1000",
+                   env=env)
+        return int(re.search(r"host reads: (\d+)", proc.stdout).group(1))
+    assert reads(12, {"NANODIT_INJECT": "nan@6"}) == reads(4)
 
 
 def test_out_of_memory_batch_is_skipped(tmp_path, mnist_dir):
@@ -208,16 +242,39 @@ def test_out_of_memory_batch_is_skipped(tmp_path, mnist_dir):
     assert metrics(out)[-1]["oom_steps"] == 1 and state["micro_batches"] == 10   # data position kept
 
 
-def test_corrupt_checkpoint_falls_back_and_crafted_pickle_is_refused(tmp_path, mnist_dir):
+# train.py through a wrapper that prints the mmap flag of every torch.load call (how it loads, not what)
+MMAP_SPY = """
+import runpy, sys, torch
+load, calls = torch.load, []
+def spy(*args, **kwargs):
+    calls.append(kwargs.get("mmap"))
+    return load(*args, **kwargs)
+torch.load = spy
+sys.argv[0] = "train.py"
+try:
+    runpy.run_path("train.py", run_name="__main__")
+finally:
+    print("torch.load mmap:", calls)
+"""
+
+
+def test_corrupt_checkpoint_falls_back_and_crafted_pickle_is_refused(tmp_path, mnist_dir, monkeypatch):
     out = tmp_path / "out"
     common = [*TINY, f"--data_dir={mnist_dir}", f"--out_dir={out}", "--ckpt_interval=2"]
     run("train.py", *common, "--max_steps=4")
     newest = out / "ckpt-00000004.pt"
     newest.write_bytes(newest.read_bytes()[:1000])               # truncated, as by a failing disk
     (out / "ckpt-00000006.pt.tmp").write_bytes(b"partial")       # an interrupted save is ignored
-    proc = run("train.py", *common, "--max_steps=6")
+    proc = run("-c", MMAP_SPY, *common, "--max_steps=6")
     assert "ckpt-00000004.pt cannot be loaded safely" in proc.stdout and "falling back" in proc.stdout
     assert "resuming from" in proc.stdout and "at step 2" in proc.stdout
+    # both checkpoints were memory-mapped, not read whole into every rank's host memory; sample.py's too
+    assert "torch.load mmap: [True, True]" in proc.stdout
+    from sample import load_model
+    flags = []
+    monkeypatch.setattr(torch, "load", lambda *a, load=torch.load, **k: flags.append(k.get("mmap")) or load(*a, **k))
+    load_model(str(out / "ckpt-00000006.pt"))
+    assert flags == [True]
 
     class Evil:
         def __reduce__(self):
@@ -280,6 +337,7 @@ def test_dry_run_prints_the_plan_and_writes_nothing(tmp_path, mnist_dir):
     proc = run("train.py", "config/small.py", f"--data_dir={mnist_dir}", f"--out_dir={out}", "--dry_run")
     text = proc.stdout
     assert "dry run: params" in text and "GiB" in text and "effective batch 8" in text and "50000 steps" in text
+    assert re.search(r"GiB \(states [0-9.]+, activations [0-9.]+\)", text)   # one process: no DDP buckets
     assert not out.exists()
 
 
