@@ -30,6 +30,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from data import ShardStream, configure_cache, iterate_split, load_index, trained_buckets
 from model import (LEGACY_MODEL_ARGS, DiT, DiTConfig, TrainingDraws, bf16_is_native, compile_model, flow_loss,
                    interpolate, keep_freed_cpu_memory, training_memory)
+from optim import configure_optimizers, set_lr
+from schedule import Schedule
 from prepare_data import exit_skipping_shutdown
 
 # ----------------------------------------------------------------------------------------------
@@ -189,17 +191,6 @@ if sample_solver not in SOLVERS:
     fail(f"sample_solver={sample_solver!r}: expected one of {', '.join(SOLVERS)}")
 if not sample_temperature > 0:
     fail(f"sample_temperature={sample_temperature}: expected > 0 (the starting noise's scale; 1 = unit noise)")
-BUDGET_WARMUP_STEPS = 5       # first steps of a max_minutes probe left untimed (allocator, caches, workers)
-if budget_round_steps < 1:
-    fail(f"budget_round_steps={budget_round_steps} must be at least 1")
-if max_minutes and budget_probe_steps <= BUDGET_WARMUP_STEPS:
-    fail(f"budget_probe_steps={budget_probe_steps} must exceed the {BUDGET_WARMUP_STEPS} untimed warm-up steps")
-if lr_schedule not in ("cosine", "wsd"):
-    fail(f"lr_schedule={lr_schedule!r}: expected 'cosine' or 'wsd'")
-if not 0 < decay_frac <= 1:
-    fail(f"decay_frac={decay_frac} must be in (0, 1]")
-if not 0 <= budget_replan_every < 1:
-    fail(f"budget_replan_every={budget_replan_every} must be in [0, 1): a share of max_minutes (0 = plan once)")
 if dtype not in ("auto", "bfloat16", "float32"):
     fail(f"dtype={dtype!r}: expected 'auto', 'bfloat16' or 'float32' (fp16 would need loss scaling)")
 
@@ -236,6 +227,14 @@ def log(*args):
         print(*args, flush=True)
 
 
+def slowest(values):
+    """The largest of each value over the ranks (fp32: MPS has no fp64); every rank must call this."""
+    values = torch.tensor(values, device=device)
+    if ddp:
+        dist.all_reduce(values, op=dist.ReduceOp.MAX)
+    return values.tolist()
+
+
 def all_sum(tensor):
     """Sum a tensor over ranks (every rank must call this)."""
     if ddp:
@@ -257,8 +256,11 @@ if eval_interval and not dry_run:
     check_eval_request(index, eval_samples, "auto", data_dir)
 if max_images > 0:
     max_steps = math.ceil(max_images / global_batch)
-if max_minutes > 0:           # takes precedence over both; fixed after budget_probe_steps (the loop's plan)
-    max_steps = 10 ** 9
+try:   # the lr schedule; with max_minutes its length is planned after budget_probe_steps (schedule.py)
+    schedule = Schedule(lr, warmup_steps, lr_schedule, decay_frac, min_lr_ratio, max_steps, max_minutes,
+                        budget_probe_steps, budget_replan_every, budget_round_steps, _t_process, global_batch)
+except ValueError as e:
+    fail(e)
 down = index["vae"]["downsample"] if index["vae"] else 1    # image pixels per latent cell
 buckets = {name: (H // down, W // down) for name, (H, W) in trained_buckets(index).items()}   # model input sizes
 
@@ -290,7 +292,7 @@ log(json.dumps(config, indent=1))
 log(f"world size {world_size} | device {device} | dtype {dtype} | global batch {global_batch} = "
     f"{batch_size} per rank x {grad_accum_steps} accumulation x {world_size} ranks | "
     + (f"steps fitted to max_minutes={max_minutes} after {budget_probe_steps} timed steps" if max_minutes else
-       f"{max_steps} steps = {max_steps * global_batch:,} images")
+       f"{schedule.max_steps} steps = {schedule.max_steps * global_batch:,} images")
     + f" | {n_params / 1e6:.2f}M parameters"
     + (f" ({raw_model.num_params(active=True) / 1e6:.2f}M active per token)" if moe_experts else "") + " | "
     f"{flops_per_step / 1e12:.3f} TFLOP per step at {H_max}x{W_max}")
@@ -307,40 +309,11 @@ if dry_run:
         f"GFLOP per image | {flops_per_step / 1e12:.3f} TFLOP per step | memory per GPU ~"
         f"{sum(memory.values()) / 2**30:.2f} GiB ("
         + ", ".join(f"{k.replace('_', ' ')} {v / 2**30:.2f}" for k, v in memory.items() if v)
-        + f") | effective batch {global_batch} | {max_steps} steps")
+        + f") | effective batch {global_batch} | {schedule.max_steps} steps")
     sys.exit(0)
 
 raw_model.to(device)
 ema_model = copy.deepcopy(raw_model).requires_grad_(False).eval()   # fp32 shadow weights
-
-
-def decay_start():
-    """wsd: the first step of the decay."""
-    return max(warmup_steps, max_steps - round(decay_frac * max_steps))
-
-
-# Where the schedule stands: progress plan_from[1] at step plan_from[0], moving linearly to 1 at max_steps.
-# (0, 0.0) for a fixed max_steps. When a time budget replans, it goes on from where it stood: the lr stays
-# continuous and only the pace of the rest changes.
-plan_from = (0, 0.0)
-
-
-def progress(step):
-    """How far the decay (cosine, or wsd's last decay_frac) has gone at step: 0 before it starts, 1 at max_steps."""
-    if max_minutes and not budget_planned:
-        return 0.0                                   # the lr holds at its peak until the budget's first plan
-    s0, p0 = plan_from
-    start = max(s0, warmup_steps if lr_schedule == "cosine" else decay_start())
-    return min(1.0, p0 + (1 - p0) * max(0, step - start) / max(1, max_steps - start))
-
-
-def lr_at(step):
-    """Linear warmup over warmup_steps, then lr_schedule down to lr * min_lr_ratio at max_steps."""
-    if step < warmup_steps:
-        return lr * (step + 1) / warmup_steps
-    if lr_schedule == "wsd":
-        return lr * (min_lr_ratio + (1 - min_lr_ratio) * (1 - math.sqrt(progress(step))))
-    return lr * (min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress(step))))
 
 
 def ema_decay_at(step):
@@ -403,9 +376,8 @@ step = state["step"] if state else 0
 micro_batches = step * grad_accum_steps    # per rank; every step consumes grad_accum_steps micro-batches
 best_val = state.get("best_val", float("inf")) if state else float("inf")
 best_fd = state.get("best_fd", float("inf")) if state else float("inf")
-budget_planned = bool(max_minutes and state and state.get("budget_steps"))   # a resume keeps the time plan
-if budget_planned:     # as it stood (no more replans: this process's clock did not see the earlier steps)
-    max_steps, plan_from = state["budget_steps"], tuple(state.get("budget_plan_from", (0, 0.0)))
+if state:
+    schedule.load_state_dict(state)                # a time budget's plan, kept as it stood
 elapsed_before = state.get("elapsed", 0.0) if state else 0.0
 log(f"resuming from {resume_path} at step {step}" if state else "starting from scratch")
 
@@ -427,115 +399,9 @@ else:
     model = raw_model
 if compile:
     model = compile_model(model, log)
-# built after sharding: FSDP replaces the parameters with sharded ones
-class Optimizers:
-    """Several optimizers stepped as one: param_groups in order, state_dict {name: state}."""
-
-    def __init__(self, **opts):
-        self.opts = opts
-
-    @property
-    def param_groups(self):   # read each time: load_state_dict replaces the optimizers' group lists
-        return [g for o in self.opts.values() for g in o.param_groups]
-
-    def step(self):
-        for o in self.opts.values():
-            o.step()
-
-    def zero_grad(self, set_to_none=True):
-        for o in self.opts.values():
-            o.zero_grad(set_to_none=set_to_none)
-
-    def state_dict(self):
-        return {name: o.state_dict() for name, o in self.opts.items()}
-
-    def load_state_dict(self, sd):
-        if set(sd) != set(self.opts):
-            raise ValueError(f"optimizer state holds {sorted(sd)}, this run has {sorted(self.opts)}")
-        for name, o in self.opts.items():
-            o.load_state_dict(sd[name])
-
-
-class Muon(torch.optim.Optimizer):
-    """Muon (Keller Jordan, 2024): momentum SGD whose update of each weight matrix is orthogonalised by
-    a quintic Newton-Schulz iteration, scaled by 0.2 sqrt(max(A, B)) so its RMS matches AdamW's
-    (Moonshot, arXiv:2502.16982). The math of torch.optim.Muon(adjust_lr_fn='match_rms_adamw'), with
-    two changes for speed: the iteration runs in `ns_dtype` (torch's always uses bf16, which is emulated
-    and made training 6.5x slower on a CPU without avx512_bf16), and matrices of one shape are
-    orthogonalised together, one batched matmul per iteration instead of one per block."""
-    NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
-    NS_STEPS = 5
-
-    def __init__(self, params, lr, weight_decay, momentum, ns_dtype):
-        super().__init__(params, dict(lr=lr, weight_decay=weight_decay, momentum=momentum))
-        self.ns_dtype = ns_dtype
-
-    @staticmethod
-    def orthogonalise(g, dtype):
-        """Newton-Schulz on a stack of matrices (n, A, B) -> ~U V^T of each (singular values ~0.5-1.5)."""
-        a, b, c = Muon.NS_COEFFICIENTS
-        x = g.to(dtype)
-        wide = x.shape[1] <= x.shape[2]
-        x = x if wide else x.transpose(1, 2)
-        x = x / x.norm(dim=(1, 2), keepdim=True).clamp(min=1e-7)   # spectral norm <= 1
-        for _ in range(Muon.NS_STEPS):
-            gram = x @ x.transpose(1, 2)
-            x = a * x + torch.baddbmm(gram, gram, gram, beta=b, alpha=c) @ x
-        return (x if wide else x.transpose(1, 2)).to(g.dtype)
-
-    @torch.no_grad()
-    def step(self):
-        # a 0-dim tensor, nonzero to skip this step on the device, without a host sync (train.py sets it, as torch's
-        # GradScaler sets found_inf for the fused AdamW): the updates are computed, then torch.where keeps the old
-        # values, so a finite step is bitwise the in-place one
-        skip = getattr(self, "found_inf", torch.zeros(())) != 0
-        for group in self.param_groups:
-            lr, mu = group["lr"], group["momentum"]
-            by_shape = {}
-            for p in group["params"]:
-                if p.grad is not None:
-                    by_shape.setdefault(p.shape, []).append(p)
-            for shape, ps in by_shape.items():
-                updates = []
-                for p in ps:
-                    state = self.state[p]
-                    if "momentum_buffer" not in state:
-                        state["momentum_buffer"] = torch.zeros_like(p)
-                    buf = state["momentum_buffer"]
-                    new_buf = buf.lerp(p.grad, 1 - mu)
-                    updates.append(p.grad.lerp(new_buf, mu))                # Nesterov
-                    buf.copy_(torch.where(skip, buf, new_buf))
-                ortho = self.orthogonalise(torch.stack(updates), self.ns_dtype)
-                for p, u in zip(ps, ortho):
-                    new_p = p.mul(1 - lr * group["weight_decay"]).add_(u, alpha=-lr * 0.2 * math.sqrt(max(shape)))
-                    p.copy_(torch.where(skip, p, new_p))
-
-
-# AdamW decays matrices only. Muon takes the 2-D weights inside the blocks (attention, MLP, adaLN); the embeddings, norms,
-# biases, patch embedding and output layers stay with AdamW, as Muon's authors prescribe.
-adamw_decay, adamw_no_decay, muon_params = [], [], []
-for name, p in raw_model.named_parameters():
-    if optimizer == "muon" and p.dim() == 2 and name.startswith("blocks."):
-        muon_params.append(p)
-    else:
-        (adamw_decay if p.dim() >= 2 else adamw_no_decay).append(p)
-adamw = torch.optim.AdamW([{"params": adamw_decay, "weight_decay": weight_decay},
-                           {"params": adamw_no_decay, "weight_decay": 0.0}],
-                          lr=lr, betas=(beta1, beta2), fused=True)
-# fused: one kernel over all tensors. On a CPU, torch defaults to a Python loop per tensor: the fused step of the quick
-# start's 1.9M parameters takes 1.8 ms against 6.8 ms (benchmark.py's "AdamW step" rows, BENCHMARKS.md). The fused
-# kernels (CPU, CUDA, MPS) also read found_inf: a step whose loss or gradient is not finite is skipped on the device
 found_inf = torch.zeros((), device=device)   # 1 on a non-finite step: the optimizers skip it (set in the loop)
-adamw.found_inf = found_inf
-if optimizer == "muon":
-    muon_peak_lr = muon_lr or lr
-    muon = Muon(muon_params, lr=muon_peak_lr, momentum=muon_momentum,
-                weight_decay=weight_decay if muon_weight_decay < 0 else muon_weight_decay,
-                ns_dtype=torch.bfloat16 if dtype == "bfloat16" else torch.float32)
-    muon.found_inf = found_inf
-    opt = Optimizers(muon=muon, adamw=adamw)
-else:
-    opt = adamw
+opt = configure_optimizers(raw_model, optimizer, lr, (beta1, beta2), weight_decay, muon_lr, muon_weight_decay,
+                           muon_momentum, torch.bfloat16 if dtype == "bfloat16" else torch.float32, found_inf)
 try:
     if state is not None and fsdp:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
@@ -597,7 +463,7 @@ def save_checkpoint(path):
     if master:
         state = dict(model=model_sd, ema=ema_sd, optimizer=optim_sd, step=step, micro_batches=micro_batches,
                      world_size=world_size, best_val=best_val, best_fd=best_fd,
-                     budget_steps=max_steps if budget_planned else 0, budget_plan_from=plan_from,
+                     **schedule.state_dict(),
                      elapsed=elapsed_before + time.time() - t_start,
                      config=config, model_args=model_args,
                      data={**{k: index[k] for k in ("space", "channels", "vae", "text_encoder", "image_encoder",
@@ -803,45 +669,6 @@ for item in filter(None, os.environ.get("NANODIT_INJECT", "").split(",")):
         inject.setdefault(int(at), set()).add(kind)
 
 
-def plan_budget():
-    """max_minutes: fit max_steps to the time left at the speed since the last plan (the slowest rank's)."""
-    global max_steps, budget_planned, plan_from, t_window, window_from, next_plan
-    now = time.time()
-    # fp32 (MPS has no fp64): seconds per step since the last plan, seconds since the process started
-    times = torch.tensor([(now - t_window) / (step - window_from), now - _t_process], device=device)
-    if ddp:
-        dist.all_reduce(times, op=dist.ReduceOp.MAX)   # every rank plans alike
-    per_step, elapsed = times.tolist()
-    fitted = step + max(0, int((max_minutes * 60 - elapsed) / per_step))
-    planned = max(fitted // budget_round_steps * budget_round_steps, step)
-    rounded = f" ({fitted} rounded down to a multiple of {budget_round_steps})" if budget_round_steps > 1 else ""
-    if not budget_planned:
-        if planned < warmup_steps:
-            fail(f"max_minutes={max_minutes}: at {per_step:.3f} s per step the budget fits {planned} steps, "
-                 f"fewer than warmup_steps={warmup_steps}; raise max_minutes or lower warmup_steps")
-        max_steps, budget_planned, plan_from = planned, True, (step, 0.0)
-        if lr_schedule == "wsd" and decay_start() < step:
-            fail(f"max_minutes={max_minutes}: at {per_step:.3f} s per step the budget fits {planned} steps, "
-                 f"whose decay (decay_frac={decay_frac}) would start at step {decay_start()}, before the "
-                 f"{budget_probe_steps} probe steps end; raise max_minutes or lower budget_probe_steps")
-        same = lr_schedule == "wsd" or step <= warmup_steps   # else the lr held at its peak until now
-        log(f"time budget: {per_step:.3f} s per step, so max_steps = {max_steps} ({max_steps * global_batch:,} "
-            f"images) to end near {max_minutes} min{rounded}"
-            + (f"; while no replan changes it, the same run as --max_steps={max_steps} --max_minutes=0"
-               if same else ""))
-    elif planned > max_steps or (fitted - max_steps) * per_step < -0.01 * max_minutes * 60:
-        # more room, or an overrun of more than 1% of the budget: a plan that still fits stays, so a machine whose
-        # speed hovers near a rounding boundary does not flip between two plans
-        plan_from = (step, progress(step))           # go on from where the schedule stands, at a new pace
-        log(f"time budget: step {step}: {per_step:.3f} s per step since step {window_from}, so max_steps "
-            f"{max_steps} -> {planned} to end near {max_minutes} min{rounded}")
-        max_steps = planned
-    t_window, window_from = time.time(), step
-    next_plan = step + max(1, int(budget_replan_every * max_minutes * 60 / per_step)) if budget_replan_every else None
-    if next_plan is not None and next_plan >= max_steps:
-        next_plan = None
-
-
 # ---------------------------------------------------------------------------------------------- grids, evaluation
 # Prepared once, before the loop: the grid's conditions (rank 0) and, on every rank together, the evaluation's real
 # reference (features of the train and val images): no rank then waits long in a collective for rank 0 alone.
@@ -876,20 +703,13 @@ def read_health():
 
 
 t_start = t_log = time.time()
-step_at_log = step_at_start = step
-next_plan = None                                    # max_minutes: the step of the next (re)plan
+step_at_log = step
 last_ckpt_step = step
 params, ema_params = list(raw_model.parameters()), list(ema_model.parameters())   # listed once, not every step
 if ddp:
     dist.barrier()
-while step < max_steps:
-    lr_now = lr_at(step)
-    for group in adamw.param_groups:
-        group["lr"] = lr_now
-    if optimizer == "muon":   # the same schedule, scaled to its own peak
-        lr_muon_now = lr_now * muon_peak_lr / lr
-        for group in muon.param_groups:
-            group["lr"] = lr_muon_now
+while step < schedule.max_steps:
+    lrs = set_lr(opt, schedule.lr_at(step), lr)            # {'lr': ...} (and 'lr_muon': Muon's, scaled to its peak)
     loss_step = torch.zeros((), device=device)
     faults = inject.get(step, ())                  # NANODIT_INJECT kinds for this step (tests only)
     slowed = slowed or "slow" in faults
@@ -976,13 +796,16 @@ while step < max_steps:
         warn_since_log.add_(finite_norm > grad_warn)
     opt.zero_grad(set_to_none=True)
     step += 1
-    if max_minutes and step == step_at_start + BUDGET_WARMUP_STEPS and not budget_planned:
-        t_window, window_from, next_plan = time.time(), step, step_at_start + budget_probe_steps
-    if max_minutes and step == next_plan:
-        plan_budget()
+    try:
+        note = schedule.tick(step, slowest)            # max_minutes: times the probe, (re)plans max_steps
+    except ValueError as e:
+        fail(e)
+    if note:
+        log(note)
+    final = step == schedule.max_steps
     if max_hours and time.time() - t_start > max_hours * 3600 and stop_reason is None:
         stop_reason = f"max_hours={max_hours}"
-    health = read_health() if step % log_interval == 0 or step == max_steps else None
+    health = read_health() if step % log_interval == 0 or final else None
     if health and health["worst_in_a_row"] >= max_bad_steps:
         stopped_bad = True
         stop_reason = f"{int(health['worst_in_a_row'])} non-finite steps in a row (max_bad_steps={max_bad_steps})"
@@ -1008,20 +831,18 @@ while step < max_steps:
         n = stats[1].clamp(min=1).item()
         ips = (step - step_at_log) * global_batch / (now - t_log)
         record = dict(step=step, loss=stats[0].item() / n, grad_norm=health["grad_norm"],
-                      grad_norm_max=health["grad_norm_max"], lr=lr_now, img_per_s=ips, v_norm=stats[2].item() / n,
+                      grad_norm_max=health["grad_norm_max"], **lrs, img_per_s=ips, v_norm=stats[2].item() / n,
                       elapsed_s=elapsed_before + now - t_start,
-                      eta_s=(max_steps - step) * global_batch / max(ips, 1e-9),
+                      eta_s=(schedule.max_steps - step) * global_batch / max(ips, 1e-9),
                       bad_steps=bad_steps, oom_steps=oom_steps, bad_samples=bad_samples)
         if moe_experts:   # means over micro-batches (and ranks) since the last record; load averaged over blocks
             m = moe_sums[2].clamp(min=1).item()
             record.update(moe_aux=moe_sums[0].item() / m, moe_dropped=moe_sums[1].item() / m,
                           **{f"moe_load_{e}": moe_sums[3 + e].item() / m for e in range(moe_experts)})
             moe_sums.zero_()
-        if optimizer == "muon":
-            record["lr_muon"] = lr_muon_now
         for b in range(N_BINS):
             record[f"loss_t{b}"] = stats[3 + b].item() / max(stats[3 + N_BINS + b].item(), 1)
-        log(f"step {step}/{max_steps} | loss {record['loss']:.4f} | grad {record['grad_norm']:.3f} | lr {lr_now:.2e} | "
+        log(f"step {step}/{schedule.max_steps} | loss {record['loss']:.4f} | grad {record['grad_norm']:.3f} | lr {lrs['lr']:.2e} | "
             f"{ips:.1f} img/s | elapsed {record['elapsed_s'] / 60:.1f} min | eta {record['eta_s'] / 60:.1f} min")
         write_metrics(record)
         stats.zero_()
@@ -1029,7 +850,7 @@ while step < max_steps:
             counter.zero_()
         worst_in_a_row.copy_(bad_in_a_row)          # a run of non-finite steps goes on across log lines
         t_log, step_at_log = now, step
-    if val_interval and (step % val_interval == 0 or step == max_steps):
+    if val_interval and (step % val_interval == 0 or final):
         val = validate()
         log(f"step {step} | validation " + " | ".join(f"{k} {v:.4f}" for k, v in val.items()))
         write_metrics(dict(step=step, **val))
@@ -1037,18 +858,18 @@ while step < max_steps:
             best_val = val["val_loss"]
             if best_by == "val_loss":
                 save_checkpoint(os.path.join(out_dir, "best.pt"))
-    if eval_interval and (step % eval_interval == 0 or step == max_steps):
+    if eval_interval and (step % eval_interval == 0 or final):
         scores = run_eval()
         write_metrics(dict(step=step, **scores))
         if scores["fd"] < best_fd:
             best_fd = scores["fd"]
             if best_by == "fd":
                 save_checkpoint(os.path.join(out_dir, "best.pt"))
-    if sample_interval and (step % sample_interval == 0 or step == max_steps):
+    if sample_interval and (step % sample_interval == 0 or final):
         net = plain_ema()                                 # a collective under FSDP: every rank
         if master:
             log(f"samples: {sample_grid(f'step-{step:08d}', net)}")
-    if step % ckpt_interval == 0 or step == max_steps or stop:
+    if step % ckpt_interval == 0 or final or stop:
         if save_checkpoint(os.path.join(out_dir, f"ckpt-{step:08d}.pt")) and master:
             prune_checkpoints()
         last_ckpt_step = step
