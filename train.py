@@ -29,7 +29,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from model import (LEGACY_MODEL_ARGS, DiT, DiTConfig, TrainingDraws, bf16_is_native, compile_model, flow_loss,
                    interpolate, keep_freed_cpu_memory)
-from prepare_data import ShardStream, configure_cache, exit_skipping_shutdown, iterate_split, load_index
+from prepare_data import ShardStream, configure_cache, exit_skipping_shutdown, iterate_split, load_index, lock_dir
 
 # ----------------------------------------------------------------------------------------------
 # defaults; override with a config file and --key=value (configurator.py)
@@ -215,6 +215,9 @@ else:
 if fsdp and not ddp:
     fail("fsdp=True needs torchrun (a process group); use torchrun --nproc_per_node=N")
 master = rank == 0
+# one run per out_dir: rank 0, the only rank that writes there, holds out_dir/.lock until it exits (kill -9 included);
+# a second run on the folder stops here with an error naming the holder (prepare_data.lock_dir)
+out_dir_lock = lock_dir(out_dir, "train.py") if master and not dry_run else None
 device_type = torch.device(device).type
 if dtype == "auto":
     dtype = "bfloat16" if bf16_is_native(device_type) else "float32"
