@@ -180,7 +180,7 @@ if best_by not in ("val_loss", "fd"):
     fail(f"best_by={best_by!r}: expected 'val_loss' or 'fd'")
 if best_by == "fd" and not eval_interval:
     fail("best_by='fd' needs eval_interval > 0 (evaluation measures FD)")
-from sample import SOLVERS  # noqa: E402  (sample.py owns the samplers)
+from sample import SOLVERS, checkpoint_error  # noqa: E402  (sample.py owns the samplers and reading checkpoints)
 
 if sample_solver not in SOLVERS:
     fail(f"sample_solver={sample_solver!r}: expected one of {', '.join(SOLVERS)}")
@@ -359,10 +359,10 @@ def load_checkpoint(path):
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:   # truncated zip, bad pickle, or a pickle that asks to run code
-        raise ValueError(f"checkpoint {path} cannot be loaded safely ({type(e).__name__}: {str(e)[:200]})") from None
+        raise ValueError(checkpoint_error(path, e)) from None
     missing = {"model", "ema", "optimizer", "step", "micro_batches"} - set(state)
     if missing:
-        raise ValueError(f"checkpoint {path} lacks {sorted(missing)}")
+        raise ValueError(f"{path} is not a NanoDiT checkpoint: it lacks {sorted(missing)}")
     return state
 
 

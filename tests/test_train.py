@@ -277,7 +277,8 @@ def test_corrupt_checkpoint_falls_back_and_crafted_pickle_is_refused(tmp_path, m
     newest.write_bytes(newest.read_bytes()[:1000])               # truncated, as by a failing disk
     (out / "ckpt-00000006.pt.tmp").write_bytes(b"partial")       # an interrupted save is ignored
     proc = run("train.py", *common, "--max_steps=6")
-    assert "ckpt-00000004.pt cannot be loaded safely" in proc.stdout and "falling back" in proc.stdout
+    assert f"warning: checkpoint {newest} is corrupt or not a NanoDiT checkpoint (RuntimeError: " in proc.stdout
+    assert "falling back to the previous checkpoint" in proc.stdout
     assert "resuming from" in proc.stdout and "at step 2" in proc.stdout
 
     class Evil:
@@ -287,9 +288,15 @@ def test_corrupt_checkpoint_falls_back_and_crafted_pickle_is_refused(tmp_path, m
     with open(crafted, "wb") as f:
         pickle.dump({"model": Evil()}, f)
     proc = run("train.py", *common, "--max_steps=8", f"--resume={crafted}", check=False)
-    assert proc.returncode != 0 and "cannot be loaded safely" in proc.stderr
+    assert proc.returncode != 0 and f"train.py: checkpoint {crafted} is corrupt or not a NanoDiT checkpoint (it " \
+        "holds Python objects" in proc.stderr
+    assert "weights_only=False" not in proc.stdout + proc.stderr and "Traceback" not in proc.stderr
+    torch.save({"weights": torch.zeros(2)}, tmp_path / "other.pt")     # a torch file, not a NanoDiT checkpoint
+    proc = run("train.py", *common, "--max_steps=8", f"--resume={tmp_path / 'other.pt'}", check=False)
+    assert proc.returncode != 0 and f"{tmp_path / 'other.pt'} is not a NanoDiT checkpoint: it lacks" in proc.stderr
     proc = run("sample.py", f"--ckpt={crafted}", check=False)
-    assert proc.returncode != 0 and "cannot load checkpoint" in proc.stderr
+    assert proc.returncode != 0 and f"checkpoint {crafted} is corrupt or not a NanoDiT checkpoint" in proc.stderr
+    assert "weights_only=False" not in proc.stdout + proc.stderr
     assert not (tmp_path / "pwned").exists()
 
 
