@@ -247,9 +247,9 @@ def lock_dir(folder, script):
     A POSIX record lock (fcntl.lockf) on folder/.lock: the operating system drops it when the process ends, however
     it ends (kill -9 too), so there is never anything to clear; the file that stays holds only the last holder's
     note. A record lock, not flock: it belongs to this process alone, so the DataLoader workers it forks do not
-    keep it held for seconds after the trainer was killed, and over NFS it is the lock other hosts see. Keep the
-    returned file open for as long as the lock should hold. Without fcntl (Windows) the folder is not locked and
-    a warning says so."""
+    keep it held for seconds after the trainer was killed (with flock they did, and the next run was refused). Keep
+    the returned file open for as long as the lock should hold. Without fcntl (Windows) the folder is not locked
+    and a warning says so."""
     path = os.path.join(folder, LOCK_NAME)
     if fcntl is None:
         print(f'warning: {script}: no POSIX file locks on this platform (Windows), so out_dir={folder!r} is not '
@@ -897,7 +897,7 @@ def prepare(**settings):
     if world_size > 1 and not dist.is_initialized():  # torchrun: gloo suffices for barriers and object gathers
         dist.init_process_group('gloo', timeout=PREPARE_TIMEOUT)
     say = print if rank == 0 else (lambda *a, **k: None)
-    lock = lock_dir(root, 'prepare_data.py') if rank == 0 else None  # one preparation per out_dir; the others wait
+    lock = lock_dir(root, 'prepare_data.py') if rank == 0 else None  # one preparation per out_dir: rank 0 holds it for all
     index_path = os.path.join(root, 'index.json')
     old = None
     if os.path.isfile(index_path):  # resume: same settings, or stop before touching anything
