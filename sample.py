@@ -20,8 +20,10 @@ import io
 import json
 import math
 import os
+import re
 import sys
 import time
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -199,14 +201,39 @@ def resolve_checkpoint(path):
     return path
 
 
+CHECKPOINT_KEYS = ("model", "ema", "step", "config", "model_args", "data")   # what sampling reads of train.py's checkpoint
+
+
+def checkpoint_error(path, err):
+    """Why torch.load(path, weights_only=True) failed, in NanoDiT's words (train.py's too). torch's own message
+    advises loading the file with weights_only=False, which runs whatever code it holds: that is never passed on."""
+    text = str(err).strip() or ("the file ends early" if isinstance(err, EOFError) else "")
+    if "weights_only" in text:   # the safe unpickler met something other than tensors and plain values
+        found = re.search(r"GLOBAL (\S+)", text)
+        why = (f"it holds Python objects{f' ({found.group(1)})' if found else ''}, where a NanoDiT checkpoint holds "
+               "only tensors and plain values")
+    else:                        # cut short, or not a torch file at all
+        why = type(err).__name__ + (f": {text.split('. ')[0][:200]}" if text else "")
+    return f"checkpoint {path} is corrupt or not a NanoDiT checkpoint ({why})"
+
+
 def load_model(path, use_ema=True, device="cpu"):
     """(model in eval mode, checkpoint dict) from a checkpoint, loaded without executing code."""
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)   # read only the pages used
+        with warnings.catch_warnings():   # torch's remarks on a foreign pickle's protocol: the error below says it
+            warnings.simplefilter("ignore")
+            state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)   # read only the pages used
     except Exception as e:
-        raise SystemExit(f"sample.py: cannot load checkpoint {path}: {type(e).__name__}: {str(e)[:200]}") from None
-    model = DiT(config_from_checkpoint(state["model_args"]))
-    model.load_state_dict(state["ema" if use_ema else "model"])
+        raise SystemExit(f"sample.py: {checkpoint_error(path, e)}") from None
+    missing = [k for k in CHECKPOINT_KEYS if k not in state] if isinstance(state, dict) else list(CHECKPOINT_KEYS)
+    if missing:
+        raise SystemExit(f"sample.py: {path} is not a NanoDiT checkpoint: it lacks {missing} (train.py writes them)")
+    try:
+        model = DiT(config_from_checkpoint(state["model_args"]))
+        model.load_state_dict(state["ema" if use_ema else "model"])
+    except (TypeError, ValueError, KeyError, RuntimeError) as e:   # settings or tensors that do not fit together
+        raise SystemExit(f"sample.py: checkpoint {path} is corrupt or not a NanoDiT checkpoint: its weights do not "
+                         f"fit its model settings ({type(e).__name__}: {str(e).strip()[:300]})") from None
     return model.to(device).eval(), state
 
 

@@ -31,8 +31,8 @@ from data import ShardStream, configure_cache, iterate_split, load_index, traine
 from model import (LEGACY_MODEL_ARGS, DiT, DiTConfig, TrainingDraws, bf16_is_native, compile_model, flow_loss,
                    interpolate, keep_freed_cpu_memory, training_memory)
 from optim import configure_optimizers, set_lr
+from prepare_data import exit_skipping_shutdown, lock_dir
 from schedule import Schedule
-from prepare_data import exit_skipping_shutdown
 
 # ----------------------------------------------------------------------------------------------
 # defaults; override with a config file and --key=value (configurator.py)
@@ -185,7 +185,7 @@ if best_by not in ("val_loss", "fd"):
     fail(f"best_by={best_by!r}: expected 'val_loss' or 'fd'")
 if best_by == "fd" and not eval_interval:
     fail("best_by='fd' needs eval_interval > 0 (evaluation measures FD)")
-from sample import SOLVERS  # noqa: E402  (sample.py owns the samplers)
+from sample import SOLVERS, checkpoint_error  # noqa: E402  (sample.py owns the samplers and reading checkpoints)
 
 if sample_solver not in SOLVERS:
     fail(f"sample_solver={sample_solver!r}: expected one of {', '.join(SOLVERS)}")
@@ -212,6 +212,9 @@ else:
 if fsdp and not ddp:
     fail("fsdp=True needs torchrun (a process group); use torchrun --nproc_per_node=N")
 master = rank == 0
+# one run per out_dir: rank 0, the only rank that writes there, holds out_dir/.lock until it exits (kill -9 included);
+# a second run on the folder stops here with an error naming the holder (prepare_data.lock_dir)
+out_dir_lock = lock_dir(out_dir, "train.py") if master and not dry_run else None
 device_type = torch.device(device).type
 if dtype == "auto":
     dtype = "bfloat16" if bf16_is_native(device_type) else "float32"
@@ -337,10 +340,10 @@ def load_checkpoint(path):
     try:
         state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as e:   # truncated zip, bad pickle, or a pickle that asks to run code
-        raise ValueError(f"checkpoint {path} cannot be loaded safely ({type(e).__name__}: {str(e)[:200]})") from None
+        raise ValueError(checkpoint_error(path, e)) from None
     missing = {"model", "ema", "optimizer", "step", "micro_batches"} - set(state)
     if missing:
-        raise ValueError(f"checkpoint {path} lacks {sorted(missing)}")
+        raise ValueError(f"{path} is not a NanoDiT checkpoint: it lacks {sorted(missing)}")
     return state
 
 

@@ -313,6 +313,72 @@ def test_bad_arguments(tmp_path):
     assert r.returncode != 0 and 'shard_sise' in r.stderr and 'shard_size' in r.stderr
 
 
+def test_captions_in_any_encoding_are_read_and_the_fallbacks_named(tmp_path):
+    """UTF-8 with or without a BOM as is; a Windows-1252 file as cp1252, bytes cp1252 lacks as latin-1; both named."""
+    src = tmp_path / 'src'
+    src.mkdir()
+    for i in range(4):
+        Image.new('RGB', (16, 16), (60 * i, 0, 0)).save(src / f'{i}.png')
+    captions = ['caf\u00e9 \u201cnoir\u201d', 'a BOM caption', 'plain \u00fcber', '\u0081 odd bytes']
+    (src / '0.txt').write_bytes(captions[0].encode('cp1252'))            # not UTF-8: 0xE9, 0x93, 0x94
+    (src / '1.txt').write_bytes(b'\xef\xbb\xbf' + captions[1].encode())   # a BOM (Notepad's UTF-8)
+    (src / '2.txt').write_bytes(captions[2].encode())
+    (src / '3.txt').write_bytes(captions[3].encode('latin-1'))           # 0x81: not UTF-8, undefined in cp1252
+    index = pd.prepare(source=str(src), out_dir=str(tmp_path / 'out'), image_size=16, flip='false')
+    samples, _ = read_shards(str(tmp_path / 'out'))
+    assert sorted(s['txt'].decode() for s in samples.values()) == sorted(captions)
+    fallback = index['caption_fallback']
+    assert fallback['count'] == 2 and fallback['files'] == [{'path': str(src / '0.txt'), 'encoding': 'cp1252'},
+                                                            {'path': str(src / '3.txt'), 'encoding': 'latin-1'}]
+    assert pd.load_index(str(tmp_path / 'out'))['caption_fallback'] == fallback
+    # a caption table in Windows-1252 with a BOM-less header, through the CLI: the summary names it
+    (tmp_path / 'caps.csv').write_bytes('path,caption\n0.png,na\u00efve\n'.encode('cp1252'))
+    r = run_cli(f'--source={src}', f'--captions={tmp_path / "caps.csv"}', f'--out_dir={tmp_path / "csv"}', '--image_size=16')
+    assert r.returncode == 0, r.stderr
+    assert f'captions: 1 files not UTF-8, decoded as cp1252 or latin-1 (index.json caption_fallback): {tmp_path / "caps.csv"} (cp1252)' in r.stdout
+    assert 'na\u00efve' in [s['txt'].decode() for s in read_shards(str(tmp_path / 'csv'))[0].values()]
+    (tmp_path / 'bom.csv').write_bytes('\ufeffpath,caption\n1.png,with a BOM\n'.encode())  # BOM before the header
+    assert pd.read_caption_file(str(tmp_path / 'bom.csv')) == ({'1.png': 'with a BOM'}, 'utf-8-sig')
+
+
+@pytest.mark.parametrize('name,body,message', [
+    ('c.csv', 'path,caption\n0.png,"a cat\n1.png,a dog\n2.png,a bird\n', 'line 2: unexpected end of data'),
+    ('c.csv', 'path,caption\n0.png,"a cat\n1.png,"a dog"\n', "line 2: ',' expected after '\"'"),
+    ('c.csv', 'path,caption\n0.png,"a cat\n1.png,a dog"\n2.png,a bird\n', 'line 2: a quoted field runs on to line 3'),
+    ('c.csv', 'path,caption\n0.png,a cat\n\n1.png,a dog, sitting\n', 'line 4 has 3 fields, the header 2'),
+    ('c.csv', 'path,caption\n0.png\n', 'line 2 has 1 fields'),
+    ('c.jsonl', '{"path": "0.png", "caption": "a cat"}\n{"path": "1.png", "caption": "a dog"\n', 'line 2 is not'),
+    ('c.jsonl', '{"path": "0.png", "caption": null}\n', 'line 1 is not'),
+    ('c.jsonl', '\n{"path": "0.png", "caption": "\\ud800"}\n', 'line 2 is not'),
+])
+def test_a_malformed_caption_line_is_an_error_naming_file_and_line(tmp_path, name, body, message):
+    """Never merged into another row's caption: an unterminated quote, a stray comma, a cut JSON line."""
+    (tmp_path / name).write_text(body)
+    with pytest.raises(SystemExit, match=re.escape(f"captions='{tmp_path / name}': {message}")):
+        pd.read_caption_file(str(tmp_path / name))
+
+
+def test_a_locked_out_dir_stops_a_second_preparation_and_a_killed_holder_leaves_nothing_to_clear(tmp_path):
+    out = tmp_path / 'out'
+    holder = subprocess.Popen([sys.executable, '-c', 'import sys, time, prepare_data; '
+                               'lock = prepare_data.lock_dir(sys.argv[1], "holder.py"); print("held", flush=True); '
+                               'time.sleep(120)', str(out)], cwd=REPO, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline() == 'held\n'
+        with pytest.raises(SystemExit) as err:
+            pd.prepare(out_dir=str(out), max_examples=20)
+        message = str(err.value)
+        assert f"prepare_data.py: out_dir='{out}' is in use by another run: holder.py on host" in message
+        assert f'PID {holder.pid}, started ' in message and not (out / 'index.json').exists()
+        r = run_cli(f'--out_dir={out}', '--max_examples=20')  # the CLI says the same, at once
+        assert r.returncode != 0 and f'PID {holder.pid}' in r.stderr and 'wrote' not in r.stdout
+    finally:
+        holder.kill()  # kill -9: the operating system drops the lock
+        holder.wait()
+    index = pd.prepare(out_dir=str(out), max_examples=20)
+    assert index['complete'] and f'PID {os.getpid()}' in (out / pd.LOCK_NAME).read_text()
+
+
 def test_mnist_holds_out_a_val_split_by_default_and_folders_do_not(tmp_path):
     import json
 
@@ -337,7 +403,8 @@ def torchrun_prepare(*args):
 
 def tree(root):
     """{relative path: bytes} of every file under root; index.json without the out_dir it names."""
-    files = {os.path.relpath(os.path.join(d, f), root): Path(d, f).read_bytes() for d, _, fs in os.walk(root) for f in fs}
+    files = {os.path.relpath(os.path.join(d, f), root): Path(d, f).read_bytes() for d, _, fs in os.walk(root) for f in fs
+             if f != pd.LOCK_NAME}   # the lock's note names the process that held it
     index = pd.json.loads(files['index.json'])
     assert index['config'].pop('out_dir') == str(root)
     files['index.json'] = pd.json.dumps(index).encode()

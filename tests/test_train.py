@@ -180,6 +180,67 @@ def test_kill_9_at_random_moments_always_leaves_a_loadable_checkpoint(tmp_path, 
     assert load(out / ckpts(out)[-1])["step"] == 60 and not any(n.endswith(".tmp") for n in os.listdir(out))
 
 
+def newest_step(out):
+    return int(ckpts(out)[-1][5:-3]) if out.exists() and ckpts(out) else 0
+
+
+def test_a_second_run_on_a_busy_out_dir_stops_at_once_and_a_killed_holder_leaves_nothing_to_clear(tmp_path, mnist_dir):
+    """The holder has DataLoader workers: after its kill -9 they linger for seconds, and must not keep the lock."""
+    out = tmp_path / "out"
+    args = [*TINY, f"--data_dir={mnist_dir}", f"--out_dir={out}", "--ckpt_interval=2", "--num_workers=2"]
+    holder = subprocess.Popen([sys.executable, "train.py", *args, "--max_steps=100000"], cwd=REPO,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 120
+        while newest_step(out) < 2:
+            assert time.time() < deadline and holder.poll() is None
+            time.sleep(0.05)
+        second = run("train.py", *args, "--max_steps=4", check=False)
+        assert second.returncode != 0, second.stdout[-2000:]
+        assert f"train.py: out_dir='{out}' is in use by another run: train.py on host " in second.stderr
+        assert f"PID {holder.pid}, started " in second.stderr and "Traceback" not in second.stderr
+        assert "starting from scratch" not in second.stdout and "resuming" not in second.stdout
+    finally:
+        holder.kill()                                   # kill -9: the lock goes with the process
+        holder.wait()
+    step, newest = newest_step(out), out / ckpts(out)[-1]
+    third = run("train.py", *args, f"--max_steps={step + 2}")
+    assert f"resuming from {newest} at step {step}" in third.stdout
+    assert load(out / ckpts(out)[-1])["step"] == step + 2
+
+
+@pytest.mark.slow
+def test_sigterm_and_kill_9_in_turn_resume_to_the_straight_runs_weights_ema_and_optimizer(tmp_path, mnist_dir):
+    """A short soak: four interruptions, SIGTERM and kill -9 in turn (a kill may land mid-save), then the rest: the
+    final checkpoint equals an uninterrupted run's bitwise. Data loader workers on, so the data position is theirs."""
+    steps = 24
+    common = [*TINY, f"--data_dir={mnist_dir}", f"--max_steps={steps}", "--ckpt_interval=1", "--keep_last_n=2",
+              "--num_workers=2"]
+    run("train.py", *common, f"--out_dir={tmp_path / 'straight'}")
+    out = tmp_path / "interrupted"
+    for i in range(4):
+        start = newest_step(out)
+        if i % 2 == 0:                                  # SIGTERM during step start + 2: finish it, save, exit 0
+            proc = run("train.py", *common, f"--out_dir={out}", env={"NANODIT_INJECT": f"sigterm@{start + 2}"})
+            assert "SIGTERM received" in proc.stdout and newest_step(out) == start + 3
+        else:                                           # kill -9 as soon as it has saved a step of its own
+            proc = subprocess.Popen([sys.executable, "train.py", *common, f"--out_dir={out}"], cwd=REPO,
+                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                    env={**os.environ, "NANODIT_INJECT": f"slow@{start}"})   # 50 ms a step
+            deadline = time.time() + 120
+            while newest_step(out) <= start:
+                assert time.time() < deadline and proc.poll() is None
+                time.sleep(0.01)
+            proc.kill()
+            proc.wait()
+            assert start < newest_step(out) < steps
+    proc = run("train.py", *common, f"--out_dir={out}")
+    assert "resuming from" in proc.stdout
+    a, b = load(tmp_path / "straight" / f"ckpt-{steps:08d}.pt"), load(out / f"ckpt-{steps:08d}.pt")
+    assert_same_state(a, b, exact=True)
+    assert a["micro_batches"] == b["micro_batches"] == steps
+
+
 def test_nan_batch_is_skipped_and_counted(tmp_path, mnist_dir):
     out = tmp_path / "out"
     proc = run("train.py", *TINY, f"--data_dir={mnist_dir}", f"--out_dir={out}", "--max_steps=6",
@@ -266,7 +327,8 @@ def test_corrupt_checkpoint_falls_back_and_crafted_pickle_is_refused(tmp_path, m
     newest.write_bytes(newest.read_bytes()[:1000])               # truncated, as by a failing disk
     (out / "ckpt-00000006.pt.tmp").write_bytes(b"partial")       # an interrupted save is ignored
     proc = run("-c", MMAP_SPY, *common, "--max_steps=6")
-    assert "ckpt-00000004.pt cannot be loaded safely" in proc.stdout and "falling back" in proc.stdout
+    assert f"warning: checkpoint {newest} is corrupt or not a NanoDiT checkpoint (RuntimeError: " in proc.stdout
+    assert "falling back to the previous checkpoint" in proc.stdout
     assert "resuming from" in proc.stdout and "at step 2" in proc.stdout
     # both checkpoints were memory-mapped, not read whole into every rank's host memory; sample.py's too
     assert "torch.load mmap: [True, True]" in proc.stdout
@@ -283,9 +345,15 @@ def test_corrupt_checkpoint_falls_back_and_crafted_pickle_is_refused(tmp_path, m
     with open(crafted, "wb") as f:
         pickle.dump({"model": Evil()}, f)
     proc = run("train.py", *common, "--max_steps=8", f"--resume={crafted}", check=False)
-    assert proc.returncode != 0 and "cannot be loaded safely" in proc.stderr
+    assert proc.returncode != 0 and f"train.py: checkpoint {crafted} is corrupt or not a NanoDiT checkpoint (it " \
+        "holds Python objects" in proc.stderr
+    assert "weights_only=False" not in proc.stdout + proc.stderr and "Traceback" not in proc.stderr
+    torch.save({"weights": torch.zeros(2)}, tmp_path / "other.pt")     # a torch file, not a NanoDiT checkpoint
+    proc = run("train.py", *common, "--max_steps=8", f"--resume={tmp_path / 'other.pt'}", check=False)
+    assert proc.returncode != 0 and f"{tmp_path / 'other.pt'} is not a NanoDiT checkpoint: it lacks" in proc.stderr
     proc = run("sample.py", f"--ckpt={crafted}", check=False)
-    assert proc.returncode != 0 and "cannot load checkpoint" in proc.stderr
+    assert proc.returncode != 0 and f"checkpoint {crafted} is corrupt or not a NanoDiT checkpoint" in proc.stderr
+    assert "weights_only=False" not in proc.stdout + proc.stderr
     assert not (tmp_path / "pwned").exists()
 
 
