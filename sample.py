@@ -217,14 +217,32 @@ def checkpoint_error(path, err):
     return f"checkpoint {path} is corrupt or not a NanoDiT checkpoint ({why})"
 
 
+def read_checkpoint(path):
+    """A checkpoint file's contents (train.py's resume reads them here too), loaded without executing code
+    (weights_only) and memory-mapped: the tensors are the file's pages, mapped copy-on-write and read as they are
+    copied to a model, so no rank first copies the whole file, optimizer included, into its host memory. Raises
+    ValueError in NanoDiT's words when the file is corrupt or not a checkpoint."""
+    with warnings.catch_warnings():   # torch's remarks on a foreign pickle's protocol: the error says it
+        warnings.simplefilter("ignore")
+        try:
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except OSError:   # a missing or unreadable file says so itself
+            raise
+        except Exception as e:
+            if "mmap can only be used" not in str(e):
+                raise ValueError(checkpoint_error(path, e)) from None
+        try:            # not torch's zip format (an empty file, a plain pickle, an old save): read whole to say why
+            return torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:
+            raise ValueError(checkpoint_error(path, e)) from None
+
+
 def load_model(path, use_ema=True, device="cpu"):
     """(model in eval mode, checkpoint dict) from a checkpoint, loaded without executing code."""
     try:
-        with warnings.catch_warnings():   # torch's remarks on a foreign pickle's protocol: the error below says it
-            warnings.simplefilter("ignore")
-            state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)   # read only the pages used
-    except Exception as e:
-        raise SystemExit(f"sample.py: {checkpoint_error(path, e)}") from None
+        state = read_checkpoint(path)
+    except ValueError as e:
+        raise SystemExit(f"sample.py: {e}") from None
     missing = [k for k in CHECKPOINT_KEYS if k not in state] if isinstance(state, dict) else list(CHECKPOINT_KEYS)
     if missing:
         raise SystemExit(f"sample.py: {path} is not a NanoDiT checkpoint: it lacks {missing} (train.py writes them)")

@@ -185,7 +185,7 @@ if best_by not in ("val_loss", "fd"):
     fail(f"best_by={best_by!r}: expected 'val_loss' or 'fd'")
 if best_by == "fd" and not eval_interval:
     fail("best_by='fd' needs eval_interval > 0 (evaluation measures FD)")
-from sample import SOLVERS, checkpoint_error  # noqa: E402  (sample.py owns the samplers and reading checkpoints)
+from sample import SOLVERS, read_checkpoint  # noqa: E402  (sample.py owns the samplers and reading checkpoints)
 
 if sample_solver not in SOLVERS:
     fail(f"sample_solver={sample_solver!r}: expected one of {', '.join(SOLVERS)}")
@@ -333,15 +333,9 @@ def checkpoint_paths():
 
 
 def load_checkpoint(path):
-    """Load to CPU without executing code from the file; raise ValueError naming what is wrong. mmap: the tensors
-    are the file's pages, mapped copy-on-write and read as load_state_dict copies them to the model (and to the GPU),
-    so no rank first copies the whole checkpoint, optimizer included, into its host memory. On a CPU the optimizer
-    keeps the mapped tensors as its state; its first update copies each page (the file is never written)."""
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except Exception as e:   # truncated zip, bad pickle, or a pickle that asks to run code
-        raise ValueError(checkpoint_error(path, e)) from None
-    missing = {"model", "ema", "optimizer", "step", "micro_batches"} - set(state)
+    """sample.read_checkpoint (safe, memory-mapped) and the keys a resume needs; ValueError naming what is wrong."""
+    state = read_checkpoint(path)
+    missing = {"model", "ema", "optimizer", "step", "micro_batches"} - set(state if isinstance(state, dict) else ())
     if missing:
         raise ValueError(f"{path} is not a NanoDiT checkpoint: it lacks {sorted(missing)}")
     return state

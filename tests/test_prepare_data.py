@@ -330,7 +330,7 @@ def test_captions_in_any_encoding_are_read_and_the_fallbacks_named(tmp_path):
     fallback = index['caption_fallback']
     assert fallback['count'] == 2 and fallback['files'] == [{'path': str(src / '0.txt'), 'encoding': 'cp1252'},
                                                             {'path': str(src / '3.txt'), 'encoding': 'latin-1'}]
-    assert pd.load_index(str(tmp_path / 'out'))['caption_fallback'] == fallback
+    assert dt.load_index(str(tmp_path / 'out'))['caption_fallback'] == fallback
     # a caption table in Windows-1252 with a BOM-less header, through the CLI: the summary names it
     (tmp_path / 'caps.csv').write_bytes('path,caption\n0.png,na\u00efve\n'.encode('cp1252'))
     r = run_cli(f'--source={src}', f'--captions={tmp_path / "caps.csv"}', f'--out_dir={tmp_path / "csv"}', '--image_size=16')
