@@ -137,7 +137,7 @@ sample_text_scale = 3.0       # guidance scale (text and class) for sample grids
 sample_image_scale = 1.0      # guidance scale (image) for sample grids
 val_interval = 0              # steps between validations on the 'val' split; 0 = off
 val_batches = 8               # validation batches per rank
-eval_interval = 0             # steps between evaluations of the EMA (sample.evaluate: FD, precision/recall,
+eval_interval = 0             # steps between evaluations of the EMA (evaluate.py: FD, precision/recall,
                               # class accuracy) and one at the end; 0 = off
 eval_samples = 1000           # images generated per evaluation, split across ranks
 eval_features = "efficientnet-lite0"  # feature network (sample.py): 'efficientnet-lite0' or a HF vision model
@@ -255,7 +255,7 @@ if flip_prob > 0 and not index["has_flip"]:
     fail(f"flip_prob={flip_prob} but {data_dir} was prepared without flip views (prepare_data.py --flip=true)")
 global_batch = batch_size * grad_accum_steps * world_size
 if eval_interval and not dry_run:
-    from sample import check_eval_request
+    from evaluate import check_eval_request
     check_eval_request(index, eval_samples, "auto", data_dir)
 if max_images > 0:
     max_steps = math.ceil(max_images / global_batch)
@@ -581,9 +581,9 @@ def validate():
 
 
 def run_eval():
-    """sample.evaluate on the EMA with the grid's sampler, generation split across ranks (every rank calls
+    """evaluate.evaluate on the EMA with the grid's sampler, generation split across ranks (every rank calls
     it); writes out_dir/samples/eval-<step>.json and returns the headline numbers on every rank."""
-    from sample import evaluate, format_eval
+    from evaluate import evaluate, format_eval
     meta = {k: index[k] for k in ("space", "channels", "vae", "num_classes", "buckets")}
     result = evaluate(ema_model, meta, data_dir, eval_samples, sampler, eval_features, "auto", eval_batch_size,
                       seed, device, autocast, rank=rank, world_size=world_size, features=feature_net, refs=eval_refs)
@@ -674,7 +674,7 @@ sampler = dict(steps=sample_steps, solver=sample_solver, shift=sample_shift, tex
 grid = grid_conditions() if master and sample_interval else None
 feature_net = eval_refs = None
 if eval_interval:
-    from sample import load_feature_net, references
+    from evaluate import load_feature_net, references
     feature_net = load_feature_net(eval_features, device)
     eval_refs = references(data_dir, eval_features, feature_net, device, rank=rank, world_size=world_size)
 

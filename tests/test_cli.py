@@ -61,9 +61,9 @@ def check_help(script, out, changed=()):
 
 
 @pytest.mark.parametrize("script,flag", [("train.py", "--help"), ("sample.py", "-h"), ("prepare_data.py", "--help"),
-                                         ("benchmark.py", "--help")])
+                                         ("benchmark.py", "--help"), ("evaluate.py", "--help")])
 def test_help_lists_every_setting_and_does_no_work(script, flag, tmp_path):
-    out_key = {"train.py": "out_dir", "prepare_data.py": "out_dir", "sample.py": "out"}.get(script)
+    out_key = {"train.py": "out_dir", "prepare_data.py": "out_dir", "sample.py": "out", "evaluate.py": "out"}.get(script)
     args = [f"--{out_key}={tmp_path / 'x'}"] if out_key else []
     proc = run(script, *args, flag)                     # sample.py needs no --ckpt, train.py no data
     lines = check_help(script, proc.stdout, changed={out_key})

@@ -384,8 +384,8 @@ import os, runpy, sys, time
 repo = sys.argv.pop(1)
 sys.argv[0] = os.path.join(repo, "train.py")
 sys.path.insert(0, repo)
-import sample
-load = sample.load_feature_net
+import evaluate
+load = evaluate.load_feature_net
 
 
 def slow_feature_net(name, device):
@@ -397,7 +397,7 @@ def slow_feature_net(name, device):
     return slow
 
 
-sample.load_feature_net = slow_feature_net
+evaluate.load_feature_net = slow_feature_net
 runpy.run_path(sys.argv[0], run_name="__main__")
 """
 

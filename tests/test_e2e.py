@@ -86,7 +86,7 @@ def test_text_and_image_conditioned_latent_run(conditioned, tmp_path):
     assert a.shape == (2 * 34 + 2, 2 * 34 + 2, 3)   # 2 prompts x 2 images, 16x16 latents -> 32x32 pixels
     # evaluation of a text + image model: conditions from the val split's samples, each at its own bucket,
     # FD-DINOv2-style features from a Hugging Face model (the tiny DINOv2), no classes so no probe
-    proc = run("sample.py", f"--ckpt={out}", "--eval=true", "--num_samples=8", "--steps=2",
+    proc = run("evaluate.py", f"--ckpt={out}", "--num_samples=8", "--steps=2",
                f"--eval_features={tmp / 'dino'}", "--text_scale=2", "--image_scale=1.5")
     result = json.loads((out / "samples" / "eval-00000004.json").read_text())
     assert result["condition_split"] == "val" and result["model"]["n"] == 8 and "class_acc" not in result["model"]

@@ -1,4 +1,4 @@
-"""sample.py --export_onnx: ONNX Runtime against PyTorch on the same inputs (guidance, its interval, dynamic batch
+"""export.py: ONNX Runtime against PyTorch on the same inputs (guidance, its interval, dynamic batch
 and text length), the same PNG from a full Euler run driven by ONNX Runtime, and the errors."""
 import json
 from dataclasses import asdict
@@ -13,7 +13,8 @@ ort = pytest.importorskip("onnxruntime")
 pytest.importorskip("onnxscript")
 
 from model import DiT, DiTConfig  # noqa: E402
-from sample import export_onnx_model, guided_velocity, load_model, sample_ode, save_grid  # noqa: E402
+from export import export_onnx_model  # noqa: E402
+from sample import guided_velocity, load_model, sample_ode, save_grid  # noqa: E402
 
 PARITY = 1e-4   # max |ONNX Runtime - PyTorch| of a velocity, fp32
 
@@ -46,7 +47,7 @@ def exported_class_model(tmp_path_factory):
     if not onnx_path.exists():
         root.mkdir(exist_ok=True)
         tiny_checkpoint(ckpt, num_classes=4)
-        proc = run("sample.py", f"--ckpt={ckpt}", f"--export_onnx={onnx_path}", "--steps=12")
+        proc = run("export.py", f"--ckpt={ckpt}", f"--out={onnx_path}", "--steps=12")
         assert f"wrote {onnx_path}" in proc.stdout
     return ckpt, onnx_path
 
@@ -163,5 +164,9 @@ def test_a_mixture_of_experts_with_guidance_is_refused_with_the_reason(tmp_path)
 
 def test_export_refuses_both_weight_sets(tmp_path):
     ckpt = tiny_checkpoint(tmp_path / "ckpt.pt", num_classes=4)
-    proc = run("sample.py", f"--ckpt={ckpt}", f"--export_onnx={tmp_path / 'm.onnx'}", "--ema=both", check=False)
-    assert proc.returncode != 0 and "--export_onnx exports one set of weights" in proc.stderr
+    proc = run("export.py", f"--ckpt={ckpt}", f"--out={tmp_path / 'm.onnx'}", "--ema=both", check=False)
+    assert proc.returncode != 0 and "export.py: exports one set of weights" in proc.stderr
+    proc = run("export.py", f"--ckpt={ckpt}", check=False)
+    assert proc.returncode != 0 and "--out=PATH.onnx is required" in proc.stderr
+    proc = run("sample.py", f"--ckpt={ckpt}", f"--export_onnx={tmp_path / 'm.onnx'}", check=False)   # moved out
+    assert proc.returncode != 0 and "unknown config key 'export_onnx'" in proc.stderr

@@ -646,9 +646,9 @@ def test_evaluation_during_training_logs_metrics_and_keeps_best_by_fd(mnist_dir,
     assert result["model"]["n"] == 20 and len(result["model"]["per_class"]) == 10
     assert result["floor"]["class_acc"] >= 0 and result["sampler"]["steps"] == 2
     assert (out / "best.pt").exists() and load(out / "best.pt")["best_fd"] == min(r["fd"] for r in evals)
-    # sample.py: both weights, Heun, and the honest cost: 2 steps, 3 velocities (the last step is Euler's) x 2
+    # evaluate.py: both weights, Heun, and the honest cost: 2 steps, 3 velocities (the last step is Euler's) x 2
     # guidance branches
-    proc = run("sample.py", f"--ckpt={out}", "--eval=true", "--num_samples=20", "--ema=both", "--solver=heun",
+    proc = run("evaluate.py", f"--ckpt={out}", "--num_samples=20", "--ema=both", "--solver=heun",
                "--steps=2")
     assert "class_acc" in proc.stdout and "real floor" in proc.stdout
     for name in ("eval-00000006.json", "eval-00000006-raw.json"):
@@ -662,7 +662,7 @@ def test_evaluation_during_training_logs_metrics_and_keeps_best_by_fd(mnist_dir,
     with open(out / "samples" / "eval-00000006-raw.json") as f:
         assert json.load(f)["model"]["fd"] != ema_result["model"]["fd"]
     # --out names the preview; each weight's JSON lands beside its own PNG, and holds settings, not constants
-    run("sample.py", f"--ckpt={out}", "--eval=true", "--num_samples=20", "--ema=both", "--steps=2",
+    run("evaluate.py", f"--ckpt={out}", "--num_samples=20", "--ema=both", "--steps=2",
         f"--out={tmp_path / 'ev.png'}")
     for stem in ("ev", "ev-raw"):
         assert (tmp_path / f"{stem}.png").read_bytes()[:4] == b"\x89PNG"

@@ -1,4 +1,4 @@
-// NanoDiT in the browser: a class-conditional pixel model exported by `sample.py --export_onnx`, sampled on ONNX
+// NanoDiT in the browser: a class-conditional pixel model exported by `export.py`, sampled on ONNX
 // Runtime Web with sample.py's Euler loop: the same time grid (time_grid, with shift), the guidance inside the
 // exported graph, and torch's float32 roundings, so given the same noise the grid matches sample.py's.
 "use strict";
