@@ -149,6 +149,19 @@ def apply_overrides(namespace, argv):
     return {key for key, _ in pairs}
 
 
+def check_values(namespace, script, choices=None, bounds=None):
+    """After the overrides: a setting outside its choices ({key: allowed values}) or its bounds ({key: an interval
+    such as '[1, inf)' or '(0, 1]'}) is an error that names the key, its value and what it may be."""
+    for key, allowed in (choices or {}).items():
+        if namespace[key] not in allowed:
+            raise SystemExit(f"{script}: {key}={namespace[key]!r}: expected one of {', '.join(map(repr, allowed))}")
+    for key, interval in (bounds or {}).items():
+        lo_open, lo, hi, hi_open = re.fullmatch(r"([\[(])\s*(\S+)\s*,\s*(\S+)\s*([\])])", interval).groups()
+        lo, hi, value = float(lo), float(hi), namespace[key]
+        if not ((lo < value if lo_open == "(" else lo <= value) and (value < hi if hi_open == ")" else value <= hi)):
+            raise SystemExit(f"{script}: {key}={value!r}: expected a value in {interval}")
+
+
 def _help_text(script, defaults, changed, origin):
     """The script's docstring and its defaults block as `key = default  # comment` lines, under their
     section comments, read from the source; `changed` values are shown beside their default."""

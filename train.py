@@ -37,11 +37,10 @@ from schedule import Schedule
 # ----------------------------------------------------------------------------------------------
 # defaults; override with a config file and --key=value (configurator.py)
 # I/O
-data_dir = "data/mnist"       # output of prepare_data.py (holds index.json): a folder, an http(s):// prefix, or a
-                              # 'pipe:' command with {} for the file, e.g. 'pipe:aws s3 cp s3://bucket/data/{} -'
+data_dir = "data/mnist"       # prepare_data.py's output: a folder, an http(s):// prefix or a 'pipe:...{}...' command
 cache_dir = ""                # remote data_dir: shards are fetched whole into this folder; '' = ~/.cache/nanodit
 cache_max_gb = 100.0          # remote data_dir: least recently used shards are evicted beyond this size, in GB
-out_dir = "out/mnist"         # checkpoints, metrics.jsonl, samples/
+out_dir = "out/mnist"         # checkpoints, metrics.jsonl, samples/ (one run at a time: out_dir/.lock)
 resume = "auto"               # 'auto': newest good checkpoint in out_dir if any; 'never'; or a path
 # model (see model.DiTConfig)
 patch_size = 2                # input cells per token side
@@ -53,14 +52,13 @@ qk_norm = True                # RMS-normalise queries and keys
 grad_checkpoint = False       # recompute blocks in backward (memory for compute)
 attn_impl = "auto"            # 'auto' | 'sdpa' | 'math'
 mlp_act = "gelu"              # 'gelu' | 'gelu_tanh' | 'silu' (model.MLP_ACTS)
-class_embed_std = 0.02        # std of the class embedding at initialisation: how strongly the label conditions at first
+class_embed_std = 0.02        # std of the class embedding at initialisation: how strongly labels condition at first
 moe_experts = 0               # mixture-of-experts MLP: experts per block; 0 = dense
 moe_top_k = 2                 # experts per token (token-choice routing)
-moe_capacity = 1.25           # expert capacity factor: assignments over ceil(capacity * tokens * top_k / experts) drop; 0 = none
+moe_capacity = 1.25           # expert capacity factor (model.MoE); 0 = no capacity limit
 moe_shared_expert = False     # add one always-on dense MLP to the experts
 moe_aux_weight = 0.01         # weight of the load-balancing loss (Switch Transformer's 0.01, arXiv:2101.03961)
-loss_weighting = False        # learn the expected loss u(t) per timestep and train on L / u(t) + log u(t), which
-                              # evens out how much each t contributes (EDM2, arXiv:2312.02696); logged losses stay L
+loss_weighting = False        # learn the expected loss u(t) and train on L / u(t) + log u(t) (EDM2, arXiv:2312.02696)
 prediction = "v"              # network output: 'v' (velocity) or 'x' (clean image; the model still returns v)
 use_class = True              # condition on class labels when the data has them
 use_text = True               # condition on text embeddings when the data has them
@@ -70,57 +68,43 @@ t_sampling = "logit_normal"   # 'logit_normal' (SD3, arXiv:2403.03206) or 'unifo
 t_loc = 0.0                   # logit-normal location
 t_scale = 1.0                 # logit-normal scale
 t_shift = 1.0                 # then t -> s t / (1 + (s - 1) t) (model.shift_time; SD3): s > 1 trains nearer noise
-p_uncond = 0.1                # probability of dropping every condition (class labels only here)
+p_uncond = 0.1                # probability of dropping every condition
 p_text_only = 0.0             # probability of keeping the text (and class) but dropping the image
 p_image_only = 0.0            # probability of keeping the image but dropping the text
 flip_prob = 0.0               # probability of using a sample's stored horizontal-flip view
-# batch and budget
+# batch and budget (a max_steps or max_images on the command line turns off a recipe's max_minutes)
 batch_size = 32               # micro-batch per rank, in images
 grad_accum_steps = 1          # micro-batches per optimizer step; global batch = batch_size * this * ranks
 max_steps = 2000              # optimizer steps (ignored when max_images > 0)
 max_images = 0                # training budget in images; sets max_steps = ceil(max_images / global batch)
-max_minutes = 0.0             # training budget in wall-clock minutes from start: times the first budget_probe_steps,
-                              # then plans max_steps and revisits the plan as it goes (kept by a resume); 0 = off.
-                              # A max_steps or max_images on the command line turns off a config file's max_minutes
-budget_probe_steps = 20       # steps timed for max_minutes' first plan (the first 5 are not counted: warm-up); past
-                              # warmup_steps the lr holds at its peak until the plan
-budget_replan_every = 0.1     # max_minutes: revisit the plan each time this share of the budget has passed, from the
-                              # speed since the last plan, so the run still ends on time when the machine's speed
-                              # drifts: it lengthens when more rounded steps fit and shortens when it would overrun
-                              # by over 1% of the budget; the schedule goes on from where it stands (a continuous
-                              # lr). 0 = plan once
-budget_round_steps = 1        # max_minutes: round the fitted max_steps down to a multiple of this, so that runs on
-                              # one machine, whose timings differ by a few %, land on the same plan and weights
+max_minutes = 0.0             # budget in minutes from start: plans max_steps from timed steps (schedule.py); 0 = off
+budget_probe_steps = 20       # max_minutes: steps timed for the first plan (the first 5 untimed)
+budget_replan_every = 0.1     # max_minutes: revisit the plan each time this share of the budget passed; 0 = plan once
+budget_round_steps = 1        # max_minutes: round the planned max_steps down to a multiple of this
 # optimizer and schedule
-optimizer = "adamw"           # 'adamw', or 'muon': Muon for the blocks' weight matrices, AdamW for the rest
+optimizer = "adamw"           # 'adamw', or 'muon': Muon for the blocks' weight matrices, AdamW for the rest (optim.py)
 lr = 3e-4                     # peak learning rate (AdamW)
-lr_schedule = "cosine"        # after warm-up: 'cosine' to lr * min_lr_ratio at max_steps, or 'wsd': constant lr,
-                              # then 1 - sqrt decay to lr * min_lr_ratio over the last decay_frac of max_steps
-                              # (Hagele et al., arXiv:2405.18392); under max_minutes its long flat part lets the
-                              # budget time many steps before it fixes max_steps
+lr_schedule = "cosine"        # after warm-up: 'cosine' to the floor at max_steps, or 'wsd': flat, then 1 - sqrt decay
 decay_frac = 0.2              # wsd: share of max_steps spent decaying
 min_lr_ratio = 0.1            # the lr at max_steps, as a fraction of lr
 warmup_steps = 100            # linear warmup from 0, in optimizer steps
 weight_decay = 0.0            # AdamW decoupled decay on matrices only
-beta1 = 0.9
-beta2 = 0.99
-muon_lr = 0.0                 # peak lr of the Muon group; 0 = lr (Muon's update is scaled to AdamW's RMS,
-                              # 0.2 sqrt(max(A, B)), so AdamW's lr carries over: Moonshot, arXiv:2502.16982)
-muon_weight_decay = -1.0      # decoupled weight decay of the Muon group; -1 = weight_decay (same source)
-muon_momentum = 0.95          # Nesterov momentum of the Muon group (Keller Jordan's Muon; torch's default)
+beta1 = 0.9                   # AdamW's first-moment decay
+beta2 = 0.99                  # AdamW's second-moment decay
+muon_lr = 0.0                 # peak lr of the Muon group; 0 = lr (its update is scaled to AdamW's RMS)
+muon_weight_decay = -1.0      # decoupled weight decay of the Muon group; -1 = weight_decay
+muon_momentum = 0.95          # Nesterov momentum of the Muon group
 grad_clip = 1.0               # max global grad norm; 0 = off
 ema_decay = 0.9999            # final EMA decay per optimizer step
 ema_warmup_steps = 1000       # EMA decay ramps linearly from 0 to ema_decay over these steps
 # system
 device = "auto"               # 'auto' | 'cpu' | 'cuda' | 'mps'
-dtype = "auto"                # 'auto' (bf16 where the device has it) | 'bfloat16' | 'float32'
-compile = False               # torch.compile the model (first step takes tens of seconds); on a CPU with no
-                              # C++ compiler for inductor it warns and runs eager
-keep_freed_memory = True      # on a CPU, malloc keeps the memory a step frees for the next one instead of faulting it
-                              # back in (model.keep_freed_cpu_memory; faster steps, BENCHMARKS.md); False = glibc's default
+dtype = "auto"                # 'auto' (bf16 where the device runs it natively) | 'bfloat16' | 'float32'
+compile = False               # torch.compile the model (first step takes tens of seconds; no C++ compiler: eager)
+keep_freed_memory = True      # CPU: malloc keeps the memory a step frees for the next (model.keep_freed_cpu_memory)
 fsdp = False                  # shard parameters, gradients and optimizer state with FSDP2 instead of DDP
 num_workers = 2               # data-loader processes per rank
-seed = 0
+seed = 0                      # initial weights, data order and every per-sample draw
 dist_timeout_s = 600          # a collective that waits longer than this fails the job
 # logging, evaluation and checkpoints
 log_interval = 10             # optimizer steps between log lines
@@ -137,22 +121,19 @@ sample_text_scale = 3.0       # guidance scale (text and class) for sample grids
 sample_image_scale = 1.0      # guidance scale (image) for sample grids
 val_interval = 0              # steps between validations on the 'val' split; 0 = off
 val_batches = 8               # validation batches per rank
-eval_interval = 0             # steps between evaluations of the EMA (evaluate.py: FD, precision/recall,
-                              # class accuracy) and one at the end; 0 = off
+eval_interval = 0             # steps between evaluations of the EMA (evaluate.py) and one at the end; 0 = off
 eval_samples = 1000           # images generated per evaluation, split across ranks
-eval_features = "efficientnet-lite0"  # feature network (sample.py): 'efficientnet-lite0' or a HF vision model
+eval_features = "efficientnet-lite0"  # feature network (evaluate.py): 'efficientnet-lite0' or a HF vision model
 eval_batch_size = 100         # images generated per batch, in evaluations and sample grids
 best_by = "val_loss"          # what keeps out_dir/best.pt: 'val_loss' (needs val_interval) or 'fd' (eval_interval)
-grad_warn = 10.0              # warn when the grad norm (before clipping) exceeds this (counted on the device,
-                              # reported at the next log step with the number of such steps and their max)
-max_bad_steps = 5             # stop after this many non-finite steps in a row; checked at log steps (the counts stay
-                              # on the device between them), so the run stops at the first log step after the streak
+grad_warn = 10.0              # count steps whose grad norm (before clipping) exceeds this; reported at log steps
+max_bad_steps = 5             # stop after this many non-finite steps in a row (checked at log steps)
 max_hours = 0.0               # save and stop after this many hours; 0 = no limit
 tensorboard = False           # also log to out_dir/tb (needs tensorboard)
 wandb_project = ""            # also log to this W&B project (needs wandb)
 dry_run = False               # print sizes, FLOPs, memory and budget, then exit
 # ----------------------------------------------------------------------------------------------
-from configurator import apply_overrides  # noqa: E402
+from configurator import apply_overrides, check_values  # noqa: E402
 
 _cli_keys = apply_overrides(globals(), sys.argv[1:])
 if max_minutes and {"max_steps", "max_images"} & _cli_keys and "max_minutes" not in _cli_keys:
@@ -165,34 +146,23 @@ def fail(msg):
     raise SystemExit(f"train.py: {msg}")
 
 
+from sample import SOLVERS, read_checkpoint  # noqa: E402  (sample.py owns the samplers and reading checkpoints)
+
+check_values(globals(), "train.py", dict(optimizer=("adamw", "muon"), best_by=("val_loss", "fd"),
+                                         dtype=("auto", "bfloat16", "float32"), sample_solver=tuple(SOLVERS)),
+             dict(lr="(0, inf)", muon_lr="[0, inf)", sample_temperature="(0, inf)", batch_size="[1, inf)",
+                  grad_accum_steps="[1, inf)", keep_last_n="[1, inf)", log_interval="[1, inf)", ckpt_interval="[1, inf)"))
 try:
     draws = TrainingDraws(seed, t_sampling, t_loc, t_scale, t_shift)   # each sample's t, noise, dropout (model.py)
 except ValueError as e:                                                # t_sampling is checked there
-    fail(str(e))
+    fail(e)
 if p_uncond + p_text_only + p_image_only > 1:
     fail(f"p_uncond + p_text_only + p_image_only = {p_uncond + p_text_only + p_image_only} > 1")
-for key in ("batch_size", "grad_accum_steps", "keep_last_n", "log_interval", "ckpt_interval"):
-    if globals()[key] < 1:
-        fail(f"{key}={globals()[key]} must be at least 1")
-if lr <= 0 or muon_lr < 0:
-    fail(f"lr={lr}, muon_lr={muon_lr}: the peak learning rates must be positive (muon_lr 0 = lr)")
-if optimizer not in ("adamw", "muon"):
-    fail(f"optimizer={optimizer!r}: expected 'adamw' or 'muon'")
 if optimizer == "muon" and fsdp:
     fail("optimizer='muon' does not work with fsdp=True: Muon orthogonalises each whole weight matrix, and "
          "FSDP2 shards every matrix across ranks; use DDP (fsdp=False) or optimizer='adamw'")
-if best_by not in ("val_loss", "fd"):
-    fail(f"best_by={best_by!r}: expected 'val_loss' or 'fd'")
 if best_by == "fd" and not eval_interval:
     fail("best_by='fd' needs eval_interval > 0 (evaluation measures FD)")
-from sample import SOLVERS, read_checkpoint  # noqa: E402  (sample.py owns the samplers and reading checkpoints)
-
-if sample_solver not in SOLVERS:
-    fail(f"sample_solver={sample_solver!r}: expected one of {', '.join(SOLVERS)}")
-if not sample_temperature > 0:
-    fail(f"sample_temperature={sample_temperature}: expected > 0 (the starting noise's scale; 1 = unit noise)")
-if dtype not in ("auto", "bfloat16", "float32"):
-    fail(f"dtype={dtype!r}: expected 'auto', 'bfloat16' or 'float32' (fp16 would need loss scaling)")
 
 # ---------------------------------------------------------------------------------------------- device, DDP
 ddp = "RANK" in os.environ

@@ -201,3 +201,18 @@ def test_help_still_reports_errors(tmp_path):
     with pytest.raises(SystemExit) as e:
         apply_overrides(script_namespace(tmp_path), ["--lr=abc", "--help"])
     assert "--lr='abc': expected float" in str(e.value)
+
+
+def test_check_values_names_the_key_the_value_and_what_it_may_be():
+    from configurator import check_values
+    ns = dict(opt="adamw", lr=3e-4, frac=1.0, steps=1)
+    check_values(ns, "x.py", dict(opt=("adamw", "muon")), dict(lr="(0, inf)", frac="(0, 1]", steps="[1, inf)"))
+    for key, value, needle in (("opt", "sgd", "x.py: opt='sgd': expected one of 'adamw', 'muon'"),
+                               ("lr", 0.0, "x.py: lr=0.0: expected a value in (0, inf)"),
+                               ("frac", 1.5, "x.py: frac=1.5: expected a value in (0, 1]"),
+                               ("frac", 0, "x.py: frac=0: expected a value in (0, 1]"),
+                               ("steps", 0, "x.py: steps=0: expected a value in [1, inf)")):
+        with pytest.raises(SystemExit) as e:
+            check_values({**ns, key: value}, "x.py", dict(opt=("adamw", "muon")),
+                         dict(lr="(0, inf)", frac="(0, 1]", steps="[1, inf)"))
+        assert str(e.value) == needle

@@ -411,17 +411,17 @@ def test_dry_run_prints_the_plan_and_writes_nothing(tmp_path, mnist_dir):
 
 @pytest.mark.parametrize("args,needle", [
     (["--max_step=3"], "unknown config key 'max_step' (nearest valid: max_steps"),
-    (["--batch_size=0"], "batch_size=0 must be at least 1"),
+    (["--batch_size=0"], "batch_size=0: expected a value in [1, inf)"),
     (["--p_uncond=0.8", "--p_text_only=0.5"], "> 1"),
     (["--val_interval=5", "--data_dir=WITHOUT_VAL"], "has no 'val' split"),
     (["--flip_prob=0.5"], "prepared without flip views"),
     (["--hidden=30", "--heads=4"], "hidden=30 is not divisible by heads=4"),
-    (["--optimizer=sgd"], "optimizer='sgd': expected 'adamw' or 'muon'"),
+    (["--optimizer=sgd"], "optimizer='sgd': expected one of 'adamw', 'muon'"),
     (["--optimizer=muon", "--fsdp=true"], "FSDP2 shards every matrix"),
-    (["--muon_lr=-1"], "peak learning rates must be positive"),
+    (["--muon_lr=-1"], "muon_lr=-1.0: expected a value in [0, inf)"),
     (["--prediction=eps"], "prediction='eps': expected 'v' or 'x'"),
     (["--mlp_act=relu"], "mlp_act='relu'"),
-    (["--sample_temperature=0"], "sample_temperature=0.0: expected > 0"),
+    (["--sample_temperature=0"], "sample_temperature=0.0: expected a value in (0, inf)"),
     (["--class_embed_std=0"], "class_embed_std=0"),
     (["--data_dir=/nonexistent"], "/nonexistent"),
 ])
