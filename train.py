@@ -11,7 +11,6 @@ optimizer step as any other split with the same global batch b * A * W, and a re
 exactly where the interrupted one stopped.
 """
 import copy
-import errno
 import json
 import math
 import os
@@ -440,8 +439,6 @@ def save_checkpoint(path):
             os.makedirs(out_dir, exist_ok=True)
             with open(tmp, "wb") as f:
                 torch.save(state, f)
-                if "diskfull" in inject.get(step, ()):
-                    raise OSError(errno.ENOSPC, "No space left on device (NANODIT_INJECT)")
                 f.flush()
                 os.fsync(f.fileno())
             os.replace(tmp, path)
@@ -622,18 +619,6 @@ def request_stop(signum, frame):
 
 signal.signal(signal.SIGINT, request_stop)
 signal.signal(signal.SIGTERM, request_stop)
-# Fault injection for tests, NANODIT_INJECT="kind@step,...": nan (poisons a sample of the batch), oom
-# (raises out-of-memory), sigterm (signals this process), diskfull (the checkpoint write fails), raise
-# (a plain error), slow (this step and every later one sleep SLOW_STEP_S: a machine that slows down).
-# "kind@step:rank" injects on that rank only.
-SLOW_STEP_S = 0.05
-slowed = False
-inject = {}
-for item in filter(None, os.environ.get("NANODIT_INJECT", "").split(",")):
-    kind, _, at = item.partition("@")
-    at, _, only_rank = at.partition(":")
-    if not only_rank or int(only_rank) == rank:
-        inject.setdefault(int(at), set()).add(kind)
 
 
 # ---------------------------------------------------------------------------------------------- grids, evaluation
@@ -678,25 +663,12 @@ if ddp:
 while step < schedule.max_steps:
     lrs = set_lr(opt, schedule.lr_at(step), lr)            # {'lr': ...} (and 'lr_muon': Muon's, scaled to its peak)
     loss_step = torch.zeros((), device=device)
-    faults = inject.get(step, ())                  # NANODIT_INJECT kinds for this step (tests only)
-    slowed = slowed or "slow" in faults
-    if slowed:
-        time.sleep(SLOW_STEP_S)
     try:
         for micro in range(grad_accum_steps):
             batch = to_device(next(batches))
             micro_batches += 1
             x, valid = batch["x"], batch["valid"]                  # (B, C, H, W), (B,) bool
             bad_samples += batch["n_bad"]
-            if "nan" in faults:
-                x = x.clone()
-                x[0] = float("nan")
-            if "sigterm" in faults and micro == 0:
-                os.kill(os.getpid(), signal.SIGTERM)
-            if "oom" in faults and micro == 0:
-                raise torch.OutOfMemoryError("injected out-of-memory (NANODIT_INJECT)")
-            if "raise" in faults and micro == 0:
-                raise RuntimeError(f"rank {rank}: injected failure at step {step} (NANODIT_INJECT)")
             t, noise, u = batch["t"], batch["noise"], batch["u"]      # (B,), (B, C, H, W), (B,): TrainingDraws
             xt = interpolate(x, noise, t)
             drop_all = u < p_uncond

@@ -17,10 +17,17 @@ TINY = ["--depth=2", "--hidden=32", "--heads=2", "--patch_size=4", "--batch_size
         "--log_interval=1", "--sample_interval=0", "--num_workers=0", "--dtype=float32", "--max_images=0"]
 
 
+def with_faults(env):
+    """The launcher to put before a script: tests/faults.py, which installs the faults, where env asks for some
+    with NANODIT_INJECT (train.py has no fault injection of its own); the script may itself be a launcher."""
+    return [str(REPO / "tests" / "faults.py")] if env.get("NANODIT_INJECT") else []
+
+
 def run(script, *args, env=None, check=True, timeout=300):
     """Run a top-level script in a subprocess from the repo root; return the CompletedProcess."""
-    proc = subprocess.run([sys.executable, script, *map(str, args)], cwd=REPO, capture_output=True, text=True,
-                          timeout=timeout, env={**os.environ, **(env or {})})
+    env = {**os.environ, **(env or {})}
+    proc = subprocess.run([sys.executable, *with_faults(env), script, *map(str, args)], cwd=REPO,
+                          capture_output=True, text=True, timeout=timeout, env=env)
     if check and proc.returncode != 0:
         raise AssertionError(f"{script} {' '.join(map(str, args))} exited {proc.returncode}:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
     return proc

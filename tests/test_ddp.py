@@ -18,7 +18,7 @@ import time
 import pytest
 import torch
 
-from conftest import REPO, run
+from conftest import REPO, run, with_faults
 
 pytestmark = pytest.mark.slow     # each torchrun start costs ~8 s on 2 cores
 
@@ -59,9 +59,10 @@ raise SystemExit("train.py returned without leaving through exit_skipping_shutdo
 
 
 def torchrun(script, *args, env=None, check=True, timeout=240):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script), *map(str, args)]
-    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout,
-                          env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
+    env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", *with_faults(env),
+           str(script), *map(str, args)]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout, env=env)
     if check and proc.returncode != 0:
         raise AssertionError(f"torchrun {script} exited {proc.returncode}:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
     return proc
