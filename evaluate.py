@@ -258,6 +258,53 @@ def references(data_dir, feature_name, features, device, max_n=eval_ref_max, ran
             for split in ("train", "val")}
 
 
+@torch.no_grad()
+def validation(net, data_dir, index, batch_size, batches, seed, device, autocast, rank=0, world_size=1):
+    """Mean velocity loss of `net` on the val split at a fixed t grid with fixed noise, so values are comparable
+    across steps; for text + image models also how much the text and the image condition change the prediction
+    (a model that ignores one shows ~0 there). `batches` per rank; every rank calls it (under FSDP each forward needs
+    every rank) and gets the same dict."""
+    import torch.distributed as dist
+
+    from data import iterate_split
+    from model import flow_loss, interpolate
+    cfg = net.cfg
+    grid = torch.linspace(0.05, 0.95, 8, device=device)
+    sums = torch.zeros(5, device=device)   # loss sum, count, text effect, image effect, text-vs-image
+    n = min(batches * world_size, sum(math.ceil(sum(s["count"] for s in shards) / batch_size)
+                                      for shards in index["splits"]["val"].values()))   # batches
+    mine = [b for i, b in zip(range(n), iterate_split(data_dir, "val", batch_size=batch_size)) if i % world_size == rank]
+    mine = mine or [next(iterate_split(data_dir, "val", batch_size=batch_size))]
+    for j in range(math.ceil(n / world_size)):   # as many forwards on every rank
+        i = j * world_size + rank                  # batch i; a rank short of batches reruns one with weight 0
+        batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in mine[min(j, len(mine) - 1)].items()}
+        x, cond, valid = batch["x"], net.conditions(batch), batch["valid"].float() * (i < n)
+        g = torch.Generator(device=device).manual_seed(seed + i)
+        for t_val in grid:
+            noise = torch.randn(x.shape, generator=g, device=device)
+            t = t_val.expand(len(x))
+            xt = interpolate(x, noise, t)
+            with autocast:
+                v = net(xt, t, **cond).float()
+                if cfg.text_dim and cfg.image_dim:
+                    ones = torch.ones(len(x), dtype=torch.bool, device=device)
+                    v0 = net(xt, t, **cond, drop_y=ones, drop_text=ones, drop_image=ones).float()
+                    v_text = net(xt, t, **cond, drop_image=ones).float()
+                    v_image = net(xt, t, **cond, drop_y=ones, drop_text=ones).float()
+                    per = lambda a, b: ((a - b).pow(2).mean(dim=(1, 2, 3)) * valid).sum()   # noqa: E731
+                    sums[2:] += torch.stack([per(v_text, v0), per(v_image, v0), per(v_text, v_image)])
+            sums[0] += (flow_loss(v, x, noise, t, cfg.prediction) * valid).sum()
+            sums[1] += valid.sum()
+    if world_size > 1:
+        dist.all_reduce(sums)
+    count = sums[1].clamp(min=1)
+    out = {"val_loss": (sums[0] / count).item()}
+    if cfg.text_dim and cfg.image_dim:
+        out.update(text_effect=(sums[2] / count).item(), image_effect=(sums[3] / count).item(),
+                   text_vs_image=(sums[4] / count).item())
+    return out
+
+
 def eval_conditions(data_dir, index, cfg, split, n, batch_size, down):
     """Batches (cond, (H, W) model input size, y) for n generated images, conditioned like the data:
     class-balanced labels at the largest bucket for class-only models; otherwise the conditions of the

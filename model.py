@@ -452,6 +452,15 @@ class DiT(nn.Module):
             n -= cfg.depth * (cfg.moe_experts - cfg.moe_top_k) * per_expert
         return n
 
+    def conditions(self, batch):
+        """The forward's condition arguments from a data batch (data.ShardStream's keys); None for conditions this
+        model does not use."""
+        cfg = self.cfg
+        return dict(y=batch.get("y") if cfg.num_classes else None,
+                    text=batch.get("text") if cfg.text_dim else None,
+                    text_mask=batch.get("text_mask") if cfg.text_dim else None,
+                    image_emb=batch.get("image_emb") if cfg.image_dim else None)
+
     def moe_stats(self):
         """From the last forward of an MoE model: (load-balancing loss summed over blocks, fraction of
         assignments dropped over capacity (mean over blocks), per-expert load (depth, E)); None if dense."""

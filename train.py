@@ -26,11 +26,13 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from data import ShardStream, configure_cache, iterate_split, load_index, trained_buckets
+from data import ShardStream, configure_cache, load_index, trained_buckets
+from evaluate import check_eval_request, evaluate, format_eval, load_feature_net, references, validation
 from model import (LEGACY_MODEL_ARGS, DiT, DiTConfig, TrainingDraws, bf16_is_native, compile_model, flow_loss,
                    interpolate, keep_freed_cpu_memory, training_memory)
 from optim import configure_optimizers, set_lr
 from prepare_data import exit_skipping_shutdown, lock_dir
+from sample import SOLVERS, generate, read_checkpoint, save_grid, training_grid
 from schedule import Schedule
 
 # ----------------------------------------------------------------------------------------------
@@ -145,8 +147,6 @@ def fail(msg):
     raise SystemExit(f"train.py: {msg}")
 
 
-from sample import SOLVERS, read_checkpoint  # noqa: E402  (sample.py owns the samplers and reading checkpoints)
-
 check_values(globals(), "train.py", dict(optimizer=("adamw", "muon"), best_by=("val_loss", "fd"),
                                          dtype=("auto", "bfloat16", "float32"), sample_solver=tuple(SOLVERS)),
              dict(lr="(0, inf)", muon_lr="[0, inf)", sample_temperature="(0, inf)", batch_size="[1, inf)",
@@ -224,7 +224,6 @@ if flip_prob > 0 and not index["has_flip"]:
     fail(f"flip_prob={flip_prob} but {data_dir} was prepared without flip views (prepare_data.py --flip=true)")
 global_batch = batch_size * grad_accum_steps * world_size
 if eval_interval and not dry_run:
-    from evaluate import check_eval_request
     check_eval_request(index, eval_samples, "auto", data_dir)
 if max_images > 0:
     max_steps = math.ceil(max_images / global_batch)
@@ -405,14 +404,6 @@ def to_device(batch):
     return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
 
 
-def conditions(batch):
-    """The model's condition arguments from a batch; None for conditions this model does not use."""
-    return dict(y=batch.get("y") if model_args["num_classes"] else None,
-                text=batch.get("text") if model_args["text_dim"] else None,
-                text_mask=batch.get("text_mask") if model_args["text_dim"] else None,
-                image_emb=batch.get("image_emb") if model_args["image_dim"] else None)
-
-
 # ---------------------------------------------------------------------------------------------- checkpoints
 def save_checkpoint(path):
     """Write atomically (tmp, fsync, rename). Returns False, keeping older files, if the write fails."""
@@ -477,80 +468,19 @@ def plain_ema():
     return net.to(device).requires_grad_(False).eval()
 
 
-GRID_PER_CLASS, GRID_MAX_CLASSES, GRID_SAMPLES = 8, 16, 16   # a class grid's columns and rows; a text/image grid's size
-
-
-def grid_conditions():
-    """The sample grids' conditions, fixed for the whole run and read once (rank 0, a moment): up to
-    GRID_MAX_CLASSES labels spread over the classes, GRID_PER_CLASS images each, at the largest trained bucket;
-    for text and image models, the conditions of the first GRID_SAMPLES samples of that bucket (val, else
-    train). Returns (conditions on the device, (H, W), images per row)."""
-    if model_args["num_classes"]:
-        k = model_args["num_classes"]
-        labels = torch.linspace(0, k - 1, min(k, GRID_MAX_CLASSES)).round().long()
-        return {"y": labels.repeat_interleave(GRID_PER_CLASS).to(device)}, (H_max, W_max), GRID_PER_CLASS
-    split = "val" if index["splits"]["val"].get(bucket_max) else "train"
-    batch = next(iterate_split(data_dir, split, batch_size=GRID_SAMPLES, bucket=bucket_max))
-    return {k: v for k, v in conditions(to_device(batch)).items() if v is not None}, (H_max, W_max), 4
-
-
 def sample_grid(tag, net):
     """Write a sample grid of `net` (plain_ema()) with fixed seeds to out_dir/samples (rank 0 only, no collectives)."""
-    from sample import generate, save_grid
     cond, (H, W), nrow = grid
-    n = len(next(iter(cond.values())))
-    g = torch.Generator(device=device).manual_seed(seed)
-    noise = torch.randn(n, model_args["in_channels"], H, W, generator=g, device=device)
-    images, _ = generate(net, cond, noise, sampler, index, autocast, eval_batch_size)
+    noise = torch.randn(len(next(iter(cond.values()))), model_args["in_channels"], H, W, device=device,
+                        generator=torch.Generator(device=device).manual_seed(seed))
     path = os.path.join(out_dir, "samples", f"{tag}.png")
-    save_grid(images, path, nrow=nrow)
+    save_grid(generate(net, cond, noise, sampler, index, autocast, eval_batch_size)[0], path, nrow=nrow)
     return path
-
-
-@torch.no_grad()
-def validate():
-    """Mean velocity loss of the EMA model on the val split at a fixed t grid with fixed noise, so
-    values are comparable across steps; plus how much the text and the image condition change the
-    prediction (a model that ignores one shows ~0 there)."""
-    grid = torch.linspace(0.05, 0.95, 8, device=device)
-    sums = torch.zeros(5, device=device)   # loss sum, count, text effect, image effect, text-vs-image
-    n = min(val_batches * world_size, sum(math.ceil(sum(s["count"] for s in shards) / batch_size)
-                                          for shards in index["splits"]["val"].values()))   # batches
-    mine = [b for i, b in zip(range(n), iterate_split(data_dir, "val", batch_size=batch_size)) if i % world_size == rank]
-    mine = mine or [next(iterate_split(data_dir, "val", batch_size=batch_size))]
-    for j in range(math.ceil(n / world_size)):   # as many forwards on every rank: under FSDP each needs all ranks
-        i = j * world_size + rank                  # batch i; a rank short of batches reruns one with weight 0
-        batch = to_device(mine[min(j, len(mine) - 1)])
-        x, cond, valid = batch["x"], conditions(batch), batch["valid"].float() * (i < n)
-        g = torch.Generator(device=device).manual_seed(seed + i)
-        for t_val in grid:
-            noise = torch.randn(x.shape, generator=g, device=device)
-            t = t_val.expand(len(x))
-            xt = interpolate(x, noise, t)
-            with autocast:
-                v = ema_model(xt, t, **cond).float()
-                if model_args["text_dim"] and model_args["image_dim"]:
-                    ones = torch.ones(len(x), dtype=torch.bool, device=device)
-                    v0 = ema_model(xt, t, **cond, drop_y=ones, drop_text=ones, drop_image=ones).float()
-                    v_text = ema_model(xt, t, **cond, drop_image=ones).float()
-                    v_image = ema_model(xt, t, **cond, drop_y=ones, drop_text=ones).float()
-                    per = lambda a, b: ((a - b).pow(2).mean(dim=(1, 2, 3)) * valid).sum()   # noqa: E731
-                    sums[2:] += torch.stack([per(v_text, v0), per(v_image, v0), per(v_text, v_image)])
-            sums[0] += (flow_loss(v, x, noise, t, raw_model.cfg.prediction) * valid).sum()
-            sums[1] += valid.sum()
-    sums = all_sum(sums)
-    count = sums[1].clamp(min=1)
-    out = {"val_loss": (sums[0] / count).item()}
-    if model_args["text_dim"] and model_args["image_dim"]:
-        out.update(text_effect=(sums[2] / count).item(), image_effect=(sums[3] / count).item(),
-                   text_vs_image=(sums[4] / count).item())
-    return out
 
 
 def run_eval():
     """evaluate.evaluate on the EMA with the grid's sampler, generation split across ranks (every rank calls
     it); writes out_dir/samples/eval-<step>.json and returns the headline numbers on every rank."""
-    from evaluate import evaluate, format_eval
     meta = {k: index[k] for k in ("space", "channels", "vae", "num_classes", "buckets")}
     result = evaluate(ema_model, meta, data_dir, eval_samples, sampler, eval_features, "auto", eval_batch_size,
                       seed, device, autocast, rank=rank, world_size=world_size, features=feature_net, refs=eval_refs)
@@ -626,10 +556,9 @@ signal.signal(signal.SIGTERM, request_stop)
 # reference (features of the train and val images): no rank then waits long in a collective for rank 0 alone.
 sampler = dict(steps=sample_steps, solver=sample_solver, shift=sample_shift, text_scale=sample_text_scale,
                image_scale=sample_image_scale, interval=sample_guidance_interval, temperature=sample_temperature)
-grid = grid_conditions() if master and sample_interval else None
+grid = training_grid(raw_model, index, data_dir, device) if master and sample_interval else None
 feature_net = eval_refs = None
 if eval_interval:
-    from evaluate import load_feature_net, references
     feature_net = load_feature_net(eval_features, device)
     eval_refs = references(data_dir, eval_features, feature_net, device, rank=rank, world_size=world_size)
 
@@ -676,7 +605,7 @@ while step < schedule.max_steps:
             drop_text = drop_all | ((u >= p_uncond + p_text_only) & (u < p_uncond + p_text_only + p_image_only))
             with grad_sync(micro == grad_accum_steps - 1):
                 with autocast:
-                    v = model(xt, t, **conditions(batch), drop_y=drop_all, drop_text=drop_text, drop_image=drop_image)
+                    v = model(xt, t, **raw_model.conditions(batch), drop_y=drop_all, drop_text=drop_text, drop_image=drop_image)
                 per_sample = flow_loss(v, x, noise, t, raw_model.cfg.prediction)   # (B,)
                 objective = per_sample
                 if loss_weighting:
@@ -700,10 +629,9 @@ while step < schedule.max_steps:
                 stats[2] += (v.detach().float().pow(2).mean(dim=(1, 2, 3)).sqrt() * valid).sum()
                 stats[3:3 + N_BINS].index_add_(0, bins, per_sample)
                 stats[3 + N_BINS:].index_add_(0, bins, valid.float())
-    except torch.OutOfMemoryError as e:
+    except torch.OutOfMemoryError:
         if ddp:
             raise   # the other ranks are inside a collective: only a restart resynchronises them
-        del e
         opt.zero_grad(set_to_none=True)
         if device_type == "cuda":
             torch.cuda.empty_cache()
@@ -790,7 +718,7 @@ while step < schedule.max_steps:
         worst_in_a_row.copy_(bad_in_a_row)          # a run of non-finite steps goes on across log lines
         t_log, step_at_log = now, step
     if val_interval and (step % val_interval == 0 or final):
-        val = validate()
+        val = validation(ema_model, data_dir, index, batch_size, val_batches, seed, device, autocast, rank, world_size)
         log(f"step {step} | validation " + " | ".join(f"{k} {v:.4f}" for k, v in val.items()))
         write_metrics(dict(step=step, **val))
         if val["val_loss"] < best_val:
