@@ -339,8 +339,8 @@ if state is not None:
              f"resume it with the same setting")
 step = state["step"] if state else 0
 micro_batches = step * grad_accum_steps    # per rank; every step consumes grad_accum_steps micro-batches
-best_val = state.get("best_val", float("inf")) if state else float("inf")
-best_fd = state.get("best_fd", float("inf")) if state else float("inf")
+best = {"val_loss": state.get("best_val", math.inf) if state else math.inf,   # the best validation loss and FD
+        "fd": state.get("best_fd", math.inf) if state else math.inf}
 if state:
     schedule.load_state_dict(state)                # a time budget's plan, kept as it stood
 elapsed_before = state.get("elapsed", 0.0) if state else 0.0
@@ -419,7 +419,7 @@ def save_checkpoint(path):
     ok = True
     if master:
         state = dict(model=model_sd, ema=ema_sd, optimizer=optim_sd, step=step, micro_batches=micro_batches,
-                     world_size=world_size, best_val=best_val, best_fd=best_fd,
+                     world_size=world_size, best_val=best["val_loss"], best_fd=best["fd"],
                      **schedule.state_dict(),
                      elapsed=elapsed_before + time.time() - t_start,
                      config=config, model_args=model_args,
@@ -563,17 +563,26 @@ if eval_interval:
     eval_refs = references(data_dir, eval_features, feature_net, device, rank=rank, world_size=world_size)
 
 # ---------------------------------------------------------------------------------------------- loop
+# What the log lines report, kept on the device between them (a host read waits for the GPU): sums of the loss,
+# samples, |v| and the loss per t bin; MoE routing; non-finite steps in a row (now and the longest since the last line),
+# non-finite steps and steps above grad_warn since then, and the largest finite grad norm
 N_BINS = 4                                          # t bins for the per-t loss: [0, .25), ... [.75, 1]
 stats = torch.zeros(3 + 2 * N_BINS, device=device)  # loss sum, valid count, |v| sum, bin sums, bin counts
 moe_sums = torch.zeros(3 + moe_experts, device=device)  # MoE: aux loss, dropped fraction, micro-batches, load per expert
-oom_steps = bad_samples = 0
-# Non-finite steps and large gradients are counted on the device and read at log steps only, so that the loop never
-# waits for the GPU between them: non-finite steps in a row now, the longest such run and the total since the last
-# log line, steps above grad_warn and the largest finite grad norm since then
 bad_in_a_row, worst_in_a_row, bad_since_log, warn_since_log, grad_norm_max = (torch.zeros((), device=device)
                                                                               for _ in range(5))
-bad_steps = 0                                       # non-finite steps in the whole run (read at log steps)
+oom_steps = bad_samples = bad_steps = 0
 stopped_bad = False                                 # max_bad_steps stopped the run
+
+
+def count_step(bad, grad_norm):
+    """Count a step's health on the device: bad (0-dim bool) when its loss or gradient was not finite."""
+    bad_in_a_row.add_(1).mul_(bad)                 # reset by a finite step
+    torch.maximum(worst_in_a_row, bad_in_a_row, out=worst_in_a_row)
+    bad_since_log.add_(bad)
+    finite_norm = torch.where(bad, 0.0, grad_norm.float())
+    torch.maximum(grad_norm_max, finite_norm, out=grad_norm_max)
+    warn_since_log.add_(finite_norm > grad_warn)
 
 
 def read_health():
@@ -583,14 +592,83 @@ def read_health():
     return dict(zip(("grad_norm", "grad_norm_max", "bad_in_a_row", "worst_in_a_row", "bad", "warned"), values))
 
 
+def log_step(lrs, health):
+    """The log line and metrics record since the last one: losses summed over ranks, speed, health, MoE routing."""
+    global stats, moe_sums, bad_steps, t_log, step_at_log
+    bad_steps += int(health["bad"])
+    if health["bad"]:
+        log(f"step {step}: {int(health['bad'])} of the last {step - step_at_log} steps had a non-finite loss or "
+            f"gradient; their updates were skipped (at most {int(health['worst_in_a_row'])} in a row)")
+    if health["warned"]:
+        log(f"warning: step {step}: {int(health['warned'])} steps since step {step_at_log} had a grad norm above "
+            f"grad_warn={grad_warn} (max {health['grad_norm_max']:.2f})")
+    stats = all_sum(stats)
+    now = time.time()
+    n = stats[1].clamp(min=1).item()
+    ips = (step - step_at_log) * global_batch / (now - t_log)
+    record = dict(step=step, loss=stats[0].item() / n, grad_norm=health["grad_norm"],
+                  grad_norm_max=health["grad_norm_max"], **lrs, img_per_s=ips, v_norm=stats[2].item() / n,
+                  elapsed_s=elapsed_before + now - t_start,
+                  eta_s=(schedule.max_steps - step) * global_batch / max(ips, 1e-9),
+                  bad_steps=bad_steps, oom_steps=oom_steps, bad_samples=bad_samples)
+    if moe_experts:   # means over micro-batches (and ranks) since the last record; load averaged over blocks
+        moe_sums = all_sum(moe_sums)
+        m = moe_sums[2].clamp(min=1).item()
+        record.update(moe_aux=moe_sums[0].item() / m, moe_dropped=moe_sums[1].item() / m,
+                      **{f"moe_load_{e}": moe_sums[3 + e].item() / m for e in range(moe_experts)})
+        moe_sums.zero_()
+    for b in range(N_BINS):
+        record[f"loss_t{b}"] = stats[3 + b].item() / max(stats[3 + N_BINS + b].item(), 1)
+    log(f"step {step}/{schedule.max_steps} | loss {record['loss']:.4f} | grad {record['grad_norm']:.3f} | "
+        f"lr {lrs['lr']:.2e} | {ips:.1f} img/s | elapsed {record['elapsed_s'] / 60:.1f} min | "
+        f"eta {record['eta_s'] / 60:.1f} min")
+    write_metrics(record)
+    stats.zero_()
+    for counter in (worst_in_a_row, bad_since_log, warn_since_log, grad_norm_max):
+        counter.zero_()
+    worst_in_a_row.copy_(bad_in_a_row)              # a run of non-finite steps goes on across log lines
+    t_log, step_at_log = now, step
+
+
+def keep_best(key, value):
+    """Note a value of 'val_loss' or 'fd'; a new best of the best_by one saves out_dir/best.pt (which records it)."""
+    if value < best[key]:
+        best[key] = value
+        if key == best_by:
+            save_checkpoint(os.path.join(out_dir, "best.pt"))
+
+
+def skip_batch_after_oom():
+    """Out of memory in one process: drop this step's gradients and the rest of its micro-batches, so the data
+    position stays where an uninterrupted run would be, and go on."""
+    global micro_batches, oom_steps
+    opt.zero_grad(set_to_none=True)
+    if device_type == "cuda":
+        torch.cuda.empty_cache()
+    oom_steps += 1
+    log(f"step {step}: out of memory; batch skipped ({oom_steps} so far)")
+    for _ in range(micro_batches, (step + 1) * grad_accum_steps):
+        next(batches)
+    micro_batches = (step + 1) * grad_accum_steps
+
+
+def agree_to_stop(stop):
+    """Every rank stops at the same step. The flag is a CPU tensor (over a gloo group under NCCL), so agreeing does
+    not wait for the GPU."""
+    if ddp:
+        flag = torch.tensor(float(stop))
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=stop_group)
+        stop = bool(flag)
+    return stop
+
+
 t_start = t_log = time.time()
-step_at_log = step
-last_ckpt_step = step
+step_at_log = last_ckpt_step = step
 params, ema_params = list(raw_model.parameters()), list(ema_model.parameters())   # listed once, not every step
 if ddp:
     dist.barrier()
 while step < schedule.max_steps:
-    lrs = set_lr(opt, schedule.lr_at(step), lr)            # {'lr': ...} (and 'lr_muon': Muon's, scaled to its peak)
+    lrs = set_lr(opt, schedule.lr_at(step), lr)    # {'lr': ...} (and 'lr_muon': Muon's, scaled to its peak)
     loss_step = torch.zeros((), device=device)
     try:
         for micro in range(grad_accum_steps):
@@ -598,15 +676,16 @@ while step < schedule.max_steps:
             micro_batches += 1
             x, valid = batch["x"], batch["valid"]                  # (B, C, H, W), (B,) bool
             bad_samples += batch["n_bad"]
-            t, noise, u = batch["t"], batch["noise"], batch["u"]      # (B,), (B, C, H, W), (B,): TrainingDraws
-            xt = interpolate(x, noise, t)
-            drop_all = u < p_uncond
+            t, noise, u = batch["t"], batch["noise"], batch["u"]   # (B,), (B, C, H, W), (B,): TrainingDraws
+            xt = interpolate(x, noise, t)                          # (1 - t) x + t noise
+            drop_all = u < p_uncond                                # one categorical draw: drop all, text or image
             drop_image = drop_all | ((u >= p_uncond) & (u < p_uncond + p_text_only))
             drop_text = drop_all | ((u >= p_uncond + p_text_only) & (u < p_uncond + p_text_only + p_image_only))
             with grad_sync(micro == grad_accum_steps - 1):
                 with autocast:
-                    v = model(xt, t, **raw_model.conditions(batch), drop_y=drop_all, drop_text=drop_text, drop_image=drop_image)
-                per_sample = flow_loss(v, x, noise, t, raw_model.cfg.prediction)   # (B,)
+                    v = model(xt, t, **raw_model.conditions(batch), drop_y=drop_all, drop_text=drop_text,
+                              drop_image=drop_image)
+                per_sample = flow_loss(v, x, noise, t, raw_model.cfg.prediction)   # (B,): |v - (noise - x)|^2
                 objective = per_sample
                 if loss_weighting:
                     logvar = raw_model.loss_logvar_t                        # (B,) log u(t), from this forward
@@ -632,39 +711,26 @@ while step < schedule.max_steps:
     except torch.OutOfMemoryError:
         if ddp:
             raise   # the other ranks are inside a collective: only a restart resynchronises them
-        opt.zero_grad(set_to_none=True)
-        if device_type == "cuda":
-            torch.cuda.empty_cache()
-        oom_steps += 1
-        log(f"step {step}: out of memory; batch skipped ({oom_steps} so far)")
-        for _ in range(micro_batches, (step + 1) * grad_accum_steps):   # keep the data position
-            next(batches)
-        micro_batches = (step + 1) * grad_accum_steps
+        skip_batch_after_oom()
         step += 1
         continue
     grad_norm = torch.nn.utils.clip_grad_norm_(params, grad_clip if grad_clip > 0 else float("inf"))
     if hasattr(grad_norm, "full_tensor"):          # FSDP returns a DTensor
         grad_norm = grad_norm.full_tensor()
     # A non-finite loss or gradient skips the update, decided on the device (no host sync; the grad norm is the
-    # same on every rank): the optimizers skip where found_inf is 1, the EMA lerps with weight 0
+    # same on every rank): the optimizers skip where found_inf is 1, the EMA lerps with weight 0 (a tensor: on CUDA
+    # the list form runs a kernel per tensor, as no foreach lerp takes one tensor weight for all)
     with torch.no_grad():
         bad = ~(torch.isfinite(grad_norm) & torch.isfinite(loss_step))
         found_inf.copy_(bad)
         opt.step()
-        # the weight is a tensor (0 on a skipped step); no foreach lerp takes one tensor for all, so on CUDA the list
-        # form runs a kernel per tensor instead of a few fused launches
         ema_weight = torch.where(bad, 0.0, 1.0 - ema_decay_at(step))
         torch._foreach_lerp_(ema_params, params, [ema_weight] * len(params))
-        bad_in_a_row.add_(1).mul_(bad)             # reset by a finite step
-        torch.maximum(worst_in_a_row, bad_in_a_row, out=worst_in_a_row)
-        bad_since_log.add_(bad)
-        finite_norm = torch.where(bad, 0.0, grad_norm.float())
-        torch.maximum(grad_norm_max, finite_norm, out=grad_norm_max)
-        warn_since_log.add_(finite_norm > grad_warn)
+        count_step(bad, grad_norm)
     opt.zero_grad(set_to_none=True)
     step += 1
     try:
-        note = schedule.tick(step, slowest)            # max_minutes: times the probe, (re)plans max_steps
+        note = schedule.tick(step, slowest)        # max_minutes: times the probe, (re)plans max_steps
     except ValueError as e:
         fail(e)
     if note:
@@ -676,62 +742,18 @@ while step < schedule.max_steps:
     if health and health["worst_in_a_row"] >= max_bad_steps:
         stopped_bad = True
         stop_reason = f"{int(health['worst_in_a_row'])} non-finite steps in a row (max_bad_steps={max_bad_steps})"
-    stop = stop_reason is not None
-    if ddp:   # every rank stops at the same step; the flag is a CPU tensor, so agreeing does not wait for the GPU
-        flag = torch.tensor(float(stop))
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=stop_group)
-        stop = bool(flag)
-
+    stop = agree_to_stop(stop_reason is not None)
     if health or stop:
-        health = health or read_health()
-        bad_steps += int(health["bad"])
-        if health["bad"]:
-            log(f"step {step}: {int(health['bad'])} of the last {step - step_at_log} steps had a non-finite loss or "
-                f"gradient; their updates were skipped (at most {int(health['worst_in_a_row'])} in a row)")
-        if health["warned"]:
-            log(f"warning: step {step}: {int(health['warned'])} steps since step {step_at_log} had a grad norm above "
-                f"grad_warn={grad_warn} (max {health['grad_norm_max']:.2f})")
-        stats = all_sum(stats)
-        if moe_experts:
-            moe_sums = all_sum(moe_sums)
-        now = time.time()
-        n = stats[1].clamp(min=1).item()
-        ips = (step - step_at_log) * global_batch / (now - t_log)
-        record = dict(step=step, loss=stats[0].item() / n, grad_norm=health["grad_norm"],
-                      grad_norm_max=health["grad_norm_max"], **lrs, img_per_s=ips, v_norm=stats[2].item() / n,
-                      elapsed_s=elapsed_before + now - t_start,
-                      eta_s=(schedule.max_steps - step) * global_batch / max(ips, 1e-9),
-                      bad_steps=bad_steps, oom_steps=oom_steps, bad_samples=bad_samples)
-        if moe_experts:   # means over micro-batches (and ranks) since the last record; load averaged over blocks
-            m = moe_sums[2].clamp(min=1).item()
-            record.update(moe_aux=moe_sums[0].item() / m, moe_dropped=moe_sums[1].item() / m,
-                          **{f"moe_load_{e}": moe_sums[3 + e].item() / m for e in range(moe_experts)})
-            moe_sums.zero_()
-        for b in range(N_BINS):
-            record[f"loss_t{b}"] = stats[3 + b].item() / max(stats[3 + N_BINS + b].item(), 1)
-        log(f"step {step}/{schedule.max_steps} | loss {record['loss']:.4f} | grad {record['grad_norm']:.3f} | lr {lrs['lr']:.2e} | "
-            f"{ips:.1f} img/s | elapsed {record['elapsed_s'] / 60:.1f} min | eta {record['eta_s'] / 60:.1f} min")
-        write_metrics(record)
-        stats.zero_()
-        for counter in (worst_in_a_row, bad_since_log, warn_since_log, grad_norm_max):
-            counter.zero_()
-        worst_in_a_row.copy_(bad_in_a_row)          # a run of non-finite steps goes on across log lines
-        t_log, step_at_log = now, step
+        log_step(lrs, health or read_health())
     if val_interval and (step % val_interval == 0 or final):
         val = validation(ema_model, data_dir, index, batch_size, val_batches, seed, device, autocast, rank, world_size)
         log(f"step {step} | validation " + " | ".join(f"{k} {v:.4f}" for k, v in val.items()))
         write_metrics(dict(step=step, **val))
-        if val["val_loss"] < best_val:
-            best_val = val["val_loss"]
-            if best_by == "val_loss":
-                save_checkpoint(os.path.join(out_dir, "best.pt"))
+        keep_best("val_loss", val["val_loss"])
     if eval_interval and (step % eval_interval == 0 or final):
         scores = run_eval()
         write_metrics(dict(step=step, **scores))
-        if scores["fd"] < best_fd:
-            best_fd = scores["fd"]
-            if best_by == "fd":
-                save_checkpoint(os.path.join(out_dir, "best.pt"))
+        keep_best("fd", scores["fd"])
     if sample_interval and (step % sample_interval == 0 or final):
         net = plain_ema()                                 # a collective under FSDP: every rank
         if master:
