@@ -355,12 +355,14 @@ class ShardReader:
         batch = {'x': np.zeros((B, index['channels'], height // d, width // d), np.float32), 'valid': np.zeros(B, bool)}
         if index['num_classes']:
             batch['y'] = np.zeros(B, np.int64)
+        if index.get('pair_labels'):  # pairs of digits: y is the left one's class, y_right the right one's (-1: a single)
+            batch['y_right'] = np.zeros(B, np.int64)
         if index['text_encoder']:
             batch['text'] = np.zeros((B, self.text_max_length, index['text_encoder']['dim']), np.float32)
             batch['text_mask'] = np.zeros((B, self.text_max_length), bool)
         if index['image_encoder']:
             batch['image_emb'] = np.zeros((B, index['image_encoder']['dim']), np.float32)
-        keys, txts, n_bad = [''] * B, [''] * B, 0
+        keys, txts, templates, n_bad = [''] * B, [''] * B, [''] * B, 0
         for i, ((s, p), flip) in enumerate(zip(slots, flips)):
             try:
                 tar, members = self.shard(index['splits'][split][bucket][s])
@@ -370,24 +372,27 @@ class ShardReader:
                 sample = {'x': load('x_flip.npy' if flip else 'x.npy')}
                 if 'y' in batch:
                     sample['y'] = int(read('cls'))
+                if 'y_right' in batch:
+                    sample['y_right'] = int(read('cls_right')) if 'cls_right' in fields else -1
                 if 'text' in batch:
                     sample['text'] = load('text_flip.npy' if flip and 'text_flip.npy' in fields else 'text.npy')[:self.text_max_length]
                 if 'image_emb' in batch:
                     sample['image_emb'] = load('image_emb_flip.npy' if flip else 'image_emb.npy')
                 txt = read('txt_flip' if flip else 'txt').decode('utf-8')
+                template = read('template').decode() if 'template' in fields else ''  # source='mnist-captions'
                 for name, value in sample.items():
                     if name == 'text':
                         batch['text'][i, :len(value)] = value
                         batch['text_mask'][i, :len(value)] = True
                     else:
                         batch[name][i] = value
-                keys[i], txts[i], batch['valid'][i] = key, txt, True
+                keys[i], txts[i], templates[i], batch['valid'][i] = key, txt, template, True
             except (OSError, ValueError, KeyError, IndexError, EOFError, tarfile.TarError, UnicodeDecodeError):
                 n_bad += 1  # a corrupt sample costs its slot, never the run: zeros, valid=False
                 for name in batch:
                     batch[name][i] = 0
         out = {name: torch.from_numpy(value) for name, value in batch.items()}
-        return {**out, 'bucket': bucket, 'n_bad': n_bad, 'key': keys, 'txt': txts}
+        return {**out, 'bucket': bucket, 'n_bad': n_bad, 'key': keys, 'txt': txts, 'template': templates}
 
 
 class ShardStream(torch.utils.data.IterableDataset):

