@@ -483,7 +483,7 @@ LITE0 = 'efficientnet-lite0'  # the image encoder (and evaluate.py's feature net
 # As an image encoder, Lite0 embeds an image as its final features (the 1,280 channels its classifier
 # pools), average-pooled over the left and the right half: 2,560-d, not normalised (as DINO's CLS). One
 # global pool would forget the layout: a pair of digits and its swap embed at cosine 0.99 (0.66 with the
-# halves). The image is resized to LITE0_AREA pixels, aspect kept: 128^2 runs 140 img/s on one CPU thread
+# halves). The image is resized to LITE0_AREA pixels, aspect kept: 128^2 runs 120-140 img/s on one CPU thread
 # against 29 at the native 224^2, for a 1-NN digit accuracy of 0.86-0.88 against 0.91 (1,000 MNIST digits).
 LITE0_AREA, LITE0_GRID = 128 * 128, (1, 2)
 
