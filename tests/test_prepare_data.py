@@ -261,6 +261,55 @@ def test_tiny_encoders(tmp_path):
     assert (b['text_mask'].sum() > 0) and not b['text_mask'][0, -1]
 
 
+def test_efficientnet_lite0_image_encoder_is_offline_deterministic_and_recorded(tmp_path):
+    """--image_encoder=efficientnet-lite0: the shipped network, no download; 2,560-d embeddings (its 1,280
+    pooled channels per half) equal to encode_images of the stored view, the same bytes on a second run."""
+    import skimage.data as data
+    src = tmp_path / 'src'
+    src.mkdir()
+    for name in ('chelsea', 'coffee', 'astronaut'):
+        Image.fromarray(getattr(data, name)()).save(src / f'{name}.png')
+    outs = [str(tmp_path / f'out{k}') for k in range(2)]
+    for out in outs:
+        assert run_cli(f'--source={src}', f'--out_dir={out}', '--bucket_sizes=64x64', '--flip=false',
+                       '--image_encoder=efficientnet-lite0', '--progress_interval=0').returncode == 0
+    index = dt.load_index(outs[0])
+    assert index['image_encoder'] == {'name': 'efficientnet-lite0', 'dim': 2560}
+    (a, _), (b, _) = read_shards(outs[0]), read_shards(outs[1])
+    assert len(a) == 3 and all(a[k]['image_emb.npy'] == b[k]['image_emb.npy'] for k in a)
+    encoder, _ = pd.load_image_encoder('efficientnet-lite0', 'cpu')
+    view = pd.fit_to_bucket(pd.open_image({'path': str(src / 'astronaut.png')}, 'RGB'), 64, 64)
+    emb = npy(a['000000000']['image_emb.npy'])                   # astronaut.png: the first in listing order
+    assert emb.shape == (2560,) and emb.dtype == np.float16 and emb.std() > 0.1
+    np.testing.assert_array_equal(pd.encode_images(encoder, [view], 'cpu')[0], emb)
+
+
+def test_efficientnet_lite0_embeddings_know_what_a_photo_shows():
+    """Properties of the pretrained network that random weights lack: the mean of the two halves is the
+    feature vector its ImageNet classifier reads (a cat, an espresso); a photo is nearer its own slightly
+    cropped and resized copy than any other photo; and swapping the halves of a pair swaps its halves."""
+    import skimage.data as data
+    encoder, meta = pd.load_image_encoder('efficientnet-lite0', 'cpu')
+    photos = [Image.fromarray(getattr(data, n)()) for n in ('chelsea', 'coffee', 'astronaut', 'rocket')]
+    copies = [p.crop((p.width // 20, p.height // 20, p.width, p.height)).resize((p.width * 4 // 5, p.height * 4 // 5))
+              for p in photos]
+    emb = torch.from_numpy(pd.encode_images(encoder, photos + copies, 'cpu', dtype=np.float32))
+    assert emb.shape == (8, meta['dim'])
+    top5 = encoder[1]._fc(emb[:2].view(2, -1, 2).mean(2)).topk(5).indices.tolist()  # (B, 1280, 2 halves) -> pool
+    assert top5[0][0] in (281, 282, 285)                         # tabby, tiger cat, Egyptian cat
+    assert {967, 968} & set(top5[1])                             # espresso, cup
+    cos = torch.nn.functional.normalize(emb, dim=1)
+    sim = cos[:4] @ cos[4:].T                                    # photo i against copy j
+    assert all(sim[i].argmax().item() == i for i in range(4)), sim
+    cat, cup = (p.resize((128, 128)) for p in photos[:2])
+    pair, swapped = Image.new('RGB', (256, 128)), Image.new('RGB', (256, 128))
+    pair.paste(cat, (0, 0)), pair.paste(cup, (128, 0)), swapped.paste(cup, (0, 0)), swapped.paste(cat, (128, 0))
+    e = torch.from_numpy(pd.encode_images(encoder, [pair, swapped], 'cpu', dtype=np.float32)).view(2, -1, 2)
+    halves_swapped = torch.nn.functional.cosine_similarity(e[0].flip(1).flatten(), e[1].flatten(), dim=0)
+    as_is = torch.nn.functional.cosine_similarity(e[0].flatten(), e[1].flatten(), dim=0)
+    assert halves_swapped > 0.8 and as_is < halves_swapped - 0.2, (halves_swapped, as_is)   # 0.88 and 0.56
+
+
 def test_resume_keeps_finished_shards(tmp_path):
     settings = dict(max_examples=60, val_examples=10, shard_size=10)
     full = pd.prepare(out_dir=str(tmp_path / 'full'), **settings)

@@ -216,3 +216,35 @@ def test_a_corrupt_or_foreign_checkpoint_is_named_in_our_words_never_with_torchs
     assert "Traceback" not in proc.stderr and "weights_only" not in proc.stdout + proc.stderr
     assert not (tmp_path / "pwned").exists()
     assert sample.load_model(str(tmp_path / "good.pt"))[1]["step"] == 1
+
+
+def test_images_are_embedded_with_the_checkpoints_image_encoder(tmp_path):
+    """--images= with a model trained on efficientnet-lite0 embeddings: sample.py encodes the given files with that
+    network (2,560-d, the model's image_dim), and the picture follows them: same noise, same image, same output."""
+    from dataclasses import asdict
+
+    import skimage.data as data
+    from conftest import run
+    from model import DiT, DiTConfig
+    cfg = DiTConfig(in_channels=1, patch_size=4, hidden=32, depth=2, heads=2, image_dim=2560)
+    torch.manual_seed(0)
+    model = DiT(cfg)
+    with torch.no_grad():
+        for p in model.parameters():       # adaLN-Zero starts at zero: random weights everywhere, so conditions show
+            p.normal_(0, 0.1)
+    meta = dict(space="pixels", channels=1, vae=None, num_classes=0, class_names=[], buckets={"16x16": [16, 16]},
+                text_encoder=None, image_encoder={"name": "efficientnet-lite0", "dim": 2560})
+    ckpt = tmp_path / "ckpt-00000001.pt"
+    torch.save(dict(model_args=asdict(cfg), model=model.state_dict(), ema=model.state_dict(), step=1, config={},
+                    data=meta), ckpt)
+    for name in ("chelsea", "coffee"):
+        Image.fromarray(getattr(data, name)()).save(tmp_path / f"{name}.png")
+    grids = []
+    for second in ("chelsea", "coffee"):
+        out = tmp_path / f"{second}-grid.png"
+        run("sample.py", f"--ckpt={ckpt}", f"--images={tmp_path / 'chelsea.png'},{tmp_path / second}.png", "--num=2",
+            "--steps=2", f"--out={out}")
+        grids.append(np.asarray(Image.open(out)).astype(int))
+    first, second = (g[:, :18] for g in grids), (g[:, 18:] for g in grids)   # 2 images of 16 px + 2 px padding
+    assert np.array_equal(*first)                       # noise 0, the cat in both runs
+    assert np.abs(np.subtract(*second)).mean() > 1      # noise 1: the cat, then the coffee
