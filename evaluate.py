@@ -604,18 +604,21 @@ def load_clip(name, device):
         mean, std = proc.image_mean, proc.image_std
     except (OSError, ValueError):
         mean, std = CLIP_MEAN, CLIP_STD
-    size = model.config.vision_config.image_size
+    size, length = model.config.vision_config.image_size, model.config.text_config.max_position_embeddings
     mean, std = torch.tensor(mean, device=device).view(1, 3, 1, 1), torch.tensor(std, device=device).view(1, 3, 1, 1)
+
+    def unit(out):   # transformers 5 returns a model output whose pooler_output is the projected embedding
+        return F.normalize((out if torch.is_tensor(out) else out.pooler_output).float(), dim=1)
 
     @torch.no_grad()
     def image_fn(images):
         x = F.interpolate(images.float().expand(-1, 3, -1, -1), size=(size, size), mode="bicubic", antialias=True)
-        return F.normalize(model.get_image_features(pixel_values=(x.clamp(0, 1) - mean) / std).float(), dim=1)
+        return unit(model.get_image_features(pixel_values=(x.clamp(0, 1) - mean) / std))
 
     @torch.no_grad()
     def text_fn(captions):
-        tokens = tokenizer(captions, padding=True, truncation=True, return_tensors="pt").to(device)
-        return F.normalize(model.get_text_features(**tokens).float(), dim=1)
+        tokens = tokenizer(captions, padding=True, truncation=True, max_length=length, return_tensors="pt").to(device)
+        return unit(model.get_text_features(input_ids=tokens["input_ids"], attention_mask=tokens["attention_mask"]))
     return image_fn, text_fn
 
 
