@@ -271,3 +271,23 @@ def test_clip_score_with_a_tiny_random_clip(captioned_dir, lite0_refs, tmp_path)
                          clip_name=str(tmp_path / "clip"))["model"]   # blank images
     assert blind["clip_score"] != pytest.approx(f["clip_score"], rel=0.02)
     json.dumps(result)   # the result is what evaluate.py writes as JSON
+
+
+def test_a_text_model_evaluates_from_the_command_line_and_samples_a_prompt_of_unseen_words(captioned_dir, tmp_path):
+    from conftest import TINY, run
+    out = tmp_path / "run"
+    run("train.py", *TINY, f"--data_dir={captioned_dir}", f"--out_dir={out}", "--max_steps=2", "--use_class=false",
+        "--use_image=false", "--val_interval=0")
+    proc = run("evaluate.py", f"--ckpt={out}", "--num_samples=30", "--steps=2", f"--out={tmp_path / 'eval.png'}")
+    result = json.loads((tmp_path / "eval.json").read_text())
+    assert result["adherence"] == ["text", "rprec"] and "image_acc" not in result["model"]
+    for key in ("text_acc", "text_acc_pair_held_out", "rprec"):
+        assert 0 <= result["model"][key] <= 1 and 0 <= result["floor"][key] <= 1
+    assert "rprec" in proc.stdout and "text_acc_single" in proc.stdout
+    proc = run("evaluate.py", f"--ckpt={out}", "--num_samples=30", "--eval_adherence=image", check=False)
+    assert proc.returncode != 0 and "image adherence needs image embeddings (the model does not use them" in proc.stderr
+    (tmp_path / "prompts.txt").write_text("a purple zebra juggling seven\n")   # words no caption of the data holds
+    run("sample.py", f"--ckpt={out}", f"--prompts={tmp_path / 'prompts.txt'}", "--num=2", "--steps=2",
+        f"--out={tmp_path / 'zebra.png'}")
+    from PIL import Image
+    assert Image.open(tmp_path / "zebra.png").size[0] > 0
