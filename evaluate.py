@@ -4,9 +4,16 @@
     python evaluate.py --ckpt=out/mnist --ema=both --solver=heun --steps=16
     python evaluate.py --ckpt=out/photos --eval_features=facebook/dinov2-base --ema=both
 
-Writes eval-<step>.json (every setting, the metrics and the cost per image) and a preview grid eval-<step>.png
-beside the checkpoint in samples/ (--out names the grid; the JSON goes beside it). train.py calls evaluate() during
-training (eval_interval). The images are drawn by sample.py's sampler: see its docstring for the guidance.
+    python evaluate.py --ckpt=out/captions --eval_adherence=text,rprec   # only these conditioning metrics
+    python evaluate.py --ckpt=out/captions --eval_clip=openai/clip-vit-base-patch32   # adds the CLIP score
+
+For text and image models evaluate() adds the conditioning metrics (adherence(): the digit probe on caption-
+and image-conditioned samples, R-precision, image retrieval, the divergence test), each beside the same
+procedure on the real val images (the floor), and the FD of each aspect-ratio bucket.
+
+Writes eval-<step>.json (every setting, the metrics and the cost per image) and a preview grid eval-<step>.png beside
+the checkpoint in samples/ (--out names the grid; the JSON goes beside it). train.py calls evaluate() during training
+(eval_interval). The images are drawn by sample.py's sampler: see its docstring for the guidance.
 """
 import functools
 import io
@@ -203,11 +210,12 @@ REFERENCE_FIELDS = 2   # the version of what a reference holds: caches of anothe
 RIDGE = 1.0            # ridge penalty of the image-features -> text map, per image, on standardised features
 
 
-def digit_features(images, features, whole):
-    """(B, 2, D) features of the digits of images (B, C, H, W) of one size: for an image twice as wide as
-    high (a pair) its left and right square halves, else the whole image (its features `whole`) and zeros."""
+def digit_features(images, features, whole, pairs):
+    """(B, 2, D) features of the digits of images (B, C, H, W) of one size: for data of pairs of digits
+    (`pairs`: index.json's pair_labels) and an image twice as wide as high, its left and right square
+    halves, else the whole image (its features `whole`) and zeros."""
     H, W = images.shape[-2:]
-    if W != 2 * H:
+    if not pairs or W != 2 * H:
         return torch.stack([whole, torch.zeros_like(whole)], 1)
     return torch.stack([features(images[..., :H]), features(images[..., H:])], 1)
 
@@ -283,7 +291,7 @@ def reference(data_dir, split, feature_name, features, device, max_n, batch_size
             f = features(images).cpu()
             row = {"y": batch["y"][keep] if "y" in batch else torch.zeros(len(keep), dtype=torch.long),
                    "y_right": batch["y_right"][keep] if "y_right" in batch else torch.full((len(keep),), -1),
-                   "digits": digit_features(images, features, f).cpu(),
+                   "digits": digit_features(images, features, f, index.get("pair_labels")).cpu(),
                    "bucket": [batch["bucket"]] * len(keep), "txt": [batch["txt"][j] for j in keep],
                    "template": [batch["template"][j] for j in keep]}
             if "text" in batch:
@@ -306,7 +314,8 @@ def reference(data_dir, split, feature_name, features, device, max_n, batch_size
         # same pool as the single digits, so one probe reads both); its labels are y, and y_right for right halves
         pair = ref["y_right"] >= 0
         ref["digit_probe"] = fit_probe(torch.cat([ref["digits"][:, 0], ref["digits"][pair, 1]]),
-                                       torch.cat([ref["y"], ref["y_right"][pair]]), index["num_classes"])
+                                       torch.cat([ref["y"], ref["y_right"][pair]]),
+                                       index["num_classes"]) if pair.any() else ref["probe"]
     if "text" in ref and split == "train":
         ref["text_map"] = fit_text_map(feats, ref["text"])
     if split == "train":   # kept for val only: the train split's fits above are what the evaluation needs of it
@@ -454,9 +463,10 @@ def generated_features(net, meta, data_dir, split, features, n, sampler, batch_s
     (digit_features) and, given `extra` (images -> (B, E)), 'extra'. `sampler`: dict(steps, solver, shift,
     text_scale, image_scale, interval). `preview`: a list that receives this rank's first images, for a grid."""
     from data import load_index
+    index = load_index(data_dir)
     down = meta["vae"]["downsample"] if meta["vae"] else 1
     cfg, feats, infos, forwards = net.cfg, [], [], 0
-    batches = eval_conditions(data_dir, load_index(data_dir), cfg, split, n, batch_size, down)
+    batches = eval_conditions(data_dir, index, cfg, split, n, batch_size, down)
     for b, (cond, (h, w), info) in enumerate(batches):
         cond, partner = conditions_for(mode, cond, torch.stack([info["y"], info["y_right"]], 1))
         rows = torch.arange(rank, len(partner), world_size)
@@ -478,7 +488,7 @@ def generated_features(net, meta, data_dir, split, features, n, sampler, batch_s
         feats.append(f)
         infos.append({"y": info["y"][rows], "i": info["i"][rows], "j": info["i"][partner][rows],
                       "bucket": [info["bucket"][r] for r in rows.tolist()],
-                      "digits": digit_features(images, features, f.to(images.device)).cpu(),
+                      "digits": digit_features(images, features, f.to(images.device), index.get("pair_labels")).cpu(),
                       **({"extra": extra(images).cpu()} if extra else {})})
     if not feats:
         return torch.zeros(0, 1, dtype=torch.float64), {}, forwards
