@@ -4,10 +4,18 @@
     python evaluate.py --ckpt=out/mnist --ema=both --solver=heun --steps=16
     python evaluate.py --ckpt=out/photos --eval_features=facebook/dinov2-base --ema=both
 
-Writes eval-<step>.json (every setting, the metrics and the cost per image) and a preview grid eval-<step>.png
-beside the checkpoint in samples/ (--out names the grid; the JSON goes beside it). train.py calls evaluate() during
-training (eval_interval). The images are drawn by sample.py's sampler: see its docstring for the guidance.
+    python evaluate.py --ckpt=out/captions --eval_adherence=text,rprec   # only these conditioning metrics
+    python evaluate.py --ckpt=out/captions --eval_clip=openai/clip-vit-base-patch32   # adds the CLIP score
+
+For text and image models evaluate() adds the conditioning metrics (adherence(): the digit probe on caption-
+and image-conditioned samples, R-precision, image retrieval, the divergence test), each beside the same
+procedure on the real val images (the floor), and the FD of each aspect-ratio bucket.
+
+Writes eval-<step>.json (every setting, the metrics and the cost per image) and a preview grid eval-<step>.png beside
+the checkpoint in samples/ (--out names the grid; the JSON goes beside it). train.py calls evaluate() during training
+(eval_interval). The images are drawn by sample.py's sampler: see its docstring for the guidance.
 """
+import functools
 import io
 import json
 import math
@@ -42,6 +50,9 @@ eval_split = "auto"  # where generation takes its conditions: 'auto' (val, else 
 eval_batch_size = 100  # images generated per batch
 eval_ref_max = 50000   # real images in a split's reference statistics (an even subset beyond that)
 eval_k = 3           # k of the k-nearest-neighbour manifolds for precision and recall
+eval_adherence = "auto"  # conditioning metrics: 'auto' (all the model and data allow), 'none', or some of
+                         # 'text,rprec,image,divergence' (an error names what the data or model lacks); see adherence()
+eval_clip = ""       # a CLIP-like HF model id/path: adds the CLIP score of text-conditioned samples; '' = none
 data_dir = ""        # data to evaluate against; '' = the data_dir the checkpoint was trained on
 seed = 0
 ema = "true"         # weights: 'true' (EMA), 'false' (raw trained weights) or 'both' (one evaluation each)
@@ -156,10 +167,12 @@ def probe_predict(probe, features):
     return (((features.float() - probe["mu"]) / probe["sd"]) @ probe["W"] + probe["b"]).argmax(1)
 
 
-def quality(fake, fake_y, ref, probe, num_classes, k, seed=0):
+def quality(fake, fake_y, ref, probe, num_classes, k, seed=0, buckets=None):
     """FD, precision/recall and, for class-labelled data, class accuracy and per-class FD/accuracy of
-    features `fake` against the reference dict `ref` (features, y, mu, cov of a real split).
-    Precision/recall compare equal-sized sets: a seeded subset of the reference of len(fake)."""
+    features `fake` against the reference dict `ref` (features, y, mu, cov, bucket of a real split), and
+    with more than one bucket the FD of each bucket's images (`buckets`: a name per row) against the
+    reference's images of that bucket. Precision/recall compare equal-sized sets: a seeded subset of the
+    reference of len(fake)."""
     g = torch.Generator().manual_seed(seed)
     pick = torch.randperm(len(ref["features"]), generator=g)[:len(fake)]
     out = {"n": len(fake), "fd": frechet_distance(fake, ref["mu"], ref["cov"])}
@@ -174,7 +187,53 @@ def quality(fake, fake_y, ref, probe, num_classes, k, seed=0):
             entry["fd"] = (frechet_distance(fake[mine], *stats(ref["features"][theirs]))
                            if mine.sum() >= 2 and theirs.sum() >= 2 else float("nan"))
             out["per_class"][c] = entry
+    if buckets is not None and len(set(ref["bucket"])) > 1:
+        out["per_bucket"] = {}
+        for b in sorted(set(ref["bucket"])):
+            mine = torch.tensor([name == b for name in buckets], dtype=torch.bool)
+            theirs = torch.tensor([name == b for name in ref["bucket"]], dtype=torch.bool)
+            out["per_bucket"][b] = {"n": int(mine.sum()), "fd": frechet_distance(fake[mine], *stats(ref["features"][theirs]))
+                                    if mine.sum() >= 2 and theirs.sum() >= 2 else float("nan")}
     return out
+
+
+REFERENCE_FIELDS = 2   # the version of what a reference holds: caches of another version are rebuilt
+RIDGE = 1.0            # ridge penalty of the image-features -> text map, per image, on standardised features
+
+
+def digit_features(images, features, whole, pairs):
+    """(B, 2, D) features of the digits of images (B, C, H, W) of one size: for data of pairs of digits
+    (`pairs`: index.json's pair_labels) and an image twice as wide as high, its left and right square
+    halves, else the whole image (its features `whole`) and zeros."""
+    H, W = images.shape[-2:]
+    if not pairs or W != 2 * H:
+        return torch.stack([whole, torch.zeros_like(whole)], 1)
+    return torch.stack([features(images[..., :H]), features(images[..., H:])], 1)
+
+
+def mean_pooled(text, mask):
+    """(B, L, E) token embeddings and (B, L) mask -> (B, E): the mean over the caption's tokens."""
+    m = mask.float()[..., None]
+    return (text.float() * m).sum(1) / m.sum(1).clamp(min=1)
+
+
+def fit_text_map(features, text):
+    """Ridge regression from standardised image features (N, D) to caption embeddings (N, E), fitted on
+    real pairs; text_embedding() applies it. Solved in the smaller of the N and D dimensions."""
+    mu, sd = features.mean(0).float(), features.std(0).float() + 1e-6
+    z, t_mean = (features.float() - mu) / sd, text.mean(0)
+    n, d = z.shape
+    lam = RIDGE * n
+    if n < d:   # W = Z^T (Z Z^T + lam I)^-1 T
+        W = z.T @ torch.linalg.solve(z @ z.T + lam * torch.eye(n), text - t_mean)
+    else:       # W = (Z^T Z + lam I)^-1 Z^T T
+        W = torch.linalg.solve(z.T @ z + lam * torch.eye(d), z.T @ (text - t_mean))
+    return {"mu": mu, "sd": sd, "W": W, "t_mean": t_mean}
+
+
+def text_embedding(text_map, features):
+    """Image features (N, D) -> the caption embeddings the map predicts, centred (N, E)."""
+    return ((features.float() - text_map["mu"]) / text_map["sd"]) @ text_map["W"]
 
 
 def split_size(index, split):
@@ -195,7 +254,8 @@ def reference(data_dir, split, feature_name, features, device, max_n, batch_size
     from data import iterate_split, load_index, local_dir
     from prepare_data import write_atomic
     index = load_index(data_dir)
-    key = {"features": feature_name, "split": split, "max_n": max_n, "shards": index["splits"].get(split)}
+    key = {"features": feature_name, "split": split, "max_n": max_n, "shards": index["splits"].get(split),
+           "fields": REFERENCE_FIELDS}
     slug = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in feature_name)
     path = os.path.join(local_dir(data_dir), "eval_cache", f"{slug}-{split}.pt")   # remote data: in the shard cache
     ref = None
@@ -213,24 +273,45 @@ def reference(data_dir, split, feature_name, features, device, max_n, batch_size
         return ref, True
     total = split_size(index, split)
     take = set(torch.linspace(0, total - 1, max_n).round().long().tolist()) if total > max_n else None
-    mine = []   # (split-order indices, features, labels) of this rank's images, a batch at a time
+    mine = []   # (split-order indices, features, per-image fields) of this rank's images, a batch at a time
     for batch in iterate_split(data_dir, split, batch_size=batch_size):
         keep = [j for j in range(len(batch["x"])) if (batch["start"] + j) % world_size == rank
                 and (take is None or batch["start"] + j in take) and batch["valid"][j]]
         if keep:
-            f = features(decode(batch["x"][keep].to(device).float(), index)).cpu()
-            y = batch["y"][keep] if "y" in batch else torch.zeros(len(keep), dtype=torch.long)
-            mine.append((batch["start"] + torch.tensor(keep), f, y))
+            images = decode(batch["x"][keep].to(device).float(), index)
+            f = features(images).cpu()
+            row = {"y": batch["y"][keep] if "y" in batch else torch.zeros(len(keep), dtype=torch.long),
+                   "y_right": batch["y_right"][keep] if "y_right" in batch else torch.full((len(keep),), -1),
+                   "digits": digit_features(images, features, f, index.get("pair_labels")).cpu(),
+                   "bucket": [batch["bucket"]] * len(keep), "txt": [batch["txt"][j] for j in keep],
+                   "template": [batch["template"][j] for j in keep]}
+            if "text" in batch:
+                row["text"] = mean_pooled(batch["text"][keep], batch["text_mask"][keep])
+            mine.append((batch["start"] + torch.tensor(keep), f, row))
     if world_size > 1:
         parts = [None] * world_size
         dist.all_gather_object(parts, mine)
         mine = [p for part in parts for p in part]
     order = torch.cat([i for i, _, _ in mine]).argsort()        # split order, as one process reads it
     feats = torch.cat([f for _, f, _ in mine])[order]
-    ref = {"key": key, "features": feats.float(), "y": torch.cat([y for _, _, y in mine])[order], "n": len(feats)}
+    ref = {"key": key, "features": feats.float(), "index": torch.cat([i for i, _, _ in mine])[order], "n": len(feats)}
+    for name, value in mine[0][2].items():   # tensors, and lists of strings (bucket, caption, template)
+        every = [v for _, _, r in mine for v in r[name]]
+        ref[name] = torch.cat([r[name] for _, _, r in mine])[order] if torch.is_tensor(value) else [every[i] for i in order]
     ref["mu"], ref["cov"] = stats(feats)
     if index["num_classes"] and split == "train":
         ref["probe"] = fit_probe(feats, ref["y"], index["num_classes"])
+        # the digit probe reads one digit: single images whole, pairs by halves (each half a 28x28 digit of the
+        # same pool as the single digits, so one probe reads both); its labels are y, and y_right for right halves
+        pair = ref["y_right"] >= 0
+        ref["digit_probe"] = fit_probe(torch.cat([ref["digits"][:, 0], ref["digits"][pair, 1]]),
+                                       torch.cat([ref["y"], ref["y_right"][pair]]),
+                                       index["num_classes"]) if pair.any() else ref["probe"]
+    if "text" in ref and split == "train":
+        ref["text_map"] = fit_text_map(feats, ref["text"])
+    if split == "train":   # kept for val only: the train split's fits above are what the evaluation needs of it
+        for name in ("digits", "text", "txt", "template"):
+            ref.pop(name, None)
     if rank == 0:
         os.makedirs(os.path.dirname(path), exist_ok=True)
         buf = io.BytesIO()
@@ -297,16 +378,19 @@ def validation(net, data_dir, index, batch_size, batches, seed, device, autocast
 
 
 def eval_conditions(data_dir, index, cfg, split, n, batch_size, down):
-    """Batches (cond, (H, W) model input size, y) for n generated images, conditioned like the data:
+    """Batches (cond, (H, W) model input size, info) for n generated images, conditioned like the data:
     class-balanced labels at the largest bucket for class-only models; otherwise the conditions of the
     split's samples, an even stride through it (so buckets come in proportion; repeated if n exceeds
-    it), each at its own bucket."""
+    it), each at its own bucket. info: 'y' and 'y_right' (labels; -1: no right digit), 'i' (split-order index
+    of the sample, -1 for a label alone), 'bucket' (names)."""
     from data import ShardReader, trained_buckets
-    H, W = max(trained_buckets(index).values(), key=lambda hw: hw[0] * hw[1])
+    name, (H, W) = max(trained_buckets(index).items(), key=lambda kv: kv[1][0] * kv[1][1])
     if cfg.num_classes and not cfg.text_dim and not cfg.image_dim:
         labels = torch.arange(cfg.num_classes).repeat_interleave(n // cfg.num_classes)
         for i in range(0, len(labels), batch_size):
-            yield {"y": labels[i:i + batch_size]}, (H // down, W // down), labels[i:i + batch_size]
+            y = labels[i:i + batch_size]
+            yield {"y": y}, (H // down, W // down), {"y": y, "y_right": torch.full_like(y, -1), "i": torch.full_like(y, -1),
+                                                     "bucket": [name] * len(y)}
         return
     total = split_size(index, split)
     picks = torch.bincount((torch.arange(n) * total) // n, minlength=total)   # copies of each sample
@@ -315,7 +399,7 @@ def eval_conditions(data_dir, index, cfg, split, n, batch_size, down):
         slots = [(s, p) for s, shard in enumerate(shards) for p in range(shard["count"])]
         for i in range(0, len(slots), batch_size):
             copies = picks[start:start + len(slots[i:i + batch_size])]
-            start += len(copies)
+            first, start = start, start + len(copies)
             chosen = copies.nonzero().flatten().tolist()
             if not chosen:
                 continue
@@ -326,25 +410,60 @@ def eval_conditions(data_dir, index, cfg, split, n, batch_size, down):
                     "text_mask": batch["text_mask"][rows] if cfg.text_dim else None,
                     "image_emb": batch["image_emb"][rows] if cfg.image_dim else None}
             y = batch["y"][rows] if "y" in batch else torch.zeros(len(rows), dtype=torch.long)
-            yield cond, tuple(batch["x"].shape[-2:]), y
+            y_right = batch["y_right"][rows] if "y_right" in batch else torch.full_like(y, -1)
+            yield cond, tuple(batch["x"].shape[-2:]), {"y": y, "y_right": y_right, "i": first + torch.tensor(chosen)[rows],
+                                                       "bucket": [bucket] * len(rows)}
+
+
+def disagreeing(labels):
+    """For each row of labels (B, 2) (left, right; right -1 for a single digit) the next row, cyclically,
+    whose labels differ (itself if none does): whose image embedding the divergence test pairs it with."""
+    B = len(labels)
+    partner = torch.arange(B)
+    for r in range(B):
+        for k in range(1, B):
+            if not torch.equal(labels[(r + k) % B], labels[r]):
+                partner[r] = (r + k) % B
+                break
+    return partner
+
+
+def conditions_for(mode, cond, labels):
+    """The conditions of one evaluation mode from the data's (None entries: absent): 'data' all of them,
+    'text' the caption alone (no class label, no image embedding), 'image' the image embedding alone,
+    'divergence' each row's caption with a disagreeing row's image embedding (disagreeing()). Returns
+    (conditions, index of the row whose image embedding is used)."""
+    rows = torch.arange(len(labels))
+    if mode == "data":
+        return cond, rows
+    if mode == "text":
+        return {"text": cond["text"], "text_mask": cond["text_mask"]}, rows
+    if mode == "image":
+        return {"image_emb": cond["image_emb"]}, rows
+    partner = disagreeing(labels)
+    return {"text": cond["text"], "text_mask": cond["text_mask"], "image_emb": cond["image_emb"][partner]}, partner
 
 
 def generated_features(net, meta, data_dir, split, features, n, sampler, batch_size, seed, device, autocast,
-                       rank=0, world_size=1, preview=None):
-    """Generate n images conditioned like the data (eval_conditions) and return (features, y) of this
-    rank's share: rank r takes rows r, r + W, ... of every batch, so all ranks run the same number of
-    forwards (FSDP needs that) and the images do not depend on the number of ranks (each batch's noise
-    comes from its own seed). `sampler`: dict(steps, solver, shift, text_scale, image_scale, interval).
-    `preview`: a list that receives this rank's first images, for a grid."""
+                       rank=0, world_size=1, preview=None, mode="data", extra=None):
+    """Generate n images conditioned like the data (eval_conditions; `mode`: which of the conditions,
+    conditions_for) and return (features, info, forwards) of this rank's share: rank r takes rows r, r + W,
+    ... of every batch, so all ranks run the same number of forwards (FSDP needs that) and the images do
+    not depend on the number of ranks (each batch's noise comes from its own seed). info: eval_conditions'
+    ('y', 'i', 'bucket') and 'j' (the split index of the sample whose image embedding was used), 'digits'
+    (digit_features) and, given `extra` (images -> (B, E)), 'extra'. `sampler`: dict(steps, solver, shift,
+    text_scale, image_scale, interval). `preview`: a list that receives this rank's first images, for a grid."""
     from data import load_index
+    index = load_index(data_dir)
     down = meta["vae"]["downsample"] if meta["vae"] else 1
-    cfg, feats, ys, forwards = net.cfg, [], [], 0
-    batches = eval_conditions(data_dir, load_index(data_dir), cfg, split, n, batch_size, down)
-    for b, (cond, (h, w), y) in enumerate(batches):
-        rows = torch.arange(rank, len(y), world_size)
+    cfg, feats, infos, forwards = net.cfg, [], [], 0
+    batches = eval_conditions(data_dir, index, cfg, split, n, batch_size, down)
+    for b, (cond, (h, w), info) in enumerate(batches):
+        cond, partner = conditions_for(mode, cond, torch.stack([info["y"], info["y_right"]], 1))
+        rows = torch.arange(rank, len(partner), world_size)
         rows = rows if len(rows) else torch.tensor([0])      # keep the forward count equal; dropped below
         g = torch.Generator(device=device).manual_seed(seed * 1_000_003 + b)
-        noise = torch.randn(len(y), cfg.in_channels, h, w, generator=g, device=device)[rows.to(device)]
+        noise = torch.randn(len(partner), cfg.in_channels, h, w, generator=g, device=device)[rows.to(device)]
         mine = {k: v[rows].to(device) for k, v in cond.items() if v is not None}
         v_fn = guided_velocity(net, mine, sampler["text_scale"], sampler["image_scale"], sampler["interval"])
         with autocast:
@@ -352,15 +471,25 @@ def generated_features(net, meta, data_dir, split, features, n, sampler, batch_s
                            sampler.get("temperature", 1.0))
         forwards = v_fn.forwards
         images = decode(x.float(), meta)
-        if rank >= len(y):
+        if rank >= len(partner):
             continue
         if preview is not None and len(preview) < 64 and (not preview or preview[0].shape == images.shape[1:]):
             preview.extend(images[:64 - len(preview)].cpu())         # one grid holds one size: the first bucket
-        feats.append(features(images).cpu())
-        ys.append(y[rows])
+        f = features(images).cpu()
+        feats.append(f)
+        infos.append({"y": info["y"][rows], "i": info["i"][rows], "j": info["i"][partner][rows],
+                      "bucket": [info["bucket"][r] for r in rows.tolist()],
+                      "digits": digit_features(images, features, f.to(images.device), index.get("pair_labels")).cpu(),
+                      **({"extra": extra(images).cpu()} if extra else {})})
     if not feats:
-        return torch.zeros(0, 1, dtype=torch.float64), torch.zeros(0, dtype=torch.long), forwards
-    return torch.cat(feats), torch.cat(ys), forwards
+        return torch.zeros(0, 1, dtype=torch.float64), {}, forwards
+    return torch.cat(feats), concat(infos), forwards
+
+
+def concat(parts):
+    """A list of dicts of tensors and lists -> one dict, each entry concatenated."""
+    return {k: torch.cat([p[k] for p in parts]) if torch.is_tensor(parts[0][k]) else [v for p in parts for v in p[k]]
+            for k in parts[0]} if parts else {}
 
 
 def check_eval_request(meta, n, split, data_dir):
@@ -379,52 +508,293 @@ def check_eval_request(meta, n, split, data_dir):
     return index, split
 
 
+def adherence_plan(cfg, index, request, split, clip=""):
+    """The conditioning metrics evaluate() adds (adherence()): 'text' (the digit probe on caption-conditioned
+    samples), 'rprec' (caption retrieval), 'clip' (CLIP score, given a CLIP model), 'image' (probe and
+    retrieval on image-conditioned samples), 'divergence' (captions against disagreeing image embeddings).
+    `request`: 'auto' (all the model and data allow), 'none', or names; a named one that they do not allow
+    is an error naming what is missing."""
+    def has(data_key, model_dim, what, setting):
+        if not index[data_key]:
+            return False, f"{what} (the data has none: prepare_data.py --{data_key}=...)"
+        return bool(model_dim), f"{what} (the model does not use them: trained with {setting}=False)"
+    captions = has("text_encoder", cfg.text_dim, "captions' text embeddings", "use_text")
+    embeddings = has("image_encoder", cfg.image_dim, "image embeddings", "use_image")
+    labels = bool(index["num_classes"]), "class labels (the data has none)"
+    val = split == "val", "a val split (prepare_data.py --val_examples=N)"
+    needs = {"text": [captions, labels, val], "rprec": [captions, val], "image": [embeddings, val],
+             "divergence": [captions, embeddings, labels, val], "clip": [captions, val, (bool(clip), "eval_clip=<model>")]}
+    if request == "none":
+        return []
+    if request == "auto":
+        return [m for m, need in needs.items() if all(ok for ok, _ in need)]
+    wanted = [w.strip() for w in request.split(",") if w.strip()]
+    for w in wanted:
+        if w not in needs:
+            raise SystemExit(f"eval_adherence={request!r}: no metric {w!r}; 'auto', 'none' or some of {', '.join(needs)}")
+        missing = [what for ok, what in needs[w] if not ok]
+        if missing:
+            raise SystemExit(f"eval_adherence={request!r}: {w} adherence needs {' and '.join(missing)}")
+    return wanted
+
+
+DIVERGENCE_SCALES = ((4.0, 1.0), (1.0, 4.0), (2.5, 2.5))   # (text_scale, image_scale) of the divergence test
+DISTRACTORS = 99   # mismatched candidates per retrieval (AttnGAN's R-precision: 99, R = 1)
+
+
+def digit_labels(probe, digits, y_right):
+    """(N, 2) predicted (left, right) digits from digit_features (N, 2, D); right -1 where y_right is."""
+    pred = probe_predict(probe, digits.flatten(0, 1)).view(-1, 2)
+    pred[y_right < 0, 1] = -1
+    return pred
+
+
+def retrieval(queries, keys, own, buckets, seed, same=None, distractors=DISTRACTORS):
+    """Top-1 retrieval (R-precision with R = 1, Xu et al. 2018 AttnGAN): the share of queries (N, E) whose own
+    key (row own[n] of keys (M, E)) is more cosine-similar than every one of `distractors` keys drawn at random
+    (seeded) from own's bucket (`buckets`: M names), never own itself nor, given `same` (M ids, e.g. of the
+    caption text), a key with own's id. Returns (share, fewest distractors any query had)."""
+    q, k = F.normalize(queries.float(), dim=1), F.normalize(keys.float(), dim=1)
+    g = torch.Generator().manual_seed(seed)
+    names = sorted(set(buckets))
+    bucket = torch.tensor([names.index(b) for b in buckets])
+    same = torch.arange(len(keys)) if same is None else same
+    hits, fewest = 0, distractors
+    for n, o in enumerate(own.tolist()):
+        pool = ((bucket == bucket[o]) & (same != same[o])).nonzero().flatten()
+        pick = pool[torch.randperm(len(pool), generator=g)[:distractors]]
+        fewest = min(fewest, len(pick))
+        hits += bool((k[pick] @ q[n] < k[o] @ q[n]).all())
+    return hits / max(len(own), 1), fewest
+
+
+def caption_groups(val, rows, index):
+    """{suffix: mask} of the samples at val reference rows: '' all; for pairs of digits 'single', 'pair';
+    for source='mnist-captions' also 'pair_seen', 'pair_held_out' (compositions held out of train) and
+    'phrasing_seen', 'phrasing_held_out' (templates held out of train)."""
+    y_right = val["y_right"][rows]
+    pair = y_right >= 0
+    groups = {"": torch.ones(len(rows), dtype=torch.bool)}
+    if index.get("pair_labels"):
+        groups.update(single=~pair, pair=pair)
+    info = index.get("mnist_captions")
+    if info:
+        held = {tuple(p) for p in info["held_out_compositions"]}
+        comp = torch.tensor([(a, b) in held for a, b in zip(val["y"][rows].tolist(), y_right.tolist())])
+        phrasing = torch.tensor([info["templates"].get(val["template"][r], {}).get("held_out", False)
+                                 for r in rows.tolist()], dtype=torch.bool)
+        groups.update(pair_seen=pair & ~comp, pair_held_out=pair & comp, phrasing_seen=~phrasing,
+                      phrasing_held_out=phrasing)
+    return groups
+
+
+def load_clip(name, device):
+    """(image_fn, text_fn) of a Hugging Face CLIP-like model (get_image_features / get_text_features): images
+    (B, C, H, W) in [0, 1] or captions -> unit (B, E) embeddings. Images are resized to the model's size and
+    normalised with the processor's mean and std (OpenAI CLIP's when the model ships none)."""
+    try:
+        import transformers
+        model = transformers.AutoModel.from_pretrained(name).eval().to(device)
+        tokenizer = transformers.AutoTokenizer.from_pretrained(name)
+    except ImportError:
+        raise SystemExit("eval_clip needs: pip install transformers") from None
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"eval_clip={name!r}: not a loadable CLIP-like model ({type(e).__name__}: {str(e)[:200]})") from None
+    try:
+        proc = transformers.AutoImageProcessor.from_pretrained(name)
+        mean, std = proc.image_mean, proc.image_std
+    except (OSError, ValueError):
+        mean, std = CLIP_MEAN, CLIP_STD
+    size, length = model.config.vision_config.image_size, model.config.text_config.max_position_embeddings
+    mean, std = torch.tensor(mean, device=device).view(1, 3, 1, 1), torch.tensor(std, device=device).view(1, 3, 1, 1)
+
+    def unit(out):   # transformers 5 returns a model output whose pooler_output is the projected embedding
+        return F.normalize((out if torch.is_tensor(out) else out.pooler_output).float(), dim=1)
+
+    @torch.no_grad()
+    def image_fn(images):
+        x = F.interpolate(images.float().expand(-1, 3, -1, -1), size=(size, size), mode="bicubic", antialias=True)
+        return unit(model.get_image_features(pixel_values=(x.clamp(0, 1) - mean) / std))
+
+    @torch.no_grad()
+    def text_fn(captions):
+        tokens = tokenizer(captions, padding=True, truncation=True, max_length=length, return_tensors="pt").to(device)
+        return unit(model.get_text_features(input_ids=tokens["input_ids"], attention_mask=tokens["attention_mask"]))
+    return image_fn, text_fn
+
+
+CLIP_MEAN, CLIP_STD = (0.4815, 0.4578, 0.4082), (0.2686, 0.2613, 0.2758)   # OpenAI CLIP's input normalisation
+
+
+def adherence(gens, refs, index, seed, clip=None, val_images=None):
+    """Conditioning metrics of generated samples (`gens`: mode -> (features, info) from generated_features,
+    for 'text', 'image' and (text_scale, image_scale) of the divergence test) next to the same procedure on
+    the real val images of the same conditions (their floor). Returns (model, floor, divergence rows):
+    - text_acc[_group]: caption-conditioned samples (no class label, no image embedding) whose digits the
+      digit probe reads as the caption's (both halves of a pair), by caption_groups();
+    - rprec: the sample's features, mapped to a caption embedding by the ridge map fitted on the real train
+      split, retrieve its own caption (mean-pooled tokens) among DISTRACTORS other captions (retrieval());
+    - clip_score: 100 max(cos, 0) of CLIP embeddings of sample and caption (Hessel et al. 2021);
+    - image_acc, image_retrieval: samples conditioned only on a val image's embedding: the probe reads the
+      reference's digits; its features retrieve the reference among DISTRACTORS val images (floor: 1);
+    - divergence: per (text_scale, image_scale), the shares that follow the caption and the image."""
+    train, val = refs["train"][0], refs["val"][0]
+    row_of = {i: r for r, i in enumerate(val["index"].tolist())}
+    model, floor, divergence = {}, {}, []
+    probe = train.get("digit_probe")
+
+    def rows_of(info, key="i"):
+        return torch.tensor([row_of[i] for i in info[key].tolist()], dtype=torch.long)
+
+    def follows(digits, label_rows):
+        pred = digit_labels(probe, digits, val["y_right"][label_rows])
+        return (pred[:, 0] == val["y"][label_rows]) & (pred[:, 1] == val["y_right"][label_rows])
+
+    if "text" in gens:
+        fake, info = gens["text"]
+        rows = rows_of(info)
+        if probe is not None:
+            hit, real_hit = follows(info["digits"], rows), follows(val["digits"][rows], rows)
+            for group, mask in caption_groups(val, rows, index).items():
+                key = "text_acc" + ("_" + group if group else "")
+                model[key] = hit[mask].float().mean().item() if mask.any() else float("nan")
+                floor[key] = real_hit[mask].float().mean().item() if mask.any() else float("nan")
+                model[key + "_n"] = floor[key + "_n"] = int(mask.sum())
+        text_map = train["text_map"]
+        ids = {t: c for c, t in enumerate(sorted(set(val["txt"])))}
+        same = torch.tensor([ids[t] for t in val["txt"]])
+        keys = val["text"] - text_map["t_mean"]
+        model["rprec"], fewest = retrieval(text_embedding(text_map, fake), keys, rows, val["bucket"], seed, same)
+        floor["rprec"], _ = retrieval(text_embedding(text_map, val["features"][rows]), keys, rows, val["bucket"], seed, same)
+        model["rprec_distractors"] = floor["rprec_distractors"] = fewest
+        if clip is not None:
+            captions = clip[1]([val["txt"][r] for r in rows.tolist()])
+            model["clip_score"] = 100 * (info["extra"] * captions).sum(1).clamp(min=0).mean().item()
+            floor["clip_score"] = 100 * (val_images(rows) * captions).sum(1).clamp(min=0).mean().item()
+    if "image" in gens:
+        fake, info = gens["image"]
+        rows = rows_of(info)
+        if probe is not None:
+            model["image_acc"] = follows(info["digits"], rows).float().mean().item()
+            floor["image_acc"] = follows(val["digits"][rows], rows).float().mean().item()
+        mu, sd = train["mu"].float(), train["cov"].diagonal().float().sqrt() + 1e-6
+        keys = (val["features"] - mu) / sd
+        model["image_retrieval"], fewest = retrieval((fake.float() - mu) / sd, keys, rows, val["bucket"], seed)
+        floor["image_retrieval"], _ = retrieval(keys[rows], keys, rows, val["bucket"], seed)
+        model["image_retrieval_distractors"] = floor["image_retrieval_distractors"] = fewest
+    for (text_scale, image_scale), (fake, info) in ((m, g) for m, g in gens.items() if isinstance(m, tuple)):
+        rows, image_rows = rows_of(info), rows_of(info, "j")
+        differ = (val["y"][rows] != val["y"][image_rows]) | (val["y_right"][rows] != val["y_right"][image_rows])
+        text_hit = follows(info["digits"], rows)[differ]
+        image_hit = follows(info["digits"], image_rows)[differ]
+        divergence.append({"text_scale": text_scale, "image_scale": image_scale, "n": int(differ.sum()),
+                           "follow_text": text_hit.float().mean().item(), "follow_image": image_hit.float().mean().item()})
+    if divergence:   # the headline pair: text guidance dominant, image guidance dominant
+        model["diverge_text"] = max(divergence, key=lambda d: d["text_scale"] / d["image_scale"])["follow_text"]
+        model["diverge_image"] = max(divergence, key=lambda d: d["image_scale"] / d["text_scale"])["follow_image"]
+    return model, floor, divergence
+
+
 def evaluate(net, meta, data_dir, n, sampler, feature_name="efficientnet-lite0", split="auto", batch_size=100,
              seed=0, device="cpu", autocast=None, ref_max=eval_ref_max, k=3, rank=0, world_size=1, features=None,
-             preview=None, refs=None):
-    """Generated vs real: FD, precision/recall, class accuracy and per class (quality()), for the model
-    and for the real-vs-real floor (the val split's first n against the same train reference). Every
-    rank calls it (generation is split across ranks); rank 0 gets the result dict, the others None.
-    `refs`: references() computed beforehand (training builds them once, at its start)."""
+             preview=None, refs=None, adherence_request="auto", clip_name=""):
+    """Generated vs real: FD, precision/recall, class accuracy, per class and per bucket (quality()), and the
+    conditioning metrics (adherence(), as adherence_plan() chooses), for the model and for the real-vs-real
+    floor (the val split's first n against the same train reference). Every rank calls it (generation is split
+    across ranks); rank 0 gets the result dict, the others None. `refs`: references() computed beforehand
+    (training builds them once, at its start)."""
     import contextlib
     import torch.distributed as dist
     index, split = check_eval_request(meta, n, split, data_dir)
+    plan = adherence_plan(net.cfg, index, adherence_request, split, clip_name)
     features = features or load_feature_net(feature_name, device)
+    clip = load_clip(clip_name, device) if "clip" in plan else None
     autocast = autocast or contextlib.nullcontext()
     t0 = time.time()
     refs = refs or references(data_dir, feature_name, features, device, ref_max, rank, world_size)
+
+    def generate(mode, settings, preview=None, extra=None):
+        f, info, forwards = generated_features(net, meta, data_dir, split, features, n, settings, batch_size, seed,
+                                               device, autocast, rank, world_size, preview, mode, extra)
+        if world_size > 1:
+            parts = [None] * world_size
+            dist.all_gather_object(parts, (f, info))
+            f, info = torch.cat([p[0] for p in parts]), concat([p[1] for p in parts if p[1]])
+        return f, info, forwards
     t_gen = time.time()
-    fake, fake_y, forwards = generated_features(net, meta, data_dir, split, features, n, sampler, batch_size, seed,
-                                                device, autocast, rank, world_size, preview)
+    fake, info, forwards = generate("data", sampler, preview)
     gen_s = time.time() - t_gen
-    if world_size > 1:
-        parts = [None] * world_size
-        dist.all_gather_object(parts, (fake, fake_y))
-        fake, fake_y = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+    gens = {}
+    if "text" in plan or "rprec" in plan or "clip" in plan:   # the data's own conditions when they are the caption alone
+        alone = not net.cfg.num_classes and not net.cfg.image_dim and clip is None
+        gens["text"] = (fake, info) if alone else generate("text", sampler, extra=clip and clip[0])[:2]
+    if "image" in plan:
+        gens["image"] = generate("image", sampler)[:2]
+    if "divergence" in plan:
+        for scales in DIVERGENCE_SCALES:
+            gens[scales] = generate("divergence", dict(sampler, text_scale=scales[0], image_scale=scales[1]))[:2]
     if rank != 0:
         return None
     (ref, cached), probe = refs["train"], refs["train"][0].get("probe")
-    result = {"model": quality(fake, fake_y, ref, probe, meta["num_classes"], k, seed)}
+    result = {"model": quality(fake, info["y"], ref, probe, meta["num_classes"], k, seed, info["bucket"])}
     if refs["val"]:
         val = refs["val"][0]
         m = min(len(fake), val["n"])
         sel = torch.linspace(0, val["n"] - 1, m).round().long()
-        result["floor"] = quality(val["features"][sel].double(), val["y"][sel], ref, probe, meta["num_classes"], k, seed)
+        result["floor"] = quality(val["features"][sel].double(), val["y"][sel], ref, probe, meta["num_classes"], k, seed,
+                                  [val["bucket"][i] for i in sel.tolist()])
+    if gens:
+        val_images = functools.partial(real_images, data_dir, refs["val"][0], clip and clip[0], device)
+        model, floor, divergence = adherence(gens, refs, index, seed, clip, val_images)
+        result["model"].update(model)
+        result["floor"].update(floor)
+        result["divergence"] = divergence
     result.update(feature_net=feature_name, feature_dim=int(fake.shape[1]), reference_split="train",
                   reference_n=ref["n"], reference_cached=cached, condition_split=split, num_samples=len(fake),
                   forwards_per_image=forwards, generate_s=gen_s, eval_s=time.time() - t0,
-                  rank_deficient=len(fake) <= fake.shape[1])
+                  rank_deficient=len(fake) <= fake.shape[1], adherence=plan, clip_model=clip_name)
     return result
+
+
+def real_images(data_dir, val, fn, device, rows, batch_size=100):
+    """fn(images) of the real val images at reference rows (decoded as the reference decodes them)."""
+    from data import iterate_split, load_index
+    index, wanted, out = load_index(data_dir), val["index"][rows], {}
+    for batch in iterate_split(data_dir, "val", batch_size=batch_size):
+        idx = batch["start"] + torch.arange(len(batch["x"]))
+        keep = torch.isin(idx, wanted).nonzero().flatten()
+        if len(keep):
+            for i, e in zip(idx[keep].tolist(), fn(decode(batch["x"][keep].to(device).float(), index)).cpu()):
+                out[i] = e
+    return torch.stack([out[i] for i in wanted.tolist()])
+
+
+HEADLINE = ("fd", "precision", "recall", "class_acc", "text_acc", "text_acc_single", "text_acc_pair",
+            "text_acc_pair_seen", "text_acc_pair_held_out", "text_acc_phrasing_seen", "text_acc_phrasing_held_out",
+            "rprec", "clip_score", "image_acc", "image_retrieval", "diverge_text", "diverge_image")  # format_eval's rows
 
 
 def format_eval(result):
     """The evaluation as a printable table: model, real-vs-real floor, and per class."""
     m, f = result["model"], result.get("floor")
-    lines = [f"{'metric':<12}{'model':>10}{'real floor':>12}   (n={m['n']}, {result['feature_net']} "
+    lines = [f"{'metric':<26}{'model':>10}{'real floor':>12}   (n={m['n']}, {result['feature_net']} "
              f"{result['feature_dim']}-d, reference: {result['reference_n']} train images)"]
-    for key in ("fd", "precision", "recall", "class_acc"):
+    for key in HEADLINE:
         if key in m:
-            lines.append(f"{key:<12}{m[key]:>10.4g}{f[key] if f else float('nan'):>12.4g}")
+            lines.append(f"{key:<26}{m[key]:>10.4g}{f.get(key, float('nan')) if f else float('nan'):>12.4g}"
+                         + (f"   (n={m[key + '_n']})" if key + "_n" in m else "")
+                         + (f"   ({m[key + '_distractors']} distractors)" if key + "_distractors" in m else ""))
+    if "per_bucket" in m:
+        lines.append(f"{'bucket':<12}{'n':>6}{'fd':>10}{'floor fd':>12}")
+        for b, e in m["per_bucket"].items():
+            fe = f["per_bucket"].get(b, {"fd": float("nan")}) if f and "per_bucket" in f else {"fd": float("nan")}
+            lines.append(f"{b:<12}{e['n']:>6}{e['fd']:>10.4g}{fe['fd']:>12.4g}")
+    if result.get("divergence"):
+        lines.append("divergence test (caption and image embedding of samples with other digits):")
+        lines.append(f"{'text_scale':>12}{'image_scale':>13}{'follow text':>13}{'follow image':>14}{'n':>6}")
+        for d in result["divergence"]:
+            lines.append(f"{d['text_scale']:>12g}{d['image_scale']:>13g}{d['follow_text']:>13.3f}"
+                         f"{d['follow_image']:>14.3f}{d['n']:>6}")
     if "per_class" in m:
         lines.append(f"{'class':<12}{'fd':>10}{'floor fd':>12}{'acc':>8}{'floor acc':>11}")
         for c, e in m["per_class"].items():
@@ -457,7 +827,8 @@ def main(given):
         configure_cache(state["config"].get("cache_dir", ""), state["config"].get("cache_max_gb", 100.0))  # the run's cache
         if not is_remote(root) and not os.path.isfile(os.path.join(root, "index.json")):
             sys.exit(f"evaluate.py: data_dir={root!r} has no index.json; pass --data_dir=<the prepared data>")
-        check_eval_request(state["data"], num_samples, eval_split, root)   # before the expensive parts
+        index, split = check_eval_request(state["data"], num_samples, eval_split, root)   # before the expensive parts
+        adherence_plan(model.cfg, index, eval_adherence, split, eval_clip)
         features = features or load_feature_net(eval_features, dev)
         refs = refs or references(root, eval_features, features, dev, eval_ref_max)   # once for --ema=both
         preview = []
@@ -465,7 +836,7 @@ def main(given):
                        interval=guidance_interval, temperature=temperature)
         result = evaluate(model, state["data"], root, num_samples, sampler, eval_features, eval_split,
                           eval_batch_size, seed, dev, autocast, eval_ref_max, eval_k, features=features,
-                          preview=preview, refs=refs)
+                          preview=preview, refs=refs, adherence_request=eval_adherence, clip_name=eval_clip)
         # --out names the preview grid; the JSON goes beside it (and '-raw' marks the raw weights of --ema=both)
         stem = (os.path.splitext(out)[0] + ("-raw" if len(which) == 2 and not use_ema else "") if out else
                 os.path.join(os.path.dirname(path), "samples", f"eval-{tag}"))

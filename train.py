@@ -484,7 +484,8 @@ def run_eval():
     meta = {k: index[k] for k in ("space", "channels", "vae", "num_classes", "buckets")}
     result = evaluate(ema_model, meta, data_dir, eval_samples, sampler, eval_features, "auto", eval_batch_size,
                       seed, device, autocast, rank=rank, world_size=world_size, features=feature_net, refs=eval_refs)
-    keys = ("fd", "precision", "recall", "class_acc")
+    keys = ("fd", "precision", "recall", "class_acc", "text_acc", "text_acc_pair_held_out", "text_acc_phrasing_held_out",
+            "rprec", "image_acc", "image_retrieval", "diverge_text", "diverge_image")
     head = torch.tensor([result["model"].get(k, float("nan")) if master else 0.0 for k in keys], device=device)
     if ddp:
         dist.broadcast(head, 0)   # rank 0's scoring takes a moment: the references were built at the start
