@@ -3,6 +3,7 @@ runner for the real scripts exactly as a user types them."""
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -11,6 +12,10 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")        # nothing may download in tests
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+# torch.compile's kernel cache, private to this test session (the scripts' subprocesses inherit it): the shared
+# /tmp/torchinductor_<user> outlives runs, and one left damaged by runs writing it at once crashed compiled tests
+# with "double free or corruption" while loading its kernels
+os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", tempfile.mkdtemp(prefix="nanodit-inductor-"))
 
 # a tiny model for end-to-end runs: a step takes a few milliseconds
 TINY = ["--depth=2", "--hidden=32", "--heads=2", "--patch_size=4", "--batch_size=8", "--warmup_steps=2",

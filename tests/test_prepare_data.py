@@ -281,7 +281,9 @@ def test_efficientnet_lite0_image_encoder_is_offline_deterministic_and_recorded(
     view = pd.fit_to_bucket(pd.open_image({'path': str(src / 'astronaut.png')}, 'RGB'), 64, 64)
     emb = npy(a['000000000']['image_emb.npy'])                   # astronaut.png: the first in listing order
     assert emb.shape == (2560,) and emb.dtype == np.float16 and emb.std() > 0.1
-    np.testing.assert_array_equal(pd.encode_images(encoder, [view], 'cpu')[0], emb)
+    # the same network on the stored view; not bitwise: another batch and thread count round the last fp16 bit
+    np.testing.assert_allclose(pd.encode_images(encoder, [view], 'cpu')[0].astype(np.float32), emb.astype(np.float32),
+                               rtol=5e-3, atol=1e-3)
 
 
 def test_efficientnet_lite0_embeddings_know_what_a_photo_shows():
