@@ -27,9 +27,8 @@ import torch
 import torch.nn.functional as F
 
 import sample
-from model import compile_model
-from sample import (check_settings, decode, guided_velocity, load_model, pick_device, pick_dtype, resolve_checkpoint,
-                    sample_ode, save_grid, use_recipe_sampler, velocity_evals)
+from sample import (check_settings, decode, guided_velocity, pick_device, pick_dtype, resolve_checkpoint, sample_ode,
+                    save_grid, weight_sets)
 
 # ----------------------------------------------------------------------------------------------
 ckpt = ""            # a checkpoint file, or an out_dir (its newest checkpoint)
@@ -811,17 +810,8 @@ def main(given):
     dev = pick_device(device)
     path = resolve_checkpoint(ckpt) if ckpt else sys.exit("evaluate.py: --ckpt=PATH is required")
     autocast = pick_dtype(dev, dtype)
-    which = {"true": [True], "false": [False], "both": [True, False]}[str(ema).lower()]
     features = refs = None
-    for use_ema in which:
-        model, state = load_model(path, use_ema, dev)
-        if compile:
-            model = compile_model(model)
-        use_recipe_sampler(globals(), state["config"], given)
-        tag = f"{state['step']:08d}" + ("" if use_ema else "-raw")
-        settings = {k: globals()[k] for k in SETTINGS}
-        settings.update(checkpoint=path, step=state["step"], weights="ema" if use_ema else "raw",
-                        velocity_evals_per_image=velocity_evals(steps, solver))
+    for model, state, tag, settings in weight_sets(globals(), SETTINGS, given, path, dev):
         root = data_dir or state["config"]["data_dir"]
         from data import configure_cache, is_remote
         configure_cache(state["config"].get("cache_dir", ""), state["config"].get("cache_max_gb", 100.0))  # the run's cache
@@ -838,7 +828,7 @@ def main(given):
                           eval_batch_size, seed, dev, autocast, eval_ref_max, eval_k, features=features,
                           preview=preview, refs=refs, adherence_request=eval_adherence, clip_name=eval_clip)
         # --out names the preview grid; the JSON goes beside it (and '-raw' marks the raw weights of --ema=both)
-        stem = (os.path.splitext(out)[0] + ("-raw" if len(which) == 2 and not use_ema else "") if out else
+        stem = (os.path.splitext(out)[0] + ("-raw" if str(ema).lower() == "both" and tag.endswith("-raw") else "") if out else
                 os.path.join(os.path.dirname(path), "samples", f"eval-{tag}"))
         target = stem + ".json"
         settings.update(result, data_dir=root, forwards_per_image=result["forwards_per_image"])

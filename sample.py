@@ -368,23 +368,30 @@ def draw_grid(model, state, path, dev, autocast):
     return (H, W), n, forwards
 
 
+def weight_sets(script, names, given, path, dev):
+    """For each weight set that script's `ema` setting asks for ('true', 'false' or 'both'): (model, checkpoint
+    dict, tag, record). The model is compiled if asked, the checkpoint recipe's sampler is adopted into `script` (a
+    script's globals: sample.py's or evaluate.py's), and record holds the settings `names` and where the weights came
+    from. The tag ('<step>' or '<step>-raw') names the outputs."""
+    for use_ema in {"true": [True], "false": [False], "both": [True, False]}[str(script["ema"]).lower()]:
+        model, state = load_model(path, use_ema, dev)
+        if script["compile"]:
+            model = compile_model(model)
+        use_recipe_sampler(script, state["config"], given)
+        record = {k: script[k] for k in names}
+        record.update(checkpoint=path, step=state["step"], weights="ema" if use_ema else "raw",
+                      velocity_evals_per_image=velocity_evals(script["steps"], script["solver"]))
+        yield model, state, f"{state['step']:08d}" + ("" if use_ema else "-raw"), record
+
+
 def main(given):
     check_settings(globals())
     dev = pick_device(device)
     path = resolve_checkpoint(ckpt) if ckpt else sys.exit("sample.py: --ckpt=PATH is required")
     autocast = pick_dtype(dev, dtype)
-    which = {"true": [True], "false": [False], "both": [True, False]}[str(ema).lower()]
-    for use_ema in which:
-        model, state = load_model(path, use_ema, dev)
-        if compile:
-            model = compile_model(model)
-        use_recipe_sampler(globals(), state["config"], given)
-        tag = f"{state['step']:08d}" + ("" if use_ema else "-raw")
-        settings = {k: globals()[k] for k in SETTINGS}
-        settings.update(checkpoint=path, step=state["step"], weights="ema" if use_ema else "raw",
-                        velocity_evals_per_image=velocity_evals(steps, solver))
+    for model, state, tag, settings in weight_sets(globals(), SETTINGS, given, path, dev):
         target = out or os.path.join(os.path.dirname(path), "samples", f"sample-{tag}.png")
-        if out and len(which) == 2 and not use_ema:
+        if out and tag.endswith("-raw") and str(ema).lower() == "both":
             target = os.path.splitext(out)[0] + "-raw.png"
         (H, W), n, forwards = draw_grid(model, state, target, dev, autocast)
         settings.update(height=H, width=W, forwards_per_image=forwards)
