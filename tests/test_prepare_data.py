@@ -20,6 +20,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 import data as dt  # noqa: E402
 import prepare_data as pd  # noqa: E402
+import sources  # noqa: E402
 
 RATIOS = '1:1,2:3,3:2'  # with bucket_area 32*32 and multiple 2: buckets 32x32, 40x26 (portrait), 26x40 (landscape)
 
@@ -251,7 +252,7 @@ def test_tiny_encoders(tmp_path):
     cat = samples['000000000']
     assert cat['txt_flip'] == b'cat on the right' and npy(cat['text_flip.npy']).shape[1] == 32
     # x_flip is the latent of the mirrored image (not a mirrored latent), normalised by scaling_factor
-    view = pd.fit_to_bucket(pd.open_image({'path': str(src / 'cat.png')}, 'RGB'), 28, 40).transpose(Image.FLIP_LEFT_RIGHT)
+    view = pd.fit_to_bucket(sources.open_image({'path': str(src / 'cat.png')}, 'RGB'), 28, 40).transpose(Image.FLIP_LEFT_RIGHT)
     with torch.no_grad():
         z = vae.encode(torch.from_numpy(pd.to_pixels(view, 3))[None]).latent_dist.mean[0] * vae.config.scaling_factor
     np.testing.assert_allclose(npy(cat['x_flip.npy']), z.numpy(), atol=1e-2)
@@ -278,7 +279,7 @@ def test_efficientnet_lite0_image_encoder_is_offline_deterministic_and_recorded(
     (a, _), (b, _) = read_shards(outs[0]), read_shards(outs[1])
     assert len(a) == 3 and all(a[k]['image_emb.npy'] == b[k]['image_emb.npy'] for k in a)
     encoder, _ = pd.load_image_encoder('efficientnet-lite0', 'cpu')
-    view = pd.fit_to_bucket(pd.open_image({'path': str(src / 'astronaut.png')}, 'RGB'), 64, 64)
+    view = pd.fit_to_bucket(sources.open_image({'path': str(src / 'astronaut.png')}, 'RGB'), 64, 64)
     emb = npy(a['000000000']['image_emb.npy'])                   # astronaut.png: the first in listing order
     assert emb.shape == (2560,) and emb.dtype == np.float16 and emb.std() > 0.1
     # the same network on the stored view; not bitwise: another batch and thread count round the last fp16 bit
@@ -389,7 +390,7 @@ def test_captions_in_any_encoding_are_read_and_the_fallbacks_named(tmp_path):
     assert f'captions: 1 files not UTF-8, decoded as cp1252 or latin-1 (index.json caption_fallback): {tmp_path / "caps.csv"} (cp1252)' in r.stdout
     assert 'na\u00efve' in [s['txt'].decode() for s in read_shards(str(tmp_path / 'csv'))[0].values()]
     (tmp_path / 'bom.csv').write_bytes('\ufeffpath,caption\n1.png,with a BOM\n'.encode())  # BOM before the header
-    assert pd.read_caption_file(str(tmp_path / 'bom.csv')) == ({'1.png': 'with a BOM'}, 'utf-8-sig')
+    assert sources.read_caption_file(str(tmp_path / 'bom.csv')) == ({'1.png': 'with a BOM'}, 'utf-8-sig')
 
 
 @pytest.mark.parametrize('name,body,message', [
@@ -406,7 +407,7 @@ def test_a_malformed_caption_line_is_an_error_naming_file_and_line(tmp_path, nam
     """Never merged into another row's caption: an unterminated quote, a stray comma, a cut JSON line."""
     (tmp_path / name).write_text(body)
     with pytest.raises(SystemExit, match=re.escape(f"captions='{tmp_path / name}': {message}")):
-        pd.read_caption_file(str(tmp_path / name))
+        sources.read_caption_file(str(tmp_path / name))
 
 
 def test_a_locked_out_dir_stops_a_second_preparation_and_a_killed_holder_leaves_nothing_to_clear(tmp_path):
@@ -456,7 +457,7 @@ def captioned(tmp_path_factory):
 
 def captioned_samples(root, split):
     """[(digits, csv rows, caption, template id)] of a split, digits and rows read back from the pixels' halves."""
-    table = pd.mnist_table()
+    table = sources.mnist_table()
     row_of = {row[:-1].tobytes(): i for i, row in enumerate(table)}
     samples, buckets = read_shards(root, split)
     out = []
@@ -483,7 +484,7 @@ def test_mnist_captions_name_each_digit_on_its_side_in_varied_phrasings(captione
             spec = info['templates'][template]
             assert spec['kind'] == ('single' if len(digits) == 1 else 'pair')
             # the caption is its template with these digits, in this order (left, right), as numerals or words
-            assert caption in {pd.caption_digits(spec['text'], digits, words)
+            assert caption in {sources.caption_digits(spec['text'], digits, words)
                                for words in itertools.product((False, True), repeat=len(digits))}
         captions = [c for _, _, c, _ in samples]
         assert any(re.search(r'\d', c) for c in captions) and any(not re.search(r'\d', c) for c in captions)
@@ -493,7 +494,7 @@ def test_mnist_captions_name_each_digit_on_its_side_in_varied_phrasings(captione
         if len(digits) == 2 and digits[0] != digits[1]:
             left, right = digits
             words = re.findall(r'\w+', caption)
-            position = {d: next(i for i, w in enumerate(words) if w in (str(d), pd.MNIST_CLASS_NAMES[d])) for d in (left, right)}
+            position = {d: next(i for i, w in enumerate(words) if w in (str(d), sources.MNIST_CLASS_NAMES[d])) for d in (left, right)}
             left_first.add(position[left] < position[right])
     assert left_first == {True, False}
 
@@ -516,7 +517,7 @@ def test_mnist_captions_hold_out_compositions_templates_and_digits_from_train(ca
     train_rows, val_rows = ({r for _, rows, *_ in s for r in rows} for s in (train, val))
     assert not train_rows & val_rows                                    # val digits are other images
     # at full size the single digits use every digit of their pool: the two pools split the 5,000 digits
-    examples, _ = pd.list_mnist_captions(10000, 3000, seed=0)
+    examples, _ = sources.list_mnist_captions(10000, 3000, seed=0)
     pools = {split: {e['name'] for e in examples if e['split'] == split and 'y_right' not in e} for split in ('train', 'val')}
     assert len(pools['train']) == 4000 and len(pools['val']) == 1000 and not pools['train'] & pools['val']
     counts = info['counts']
