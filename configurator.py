@@ -18,7 +18,8 @@ is an error naming the key, never silently ignored.
 
 `--help` (or `-h`) prints the script's docstring and its defaults block, read from the script's source:
 each key with its default as written, its comment (continuation lines too) and the section comments
-above it, plus the value the config files and overrides set; then exits 0.
+above it, plus the value the config files and overrides set; then exits 0. A key the block imports from
+another script (`from sample import steps`) is shown as that script writes it.
 """
 import ast
 import difflib
@@ -162,11 +163,12 @@ def check_values(namespace, script, choices=None, bounds=None):
             raise SystemExit(f"{script}: {key}={value!r}: expected a value in {interval}")
 
 
-def _help_text(script, defaults, changed, origin):
-    """The script's docstring and its defaults block as `key = default  # comment` lines, under their
-    section comments, read from the source; `changed` values are shown beside their default."""
+def _documented(path, keys):
+    """{line: (key, (default as written, its comments))} of the first module-level assignment of each of `keys` in
+    the Python file at `path`, and the file's (docstring, {line: comment}). A `from <module> import key` of a key
+    documents it as <module>.py beside the file does (a script's settings shared with another script)."""
     try:
-        with open(script) as f:
+        with open(path) as f:
             source = f.read()
         tree = ast.parse(source)
         comments = {}                # line -> (column, text, whether the line holds nothing else)
@@ -175,12 +177,18 @@ def _help_text(script, defaults, changed, origin):
                 comments[t.start[0]] = (t.start[1], t.string, t.line.lstrip().startswith("#"))
     except (OSError, SyntaxError, tokenize.TokenError):
         source, tree, comments = "", ast.Module(body=[], type_ignores=[]), {}
-    entries, seen = {}, set()        # line -> (key, (default text, comments)) or (None, section comment)
+    entries, seen = {}, set()        # line -> (key, (default text, comments))
     for node in tree.body:           # each key's first module-level assignment is its default
+        if isinstance(node, ast.ImportFrom) and not node.level:
+            names = [a.name for a in node.names if a.name in keys and a.name not in seen and not a.asname]
+            found = _documented(os.path.join(os.path.dirname(path), node.module + ".py"), names)[0] if names else {}
+            for i, n in enumerate(sorted(found)):    # in the other file's order, at this line
+                entries[node.lineno + i / len(found)] = found[n]
+                seen.add(found[n][0])
         if not (isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name)):
             continue
         key = node.targets[0].id
-        if key not in defaults or key in seen:
+        if key not in keys or key in seen:
             continue
         seen.add(key)
         text = " ".join(line.strip() for line in ast.get_source_segment(source, node.value).splitlines())
@@ -191,15 +199,22 @@ def _help_text(script, defaults, changed, origin):
             notes.append(comments[n][1])
             n += 1
         entries[node.lineno] = (key, (text, notes))
+    return entries, ((ast.get_docstring(tree, clean=False) or "").strip("\n").rstrip(), comments)
+
+
+def _help_text(script, defaults, changed, origin):
+    """The script's docstring and its defaults block as `key = default  # comment` lines, under their
+    section comments, read from the source; `changed` values are shown beside their default."""
+    entries, (doc, comments) = _documented(script, defaults)   # the docstring as written: usage lines stay indented
+    seen = {key for key, _ in entries.values()}
     if entries:                      # section comments: unindented comment lines among the defaults
-        first, last = min(entries), max(entries)
+        first, last = int(min(entries)), int(max(entries))
         while first - 1 in comments and comments[first - 1][2]:
             first -= 1
         for n in range(first, last):
             col, text, alone = comments.get(n, (1, "", False))
             if alone and col == 0 and text.strip("#-=_ "):
                 entries[n] = (None, text)
-    doc = (ast.get_docstring(tree, clean=False) or "").strip("\n").rstrip()   # as written: usage lines stay indented
     name = os.path.basename(script)
     lines = ([doc, ""] if doc else []) + [
         f"Settings, with their defaults as {name} writes them; set them with config files and --key=value",

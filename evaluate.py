@@ -26,22 +26,14 @@ import time
 import torch
 import torch.nn.functional as F
 
-import sample
-from sample import (check_settings, decode, guided_velocity, pick_device, pick_dtype, resolve_checkpoint, sample_ode,
-                    save_grid, weight_sets)
+from sample import decode, guided_velocity, sample_ode, save_grid, weight_sets
 
 # ----------------------------------------------------------------------------------------------
 ckpt = ""            # a checkpoint file, or an out_dir (its newest checkpoint)
 out = ""             # the preview PNG, the JSON beside it; default <checkpoint folder>/samples/eval-<step>.png
-# The sampler: sample.py's settings and defaults. A checkpoint's recipe (train.py's sample_* settings) replaces
-# them; the command line overrides both (sample.use_recipe_sampler).
-steps = sample.steps                          # solver steps from t=1 to t=0
-solver = sample.solver                        # 'euler' or 'heun'
-shift = sample.shift                          # time shift of the step grid; 1 = uniform
-text_scale = sample.text_scale                # guidance on text and class labels; 1 = none
-image_scale = sample.image_scale              # guidance on the image embedding; 1 = none
-guidance_interval = sample.guidance_interval  # guide only while lo <= t <= hi
-temperature = sample.temperature              # scale of the starting noise
+# The sampler: sample.py's settings (sample.SAMPLER), defaults and comments. A checkpoint's recipe
+# (train.py's sample_* settings) replaces them; the command line overrides both (sample.use_recipe_sampler).
+from sample import steps, solver, shift, text_scale, image_scale, guidance_interval, temperature  # noqa: E402
 # evaluation: generated vs real images in a feature space; see evaluate()
 num_samples = 1000   # images to generate (class-balanced for class-labelled data)
 eval_features = "efficientnet-lite0"  # feature network: 'efficientnet-lite0' (offline) or a HF vision model id/path
@@ -681,12 +673,12 @@ def adherence(gens, refs, index, seed, clip=None, val_images=None):
         model["image_retrieval"], fewest = retrieval((fake.float() - mu) / sd, keys, rows, val["bucket"], seed)
         floor["image_retrieval"], _ = retrieval(keys[rows], keys, rows, val["bucket"], seed)
         model["image_retrieval_distractors"] = floor["image_retrieval_distractors"] = fewest
-    for (text_scale, image_scale), (fake, info) in ((m, g) for m, g in gens.items() if isinstance(m, tuple)):
+    for (t_scale, i_scale), (fake, info) in ((m, g) for m, g in gens.items() if isinstance(m, tuple)):
         rows, image_rows = rows_of(info), rows_of(info, "j")
         differ = (val["y"][rows] != val["y"][image_rows]) | (val["y_right"][rows] != val["y_right"][image_rows])
         text_hit = follows(info["digits"], rows)[differ]
         image_hit = follows(info["digits"], image_rows)[differ]
-        divergence.append({"text_scale": text_scale, "image_scale": image_scale, "n": int(differ.sum()),
+        divergence.append({"text_scale": t_scale, "image_scale": i_scale, "n": int(differ.sum()),
                            "follow_text": text_hit.float().mean().item(), "follow_image": image_hit.float().mean().item()})
     if divergence:   # the headline pair: text guidance dominant, image guidance dominant
         model["diverge_text"] = max(divergence, key=lambda d: d["text_scale"] / d["image_scale"])["follow_text"]
@@ -806,12 +798,8 @@ def format_eval(result):
 
 
 def main(given):
-    check_settings(globals())
-    dev = pick_device(device)
-    path = resolve_checkpoint(ckpt) if ckpt else sys.exit("evaluate.py: --ckpt=PATH is required")
-    autocast = pick_dtype(dev, dtype)
     features = refs = None
-    for model, state, tag, settings in weight_sets(globals(), SETTINGS, given, path, dev):
+    for model, state, settings, stem, dev, autocast in weight_sets(globals(), given, "eval"):
         root = data_dir or state["config"]["data_dir"]
         from data import configure_cache, is_remote
         configure_cache(state["config"].get("cache_dir", ""), state["config"].get("cache_max_gb", 100.0))  # the run's cache
@@ -827,10 +815,7 @@ def main(given):
         result = evaluate(model, state["data"], root, num_samples, sampler, eval_features, eval_split,
                           eval_batch_size, seed, dev, autocast, eval_ref_max, eval_k, features=features,
                           preview=preview, refs=refs, adherence_request=eval_adherence, clip_name=eval_clip)
-        # --out names the preview grid; the JSON goes beside it (and '-raw' marks the raw weights of --ema=both)
-        stem = (os.path.splitext(out)[0] + ("-raw" if str(ema).lower() == "both" and tag.endswith("-raw") else "") if out else
-                os.path.join(os.path.dirname(path), "samples", f"eval-{tag}"))
-        target = stem + ".json"
+        target = stem + ".json"   # beside the preview grid that --out names
         settings.update(result, data_dir=root, forwards_per_image=result["forwards_per_image"])
         save_grid(torch.stack(preview), stem + ".png")
         with open(target, "w") as f:
@@ -840,9 +825,6 @@ def main(given):
               f"{result['eval_s']:.0f} s in all -> {target}")
         print(format_eval(result))
 
-
-SETTINGS = [k for k, v in list(globals().items())     # the settings block; constants are UPPER_CASE
-            if not k.startswith("_") and not k.isupper() and isinstance(v, (str, int, float, bool, tuple))]
 
 if __name__ == "__main__":
     from configurator import apply_overrides

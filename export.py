@@ -13,22 +13,15 @@ import sys
 
 import torch
 
-import sample
 from sample import check_settings, guided_velocity, load_model, resolve_checkpoint, use_recipe_sampler
 
 # ----------------------------------------------------------------------------------------------
 ckpt = ""            # a checkpoint file, or an out_dir (its newest checkpoint)
 out = ""             # the ONNX file to write (required), e.g. web/model.onnx; its .json is written beside it
 ema = "true"         # weights: 'true' (EMA) or 'false' (raw trained weights)
-# The sampler the JSON recommends: sample.py's settings and defaults. A checkpoint's recipe (train.py's sample_*
-# settings) replaces them; the command line overrides both (sample.use_recipe_sampler).
-steps = sample.steps                          # solver steps from t=1 to t=0
-solver = sample.solver                        # 'euler' or 'heun'
-shift = sample.shift                          # time shift of the step grid; 1 = uniform
-text_scale = sample.text_scale                # guidance on text and class labels; 1 = none
-image_scale = sample.image_scale              # guidance on the image embedding; 1 = none
-guidance_interval = sample.guidance_interval  # guide only while lo <= t <= hi
-temperature = sample.temperature              # scale of the starting noise
+# The sampler the JSON recommends: sample.py's settings (sample.SAMPLER), defaults and comments. A checkpoint's
+# recipe (train.py's sample_* settings) replaces them; the command line overrides both (sample.use_recipe_sampler).
+from sample import steps, solver, shift, text_scale, image_scale, guidance_interval, temperature  # noqa: E402
 # ----------------------------------------------------------------------------------------------
 
 # One graph: (xt, t, scales, interval, the checkpoint's conditions) -> guided_velocity's velocity, the guidance

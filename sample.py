@@ -55,6 +55,8 @@ compile = False      # torch.compile the network: ~30 s once, then 1.3x the img/
                      # so it pays for large grids; without a C++ compiler (CPU) it says so and runs eager
 eval_batch_size = 100  # images generated per batch (as train.py's and evaluate.py's)
 # ----------------------------------------------------------------------------------------------
+# The sampler settings above, which evaluate.py and export.py import: their one home.
+SAMPLER = ("steps", "solver", "shift", "text_scale", "image_scale", "guidance_interval", "temperature")
 
 
 def time_grid(steps, shift=1.0, device=None):
@@ -277,17 +279,10 @@ def pick_dtype(dev, dtype):
     return torch.autocast(torch.device(dev).type, dtype=torch.bfloat16, enabled=use_bf16)
 
 
-# Sampler settings that a checkpoint's recipe chooses (train.py's sample_*, stored in the checkpoint):
-# sample.py, evaluate.py and export.py use them unless the command line sets them, so a recipe is sampled as tuned.
-RECIPE_SAMPLER = {"steps": "sample_steps", "solver": "sample_solver", "shift": "sample_shift",
-                  "text_scale": "sample_text_scale", "image_scale": "sample_image_scale",
-                  "guidance_interval": "sample_guidance_interval", "temperature": "sample_temperature"}
-
-
 def use_recipe_sampler(settings, config, given):
-    """Adopt into `settings` (a script's globals) the checkpoint recipe's sampler settings that the command line
-    left alone (`given`: the keys it set)."""
-    taken = {k: config[v] for k, v in RECIPE_SAMPLER.items() if v in config and k not in given}
+    """Adopt into `settings` (a script's globals) the checkpoint recipe's sampler settings (train.py's sample_<key>)
+    that the command line left alone (`given`: the keys it set), so a recipe is sampled as tuned."""
+    taken = {k: config["sample_" + k] for k in SAMPLER if "sample_" + k in config and k not in given}
     taken = {k: tuple(v) if k == "guidance_interval" else v for k, v in taken.items() if settings[k] != v}
     if taken:
         settings.update(taken)
@@ -368,41 +363,43 @@ def draw_grid(model, state, path, dev, autocast):
     return (H, W), n, forwards
 
 
-def weight_sets(script, names, given, path, dev):
-    """For each weight set that script's `ema` setting asks for ('true', 'false' or 'both'): (model, checkpoint
-    dict, tag, record). The model is compiled if asked, the checkpoint recipe's sampler is adopted into `script` (a
-    script's globals: sample.py's or evaluate.py's), and record holds the settings `names` and where the weights came
-    from. The tag ('<step>' or '<step>-raw') names the outputs."""
-    for use_ema in {"true": [True], "false": [False], "both": [True, False]}[str(script["ema"]).lower()]:
+def weight_sets(script, given, kind):
+    """The run of sample.py or evaluate.py (`script`: its globals) over the weight sets its `ema` setting asks for
+    ('true', 'false' or 'both'): checks the settings, picks device and dtype, finds the checkpoint, then per set
+    yields (model, checkpoint dict, record, output path without extension, device, autocast). The model is compiled
+    if asked, the checkpoint recipe's sampler is adopted into `script`, and record holds the settings and where the
+    weights came from. Outputs: --out, '-raw' added for the raw set of 'both'; else <checkpoint
+    folder>/samples/<kind>-<step>[-raw]."""
+    check_settings(script)
+    settings = [k for k, v in script.items()   # the settings block; constants are UPPER_CASE
+                if not k.startswith("_") and not k.isupper() and isinstance(v, (str, int, float, bool, tuple))]
+    name, dev = os.path.basename(script["__file__"]), pick_device(script["device"])
+    path = resolve_checkpoint(script["ckpt"]) if script["ckpt"] else sys.exit(f"{name}: --ckpt=PATH is required")
+    autocast, ema = pick_dtype(dev, script["dtype"]), str(script["ema"]).lower()
+    for use_ema in {"true": [True], "false": [False], "both": [True, False]}[ema]:
         model, state = load_model(path, use_ema, dev)
         if script["compile"]:
             model = compile_model(model)
         use_recipe_sampler(script, state["config"], given)
-        record = {k: script[k] for k in names}
+        record = {k: script[k] for k in settings}
         record.update(checkpoint=path, step=state["step"], weights="ema" if use_ema else "raw",
                       velocity_evals_per_image=velocity_evals(script["steps"], script["solver"]))
-        yield model, state, f"{state['step']:08d}" + ("" if use_ema else "-raw"), record
+        raw = "" if use_ema else "-raw"
+        stem = (os.path.splitext(script["out"])[0] + (raw if ema == "both" else "") if script["out"] else
+                os.path.join(os.path.dirname(path), "samples", f"{kind}-{state['step']:08d}{raw}"))
+        yield model, state, record, stem, dev, autocast
 
 
 def main(given):
-    check_settings(globals())
-    dev = pick_device(device)
-    path = resolve_checkpoint(ckpt) if ckpt else sys.exit("sample.py: --ckpt=PATH is required")
-    autocast = pick_dtype(dev, dtype)
-    for model, state, tag, settings in weight_sets(globals(), SETTINGS, given, path, dev):
-        target = out or os.path.join(os.path.dirname(path), "samples", f"sample-{tag}.png")
-        if out and tag.endswith("-raw") and str(ema).lower() == "both":
-            target = os.path.splitext(out)[0] + "-raw.png"
+    for model, state, settings, stem, dev, autocast in weight_sets(globals(), given, "sample"):
+        target = out if out and stem == os.path.splitext(out)[0] else stem + ".png"
         (H, W), n, forwards = draw_grid(model, state, target, dev, autocast)
         settings.update(height=H, width=W, forwards_per_image=forwards)
-        with open(os.path.splitext(target)[0] + ".json", "w") as f:
+        with open(stem + ".json", "w") as f:
             json.dump(settings, f, indent=1)
         print(f"wrote {target} ({n} images, {H}x{W}, {steps} {solver} steps, {forwards} forwards per image, "
               f"step {state['step']} {settings['weights']} weights)")
 
-
-SETTINGS = [k for k, v in list(globals().items())     # the settings block; constants are UPPER_CASE
-            if not k.startswith("_") and not k.isupper() and isinstance(v, (str, int, float, bool, tuple))]
 
 if __name__ == "__main__":
     from configurator import apply_overrides
