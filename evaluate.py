@@ -15,6 +15,7 @@ Writes eval-<step>.json (every setting, the metrics and the cost per image) and 
 the checkpoint in samples/ (--out names the grid; the JSON goes beside it). train.py calls evaluate() during training
 (eval_interval). The images are drawn by sample.py's sampler: see its docstring for the guidance.
 """
+import contextlib
 import functools
 import io
 import json
@@ -23,10 +24,16 @@ import os
 import sys
 import time
 
+import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
+from PIL import Image
 
-from sample import decode, guided_velocity, sample_ode, save_grid, weight_sets
+from data import ShardReader, configure_cache, is_remote, iterate_split, load_index, local_dir, trained_buckets
+from model import flow_loss, interpolate
+from prepare_data import encode_images, load_efficientnet_lite0, load_image_encoder, write_atomic
+from sample import decode, generate, save_grid, weight_sets
 
 # ----------------------------------------------------------------------------------------------
 ckpt = ""            # a checkpoint file, or an out_dir (its newest checkpoint)
@@ -65,7 +72,6 @@ def load_feature_net(name, device):
     model id or local path (facebook/dinov2-base gives FD-DINOv2: the pooled CLS output at the
     processor's resolution, through prepare_data's image-encoder path)."""
     if name == "efficientnet-lite0":
-        from prepare_data import load_efficientnet_lite0
         net = load_efficientnet_lite0(device)      # channels_last, in eval mode; shared with image_encoder
 
         @torch.no_grad()
@@ -78,10 +84,6 @@ def load_feature_net(name, device):
                 h = block(h)
             return F.adaptive_avg_pool2d(h, LITE0_GRID).flatten(1).double()
         return features
-    import numpy as np
-    from PIL import Image
-
-    from prepare_data import encode_images, load_image_encoder
     try:
         encoder, _ = load_image_encoder(name, device)
     except (OSError, ValueError) as e:
@@ -168,23 +170,22 @@ def quality(fake, fake_y, ref, probe, num_classes, k, seed=0, buckets=None):
     pick = torch.randperm(len(ref["features"]), generator=g)[:len(fake)]
     out = {"n": len(fake), "fd": frechet_distance(fake, ref["mu"], ref["cov"])}
     out["precision"], out["recall"] = precision_recall(ref["features"][pick], fake, k)
+    def group(mine, theirs):   # n and FD of one class's or bucket's images, against the reference's of it
+        enough = mine.sum() >= 2 and theirs.sum() >= 2
+        return {"n": int(mine.sum()),
+                "fd": frechet_distance(fake[mine], *stats(ref["features"][theirs])) if enough else float("nan")}
     if num_classes:
         hit = probe_predict(probe, fake) == fake_y
         out["class_acc"] = hit.float().mean().item()
         out["per_class"] = {}
         for c in range(num_classes):
-            mine, theirs = fake_y == c, ref["y"] == c
-            entry = {"n": int(mine.sum()), "acc": hit[mine].float().mean().item() if mine.any() else float("nan")}
-            entry["fd"] = (frechet_distance(fake[mine], *stats(ref["features"][theirs]))
-                           if mine.sum() >= 2 and theirs.sum() >= 2 else float("nan"))
-            out["per_class"][c] = entry
+            mine = fake_y == c
+            acc = hit[mine].float().mean().item() if mine.any() else float("nan")
+            out["per_class"][c] = {"n": int(mine.sum()), "acc": acc, "fd": group(mine, ref["y"] == c)["fd"]}
     if buckets is not None and len(set(ref["bucket"])) > 1:
-        out["per_bucket"] = {}
-        for b in sorted(set(ref["bucket"])):
-            mine = torch.tensor([name == b for name in buckets], dtype=torch.bool)
-            theirs = torch.tensor([name == b for name in ref["bucket"]], dtype=torch.bool)
-            out["per_bucket"][b] = {"n": int(mine.sum()), "fd": frechet_distance(fake[mine], *stats(ref["features"][theirs]))
-                                    if mine.sum() >= 2 and theirs.sum() >= 2 else float("nan")}
+        out["per_bucket"] = {b: group(torch.tensor([name == b for name in buckets], dtype=torch.bool),
+                                      torch.tensor([name == b for name in ref["bucket"]], dtype=torch.bool))
+                             for b in sorted(set(ref["bucket"]))}
     return out
 
 
@@ -240,10 +241,6 @@ def reference(data_dir, split, feature_name, features, device, max_n, batch_size
     Every rank calls it: each computes the features of every world_size-th image, all ranks gather them and
     each computes the statistics itself, so no rank sits in a collective while rank 0 works alone (that
     would outlast the process group's timeout on a large set). Rank 0 writes the cache."""
-    import torch.distributed as dist
-
-    from data import iterate_split, load_index, local_dir
-    from prepare_data import write_atomic
     index = load_index(data_dir)
     key = {"features": feature_name, "split": split, "max_n": max_n, "shards": index["splits"].get(split),
            "fields": REFERENCE_FIELDS}
@@ -314,7 +311,6 @@ def reference(data_dir, split, feature_name, features, device, max_n, batch_size
 def references(data_dir, feature_name, features, device, max_n=eval_ref_max, rank=0, world_size=1):
     """{'train': (ref, cached), 'val': (ref, cached) or None}: what evaluate() compares against. Every rank
     calls it (reference())."""
-    from data import load_index
     has_val = bool(split_size(load_index(data_dir), "val"))
     return {split: reference(data_dir, split, feature_name, features, device, max_n, rank=rank,
                              world_size=world_size) if split == "train" or has_val else None
@@ -327,10 +323,6 @@ def validation(net, data_dir, index, batch_size, batches, seed, device, autocast
     across steps; for text + image models also how much the text and the image condition change the prediction
     (a model that ignores one shows ~0 there). `batches` per rank; every rank calls it (under FSDP each forward needs
     every rank) and gets the same dict."""
-    import torch.distributed as dist
-
-    from data import iterate_split
-    from model import flow_loss, interpolate
     cfg = net.cfg
     grid = torch.linspace(0.05, 0.95, 8, device=device)
     sums = torch.zeros(5, device=device)   # loss sum, count, text effect, image effect, text-vs-image
@@ -374,7 +366,6 @@ def eval_conditions(data_dir, index, cfg, split, n, batch_size, down):
     split's samples, an even stride through it (so buckets come in proportion; repeated if n exceeds
     it), each at its own bucket. info: 'y' and 'y_right' (labels; -1: no right digit), 'i' (split-order index
     of the sample, -1 for a label alone), 'bucket' (names)."""
-    from data import ShardReader, trained_buckets
     name, (H, W) = max(trained_buckets(index).items(), key=lambda kv: kv[1][0] * kv[1][1])
     if cfg.num_classes and not cfg.text_dim and not cfg.image_dim:
         labels = torch.arange(cfg.num_classes).repeat_interleave(n // cfg.num_classes)
@@ -438,13 +429,12 @@ def conditions_for(mode, cond, labels):
 def generated_features(net, meta, data_dir, split, features, n, sampler, batch_size, seed, device, autocast,
                        rank=0, world_size=1, preview=None, mode="data", extra=None):
     """Generate n images conditioned like the data (eval_conditions; `mode`: which of the conditions,
-    conditions_for) and return (features, info, forwards) of this rank's share: rank r takes rows r, r + W,
+    conditions_for) and return (features, info, forwards), gathered from all ranks: rank r takes rows r, r + W,
     ... of every batch, so all ranks run the same number of forwards (FSDP needs that) and the images do
     not depend on the number of ranks (each batch's noise comes from its own seed). info: eval_conditions'
     ('y', 'i', 'bucket') and 'j' (the split index of the sample whose image embedding was used), 'digits'
     (digit_features) and, given `extra` (images -> (B, E)), 'extra'. `sampler`: dict(steps, solver, shift,
     text_scale, image_scale, interval). `preview`: a list that receives this rank's first images, for a grid."""
-    from data import load_index
     index = load_index(data_dir)
     down = meta["vae"]["downsample"] if meta["vae"] else 1
     cfg, feats, infos, forwards = net.cfg, [], [], 0
@@ -456,12 +446,8 @@ def generated_features(net, meta, data_dir, split, features, n, sampler, batch_s
         g = torch.Generator(device=device).manual_seed(seed * 1_000_003 + b)
         noise = torch.randn(len(partner), cfg.in_channels, h, w, generator=g, device=device)[rows.to(device)]
         mine = {k: v[rows].to(device) for k, v in cond.items() if v is not None}
-        v_fn = guided_velocity(net, mine, sampler["text_scale"], sampler["image_scale"], sampler["interval"])
-        with autocast:
-            x = sample_ode(v_fn, noise, sampler["steps"], sampler["solver"], sampler["shift"],
-                           sampler.get("temperature", 1.0))
-        forwards = v_fn.forwards
-        images = decode(x.float(), meta)
+        images, forwards = generate(net, mine, noise, sampler, meta, autocast, len(noise))
+        images = images.to(device)
         if rank >= len(partner):
             continue
         if preview is not None and len(preview) < 64 and (not preview or preview[0].shape == images.shape[1:]):
@@ -472,9 +458,12 @@ def generated_features(net, meta, data_dir, split, features, n, sampler, batch_s
                       "bucket": [info["bucket"][r] for r in rows.tolist()],
                       "digits": digit_features(images, features, f.to(images.device), index.get("pair_labels")).cpu(),
                       **({"extra": extra(images).cpu()} if extra else {})})
-    if not feats:
-        return torch.zeros(0, 1, dtype=torch.float64), {}, forwards
-    return torch.cat(feats), concat(infos), forwards
+    f, info = (torch.cat(feats), concat(infos)) if feats else (torch.zeros(0, 1, dtype=torch.float64), {})
+    if world_size > 1:   # every rank's share, to every rank
+        parts = [None] * world_size
+        dist.all_gather_object(parts, (f, info))
+        f, info = torch.cat([p[0] for p in parts]), concat([p[1] for p in parts if p[1]])
+    return f, info, forwards
 
 
 def concat(parts):
@@ -485,7 +474,6 @@ def concat(parts):
 
 def check_eval_request(meta, n, split, data_dir):
     """Bad evaluation requests, each named: a split the data lacks, too few samples for covariances."""
-    from data import load_index
     index = load_index(data_dir)
     if split == "auto":
         split = "val" if split_size(index, "val") else "train"
@@ -694,8 +682,6 @@ def evaluate(net, meta, data_dir, n, sampler, feature_name="efficientnet-lite0",
     floor (the val split's first n against the same train reference). Every rank calls it (generation is split
     across ranks); rank 0 gets the result dict, the others None. `refs`: references() computed beforehand
     (training builds them once, at its start)."""
-    import contextlib
-    import torch.distributed as dist
     index, split = check_eval_request(meta, n, split, data_dir)
     plan = adherence_plan(net.cfg, index, adherence_request, split, clip_name)
     features = features or load_feature_net(feature_name, device)
@@ -704,26 +690,20 @@ def evaluate(net, meta, data_dir, n, sampler, feature_name="efficientnet-lite0",
     t0 = time.time()
     refs = refs or references(data_dir, feature_name, features, device, ref_max, rank, world_size)
 
-    def generate(mode, settings, preview=None, extra=None):
-        f, info, forwards = generated_features(net, meta, data_dir, split, features, n, settings, batch_size, seed,
-                                               device, autocast, rank, world_size, preview, mode, extra)
-        if world_size > 1:
-            parts = [None] * world_size
-            dist.all_gather_object(parts, (f, info))
-            f, info = torch.cat([p[0] for p in parts]), concat([p[1] for p in parts if p[1]])
-        return f, info, forwards
+    generate = functools.partial(generated_features, net, meta, data_dir, split, features, n, batch_size=batch_size,
+                                 seed=seed, device=device, autocast=autocast, rank=rank, world_size=world_size)
     t_gen = time.time()
-    fake, info, forwards = generate("data", sampler, preview)
+    fake, info, forwards = generate(sampler, preview=preview)
     gen_s = time.time() - t_gen
     gens = {}
     if "text" in plan or "rprec" in plan or "clip" in plan:   # the data's own conditions when they are the caption alone
         alone = not net.cfg.num_classes and not net.cfg.image_dim and clip is None
-        gens["text"] = (fake, info) if alone else generate("text", sampler, extra=clip and clip[0])[:2]
+        gens["text"] = (fake, info) if alone else generate(sampler, mode="text", extra=clip and clip[0])[:2]
     if "image" in plan:
-        gens["image"] = generate("image", sampler)[:2]
+        gens["image"] = generate(sampler, mode="image")[:2]
     if "divergence" in plan:
         for scales in DIVERGENCE_SCALES:
-            gens[scales] = generate("divergence", dict(sampler, text_scale=scales[0], image_scale=scales[1]))[:2]
+            gens[scales] = generate(dict(sampler, text_scale=scales[0], image_scale=scales[1]), mode="divergence")[:2]
     if rank != 0:
         return None
     (ref, cached), probe = refs["train"], refs["train"][0].get("probe")
@@ -749,7 +729,6 @@ def evaluate(net, meta, data_dir, n, sampler, feature_name="efficientnet-lite0",
 
 def real_images(data_dir, val, fn, device, rows, batch_size=100):
     """fn(images) of the real val images at reference rows (decoded as the reference decodes them)."""
-    from data import iterate_split, load_index
     index, wanted, out = load_index(data_dir), val["index"][rows], {}
     for batch in iterate_split(data_dir, "val", batch_size=batch_size):
         idx = batch["start"] + torch.arange(len(batch["x"]))
@@ -801,7 +780,6 @@ def main(given):
     features = refs = None
     for model, state, settings, stem, dev, autocast in weight_sets(globals(), given, "eval"):
         root = data_dir or state["config"]["data_dir"]
-        from data import configure_cache, is_remote
         configure_cache(state["config"].get("cache_dir", ""), state["config"].get("cache_max_gb", 100.0))  # the run's cache
         if not is_remote(root) and not os.path.isfile(os.path.join(root, "index.json")):
             sys.exit(f"evaluate.py: data_dir={root!r} has no index.json; pass --data_dir=<the prepared data>")

@@ -152,7 +152,7 @@ def training_grid(net, index, data_dir, device):
 
 def generate(model, cond, noise, sampler, meta, autocast, chunk):
     """Images in [0, 1] on the CPU from `noise` (N, C, h, w) and conditions `cond` (N rows each), sampled with
-    `sampler` (dict of steps, solver, shift, temperature, text_scale, image_scale, interval) and decoded, `chunk`
+    `sampler` (dict of steps, solver, shift, text_scale, image_scale, interval, temperature: default 1) and decoded, `chunk`
     images at a time so that a large grid never needs one giant batch. Returns (images, forwards per image)."""
     images, forwards = [], 0
     for rows in torch.arange(len(noise), device=noise.device).split(chunk):
@@ -160,7 +160,7 @@ def generate(model, cond, noise, sampler, meta, autocast, chunk):
                                sampler["image_scale"], sampler["interval"])
         with autocast:
             x = sample_ode(v_fn, noise[rows], sampler["steps"], sampler["solver"], sampler["shift"],
-                           sampler["temperature"])
+                           sampler.get("temperature", 1.0))
         images.append(decode(x.float(), meta).cpu())
         forwards = v_fn.forwards
     return torch.cat(images), forwards
@@ -234,17 +234,14 @@ def read_checkpoint(path):
     ValueError in NanoDiT's words when the file is corrupt or not a checkpoint."""
     with warnings.catch_warnings():   # torch's remarks on a foreign pickle's protocol: the error says it
         warnings.simplefilter("ignore")
-        try:
-            return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        except OSError:   # a missing or unreadable file says so itself
-            raise
-        except Exception as e:
-            if "mmap can only be used" not in str(e):
-                raise ValueError(checkpoint_error(path, e)) from None
-        try:            # not torch's zip format (an empty file, a plain pickle, an old save): read whole to say why
-            return torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as e:
-            raise ValueError(checkpoint_error(path, e)) from None
+        for mmap in (True, False):    # not torch's zip format (an empty file, a plain pickle, an old save): read whole
+            try:
+                return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+            except Exception as e:
+                if mmap and isinstance(e, OSError):   # a missing or unreadable file says so itself
+                    raise
+                if not mmap or "mmap can only be used" not in str(e):
+                    raise ValueError(checkpoint_error(path, e)) from None
 
 
 def load_model(path, use_ema=True, device="cpu"):
@@ -333,14 +330,10 @@ def draw_grid(model, state, path, dev, autocast):
         with open(prompts) as f:
             lines = [ln.strip() for ln in f if ln.strip()]
         L = meta["text_encoder"]["max_length"]
-        enc, _ = load_text_encoder(meta["text_encoder"]["name"], L, dev)
-        text = torch.zeros(len(lines), L, cfg.text_dim)
-        mask = torch.zeros(len(lines), L, dtype=torch.bool)
-        for i, emb in enumerate(encode_text(enc, lines, L, dev)):    # (n_valid, D) each, padded here
-            text[i, :len(emb)] = torch.from_numpy(emb).float()
-            mask[i, :len(emb)] = True
+        embs = encode_text(load_text_encoder(meta["text_encoder"]["name"], L, dev)[0], lines, L, dev)  # (n_valid, D)
+        text = torch.stack([torch.nn.functional.pad(torch.from_numpy(e).float(), (0, 0, 0, L - len(e))) for e in embs])
         cond["text"] = text.to(dev).repeat_interleave(num, 0)
-        cond["text_mask"] = mask.to(dev).repeat_interleave(num, 0)
+        cond["text_mask"] = (torch.arange(L) < torch.tensor([[len(e)] for e in embs])).to(dev).repeat_interleave(num, 0)
         n, nrow = len(lines) * num, num
     if images:
         if not cfg.image_dim:
@@ -364,12 +357,10 @@ def draw_grid(model, state, path, dev, autocast):
 
 
 def weight_sets(script, given, kind):
-    """The run of sample.py or evaluate.py (`script`: its globals) over the weight sets its `ema` setting asks for
-    ('true', 'false' or 'both'): checks the settings, picks device and dtype, finds the checkpoint, then per set
-    yields (model, checkpoint dict, record, output path without extension, device, autocast). The model is compiled
-    if asked, the checkpoint recipe's sampler is adopted into `script`, and record holds the settings and where the
-    weights came from. Outputs: --out, '-raw' added for the raw set of 'both'; else <checkpoint
-    folder>/samples/<kind>-<step>[-raw]."""
+    """The run of sample.py or evaluate.py (`script`: its globals) over the weight sets its `ema` asks for: checks
+    the settings, picks device and dtype, finds the checkpoint, then per set yields (model, checkpoint dict, record of
+    the settings and weights, output path less extension: --out (+ '-raw' for the raw set of 'both') or <checkpoint
+    folder>/samples/<kind>-<step>[-raw], device, autocast), compiled if asked, the recipe's sampler adopted."""
     check_settings(script)
     settings = [k for k, v in script.items()   # the settings block; constants are UPPER_CASE
                 if not k.startswith("_") and not k.isupper() and isinstance(v, (str, int, float, bool, tuple))]
