@@ -32,8 +32,8 @@ from PIL import Image
 
 from data import ShardReader, configure_cache, is_remote, iterate_split, load_index, local_dir, trained_buckets
 from model import flow_loss, interpolate
-from prepare_data import encode_images, load_efficientnet_lite0, load_image_encoder, write_atomic
-from sample import decode, generate, save_grid, weight_sets
+from prepare_data import decode, encode_images, load_efficientnet_lite0, load_image_encoder, write_atomic
+from sample import generate, save_grid, weight_sets
 
 # ----------------------------------------------------------------------------------------------
 ckpt = ""            # a checkpoint file, or an out_dir (its newest checkpoint)

@@ -12,10 +12,9 @@ rank r encodes shards i with i % WORLD_SIZE == r on its own device, and rank 0 w
 all are done; out_dir must be one shared folder. The output is byte-identical to one process.
 One preparation per out_dir: rank 0 holds the lock out_dir/.lock while it runs (lock_dir).
 
-Captions: sidecar .txt, .jsonl and .csv files are read as UTF-8 (a BOM or not); a file that is not UTF-8 is
-decoded as Windows-1252, else Latin-1, and named in the summary and in index.json's caption_fallback.
-
-Sources (sources.py): 'mnist', 'mnist-captions', 'hf:<dataset>' or an image folder.
+Sources (sources.py): 'mnist', 'mnist-captions', 'hf:<dataset>' or an image folder. Caption files (sidecar .txt,
+.jsonl, .csv) are read as UTF-8 (a BOM or not); a file that is not UTF-8 is decoded as Windows-1252, else Latin-1,
+and named in the summary and in index.json's caption_fallback.
 
 Layout: out_dir/index.json and out_dir/<split>/<HxW>/shard-NNNNNN.tar (split 'train' or 'val', HxW
 the bucket's pixel size). A sample <key> (9-digit running index, unique in its split) has members
@@ -33,11 +32,11 @@ complete (temporary file, then os.replace), so a rerun keeps every shard on disk
 planned number of samples. Changing a setting of an existing out_dir is an error (use a new out_dir).
 """
 import errno
+import functools
 import io
 import json
 import math
 import os
-import re
 import socket
 import sys
 import tarfile
@@ -51,7 +50,7 @@ import webdataset as wds
 from PIL import Image
 
 import data  # the shard format (data.FORMAT, data.VERSION); a module, so DEFAULTS below does not take them for settings
-from sources import CAPTION_FALLBACKS, list_examples, mnist_captions_info, open_image
+from sources import CAPTION_FALLBACKS, list_examples, mnist_captions_info, open_image, swap_left_right
 
 try:
     import fcntl
@@ -100,21 +99,11 @@ SKIP_REASONS = ('unreadable', 'too_small', 'extreme_aspect')
 MNIST_VAL = 1000          # val_examples=-1 (auto) on MNIST: held-out digits, at most a fifth of those kept
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 T5_ENCODERS = {'t5': 'T5EncoderModel', 'mt5': 'MT5EncoderModel', 'umt5': 'UMT5EncoderModel'}
-CAPTION_FALLBACK_NAMED = 10  # such files named in index.json and the summary
-LEFT_RIGHT = re.compile(r'\b(left|right)\b', re.IGNORECASE)
+CAPTION_FALLBACK_NAMED = 10  # caption files not in UTF-8 (sources.CAPTION_FALLBACKS) named in index.json, summary
 PREPARE_TIMEOUT = timedelta(hours=48)  # torchrun preparation: the ranks wait this long for the slowest one
 
 
 # ----------------------------------------------------------------------------- format helpers
-
-def swap_left_right(caption):
-    """'Left' <-> 'Right' as whole words, keeping case: the caption of the mirrored image."""
-    def swap(match):
-        word = match.group(0)
-        other = 'right' if word.lower() == 'left' else 'left'
-        return other.upper() if word.isupper() else other.capitalize() if word[0].isupper() else other
-    return LEFT_RIGHT.sub(swap, caption)
-
 
 def parse_ratios(text):
     """'1:1,832:1216' -> [(1.0, 1.0), (832.0, 1216.0)] as (width, height)."""
@@ -246,9 +235,6 @@ def lock_dir(folder, script):
     return f
 
 
-
-
-
 # ----------------------------------------------------------------------------- encoders
 
 def best_device():
@@ -280,6 +266,24 @@ def encode_vae(model, meta, images, device):
     # run rewrites identical bytes), and a stored sample would freeze one noise draw for every epoch.
     z = model.encode(x).latent_dist.mean
     return ((z - meta['shift_factor']) * meta['scaling_factor']).float().cpu().numpy().astype(np.float16)
+
+
+def decode(x, meta):
+    """Model space (B, C, H, W) -> images in [0, 1] (sample.py and evaluate.py): pixels are stored in [-1, 1];
+    latents go through the VAE named in the data index `meta`, undoing encode_vae's shift and scaling."""
+    if meta['space'] == 'pixels':
+        return ((x + 1) / 2).clamp(0, 1)
+    vae, vae_meta = vae_for(meta['vae']['name'], x.device)
+    z = x / vae_meta['scaling_factor'] + vae_meta['shift_factor']
+    with torch.no_grad():
+        images = torch.cat([vae.decode(chunk).sample for chunk in z.split(8)])
+    return ((images.float() + 1) / 2).clamp(0, 1)
+
+
+@functools.lru_cache(maxsize=2)
+def vae_for(name, device):
+    """The data's VAE, loaded once per process and device (decode runs on every grid and evaluation batch)."""
+    return load_vae(name, device)
 
 
 def load_text_encoder(name, max_length, device):
@@ -686,7 +690,6 @@ def prepare(**settings):
     if lock is not None:
         lock.close()  # the end of the lock (a process that dies drops it all the same)
     return index
-
 
 
 if __name__ == '__main__':

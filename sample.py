@@ -15,7 +15,6 @@ with text/class condition c_t and image condition c_i, and v(.,.) the model's ve
     both:       v = v(0,0) + s_i * (v(0,c_i) - v(0,0)) + s_t * (v(c_t,c_i) - v(0,c_i))
 (InstructPix2Pix's dual guidance, arXiv:2211.09800); scales of 1 give the plain conditional model.
 """
-import functools
 import json
 import os
 import re
@@ -154,6 +153,7 @@ def generate(model, cond, noise, sampler, meta, autocast, chunk):
     """Images in [0, 1] on the CPU from `noise` (N, C, h, w) and conditions `cond` (N rows each), sampled with
     `sampler` (dict of steps, solver, shift, text_scale, image_scale, interval, temperature: default 1) and decoded, `chunk`
     images at a time so that a large grid never needs one giant batch. Returns (images, forwards per image)."""
+    from prepare_data import decode   # the data's VAE for latents
     images, forwards = [], 0
     for rows in torch.arange(len(noise), device=noise.device).split(chunk):
         v_fn = guided_velocity(model, {k: v[rows] for k, v in cond.items() if v is not None}, sampler["text_scale"],
@@ -164,25 +164,6 @@ def generate(model, cond, noise, sampler, meta, autocast, chunk):
         images.append(decode(x.float(), meta).cpu())
         forwards = v_fn.forwards
     return torch.cat(images), forwards
-
-
-def decode(x, meta):
-    """Model space (B, C, H, W) -> images in [0, 1]: pixels are stored in [-1, 1]; latents go
-    through the VAE named in the data index, undoing the stored scaling and shift."""
-    if meta["space"] == "pixels":
-        return ((x + 1) / 2).clamp(0, 1)
-    vae, vae_meta = vae_for(meta["vae"]["name"], x.device)
-    z = x / vae_meta["scaling_factor"] + vae_meta["shift_factor"]
-    with torch.no_grad():
-        images = torch.cat([vae.decode(chunk).sample for chunk in z.split(8)])
-    return ((images.float() + 1) / 2).clamp(0, 1)
-
-
-@functools.lru_cache(maxsize=2)
-def vae_for(name, device):
-    """The data's VAE, loaded once per process and device (decode runs on every grid and evaluation batch)."""
-    from prepare_data import load_vae
-    return load_vae(name, device)
 
 
 def save_grid(images, path, nrow=8, pad=2):

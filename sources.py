@@ -11,6 +11,7 @@ import functools
 import io
 import json
 import os
+import re
 
 import numpy as np
 from PIL import Image, ImageOps
@@ -18,6 +19,7 @@ from PIL import Image, ImageOps
 MNIST_CLASS_NAMES = ['zero', 'one', 'two', 'three', 'four', 'five', 'six', 'seven', 'eight', 'nine']
 IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.webp', '.bmp', '.gif', '.tif', '.tiff')
 CAPTION_FALLBACKS = ('cp1252', 'latin-1')  # caption files that are not UTF-8: Windows-1252, else Latin-1 (never fails)
+LEFT_RIGHT = re.compile(r'\b(left|right)\b', re.IGNORECASE)
 
 
 def list_examples(cfg):
@@ -31,6 +33,15 @@ def list_examples(cfg):
     if source.startswith('hf:'):
         return (*list_hf(source, cfg['hf_split'], cfg['image_column'], cfg['caption_column'], cfg['label_column']), [])
     return list_folder(source, cfg['captions'], cfg['class_from_dir'])
+
+
+def swap_left_right(caption):
+    """'Left' <-> 'Right' as whole words, keeping case: the caption of the mirrored image."""
+    def swap(match):
+        word = match.group(0)
+        other = 'right' if word.lower() == 'left' else 'left'
+        return other.upper() if word.isupper() else other.capitalize() if word[0].isupper() else other
+    return LEFT_RIGHT.sub(swap, caption)
 
 
 def open_image(example, mode):
