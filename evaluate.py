@@ -170,6 +170,7 @@ def quality(fake, fake_y, ref, probe, num_classes, k, seed=0, buckets=None):
     pick = torch.randperm(len(ref["features"]), generator=g)[:len(fake)]
     out = {"n": len(fake), "fd": frechet_distance(fake, ref["mu"], ref["cov"])}
     out["precision"], out["recall"] = precision_recall(ref["features"][pick], fake, k)
+
     def group(mine, theirs):   # n and FD of one class's or bucket's images, against the reference's of it
         enough = mine.sum() >= 2 and theirs.sum() >= 2
         return {"n": int(mine.sum()),

@@ -151,8 +151,9 @@ def training_grid(net, index, data_dir, device):
 
 def generate(model, cond, noise, sampler, meta, autocast, chunk):
     """Images in [0, 1] on the CPU from `noise` (N, C, h, w) and conditions `cond` (N rows each), sampled with
-    `sampler` (dict of steps, solver, shift, text_scale, image_scale, interval, temperature: default 1) and decoded, `chunk`
-    images at a time so that a large grid never needs one giant batch. Returns (images, forwards per image)."""
+    `sampler` (dict of steps, solver, shift, text_scale, image_scale, interval, temperature: default 1) and
+    decoded, `chunk` images at a time so that a large grid never needs one giant batch. Returns (images, forwards
+    per image)."""
     from prepare_data import decode   # the data's VAE for latents
     images, forwards = [], 0
     for rows in torch.arange(len(noise), device=noise.device).split(chunk):
