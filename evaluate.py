@@ -33,7 +33,8 @@ from PIL import Image
 from data import ShardReader, configure_cache, is_remote, iterate_split, load_index, local_dir, trained_buckets
 from model import flow_loss, interpolate
 from prepare_data import decode, encode_images, load_efficientnet_lite0, load_image_encoder, write_atomic
-from sample import generate, save_grid, weight_sets
+import sample
+from sample import save_grid, weight_sets
 
 # ----------------------------------------------------------------------------------------------
 ckpt = ""            # a checkpoint file, or an out_dir (its newest checkpoint)
@@ -447,7 +448,7 @@ def generated_features(net, meta, data_dir, split, features, n, sampler, batch_s
         g = torch.Generator(device=device).manual_seed(seed * 1_000_003 + b)
         noise = torch.randn(len(partner), cfg.in_channels, h, w, generator=g, device=device)[rows.to(device)]
         mine = {k: v[rows].to(device) for k, v in cond.items() if v is not None}
-        images, forwards = generate(net, mine, noise, sampler, meta, autocast, len(noise))
+        images, forwards = sample.generate(net, mine, noise, sampler, meta, autocast, len(noise))
         images = images.to(device)
         if rank >= len(partner):
             continue
