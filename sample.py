@@ -288,9 +288,7 @@ def check_settings(s):
 def draw_grid(model, state, path, dev, autocast):
     """The grid of the settings at the top (classes, prompts, images) -> PNG; returns (target, n, forwards)."""
     meta, cfg = state["data"], model.cfg
-    H, W = height, width
-    if not (H and W):
-        H, W = max(meta["buckets"].values(), key=lambda hw: hw[0] * hw[1])
+    H, W = (height, width) if height and width else max(meta["buckets"].values(), key=lambda hw: hw[0] * hw[1])
     down = meta["vae"]["downsample"] if meta["vae"] else 1                    # pixels per latent cell
     if H % (down * cfg.patch_size) or W % (down * cfg.patch_size):
         sys.exit(f"sample.py: height={H}, width={W} must be multiples of {down * cfg.patch_size} "

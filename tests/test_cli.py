@@ -99,3 +99,21 @@ def test_a_key_without_its_value_is_an_error():
     proc = run("train.py", "--out_dir", "--lr=3", check=False)
     assert proc.returncode != 0
     assert "--out_dir is followed by '--lr=3', which looks like another key; give --out_dir a value" in proc.stderr
+
+
+@pytest.mark.parametrize("script", ["evaluate.py", "export.py"])
+def test_the_sampler_keys_a_script_imports_from_sample_py_are_shown_and_set_as_sample_py_writes_them(script):
+    """evaluate.py and export.py import their sampler settings from sample.py (`from sample import steps, ...`):
+    --help shows each where the import stands, with sample.py's default and comment (now marked where the command
+    line sets it), and the command line checks its type as for any key."""
+    from sample import SAMPLER
+    sampler = {k: v for k, v in documented_defaults("sample.py").items() if k in SAMPLER}
+    assert list(sampler) == list(SAMPLER)
+    lines = run(script, "--steps=4", "--help").stdout.splitlines()
+    at = [i for key, (text, _) in sampler.items() for i, line in enumerate(lines) if line.startswith(f"{key} = {text}")]
+    assert at == list(range(at[0], at[0] + len(SAMPLER))), at          # each once, together, in sample.py's order
+    for i, (key, (_, comments)) in zip(at, sampler.items()):
+        assert lines[i].endswith(comments[0]) and ("(now 4 from the command line)" in lines[i]) == (key == "steps")
+    assert not any(line.startswith("# other settable keys") for line in lines)
+    proc = run(script, "--steps=many", check=False)
+    assert proc.returncode != 0 and "--steps='many': expected int" in proc.stderr

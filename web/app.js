@@ -48,7 +48,7 @@ function gaussian(count, seed) {
 
 const roundEven = (v) => { const r = Math.round(v); return r - v === 0.5 && r % 2 ? r - 1 : r; };   // torch.round
 
-// sample.decode (pixels in [-1, 1]) + sample.save_grid: one row of `per` images per class on white
+// prepare_data.decode (pixels in [-1, 1]) + sample.save_grid: one row of `per` images per class on white
 function draw(x, n, per, [C, H, W]) {
   const rows = Math.ceil(n / per), GW = per * (W + PAD) + PAD, GH = rows * (H + PAD) + PAD;
   const canvas = $("grid"), img = new ImageData(GW, GH);
