@@ -27,12 +27,12 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from data import ShardStream, configure_cache, load_index, trained_buckets
-from evaluate import check_eval_request, evaluate, format_eval, load_feature_net, references, validation
+from evaluate import TrainingEval, TrainingStats, check_eval_request, validation
 from model import (LEGACY_MODEL_ARGS, DiT, DiTConfig, TrainingDraws, bf16_is_native, compile_model, flow_loss,
-                   interpolate, keep_freed_cpu_memory, training_memory)
+                   interpolate, keep_freed_cpu_memory, size_report, training_memory)
 from optim import configure_optimizers, set_lr
 from prepare_data import exit_skipping_shutdown, lock_dir
-from sample import SOLVERS, generate, read_checkpoint, save_grid, training_grid
+from sample import SOLVERS, read_checkpoint
 from schedule import Schedule
 
 # ----------------------------------------------------------------------------------------------
@@ -273,14 +273,8 @@ if dry_run:
     memory = training_memory(n_params, (H_max // patch_size) * (W_max // patch_size), batch_size, hidden, heads, depth,
                              grad_checkpoint, device_type == "cuda" and attn_impl in ("auto", "sdpa"), world_size,
                              ddp, fsdp, grad_accum_steps)
-    log(f"dry run: params {n_params:,}"
-        + (f" ({raw_model.num_params(active=True):,} active per token: {moe_top_k} of {moe_experts} experts"
-           f"{' + shared' if moe_shared_expert else ''})" if moe_experts else "")
-        + f" | forward {raw_model.flops_per_image(H_max, W_max, text_len) / 1e9:.2f} "
-        f"GFLOP per image | {flops_per_step / 1e12:.3f} TFLOP per step | memory per GPU ~"
-        f"{sum(memory.values()) / 2**30:.2f} GiB ("
-        + ", ".join(f"{k.replace('_', ' ')} {v / 2**30:.2f}" for k, v in memory.items() if v)
-        + f") | effective batch {global_batch} | {schedule.max_steps} steps")
+    log(f"dry run: {size_report(raw_model, H_max, W_max, text_len, memory, global_batch)} | effective batch "
+        f"{global_batch} | {schedule.max_steps} steps")
     sys.exit(0)
 
 raw_model.to(device)
@@ -451,55 +445,6 @@ def prune_checkpoints():
             os.remove(path)
 
 
-# ---------------------------------------------------------------------------------------------- evaluation
-def plain_ema():
-    """The EMA as an ordinary module on rank 0 (None elsewhere). Under FSDP the EMA is sharded and its
-    forward needs every rank, so this gathers the full weights into an unsharded copy: call it on
-    every rank."""
-    if not fsdp:
-        return ema_model
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-    ema_sd = get_model_state_dict(ema_model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    if not master:
-        return None
-    with torch.device("meta"):     # no init work and no draws from the global RNG
-        net = DiT(DiTConfig(**model_args))
-    net.load_state_dict(ema_sd, assign=True)
-    return net.to(device).requires_grad_(False).eval()
-
-
-def sample_grid(tag, net):
-    """Write a sample grid of `net` (plain_ema()) with fixed seeds to out_dir/samples (rank 0 only, no collectives)."""
-    cond, (H, W), nrow = grid
-    noise = torch.randn(len(next(iter(cond.values()))), model_args["in_channels"], H, W, device=device,
-                        generator=torch.Generator(device=device).manual_seed(seed))
-    path = os.path.join(out_dir, "samples", f"{tag}.png")
-    save_grid(generate(net, cond, noise, sampler, index, autocast, eval_batch_size)[0], path, nrow=nrow)
-    return path
-
-
-def run_eval():
-    """evaluate.evaluate on the EMA with the grid's sampler, generation split across ranks (every rank calls
-    it); writes out_dir/samples/eval-<step>.json and returns the headline numbers on every rank."""
-    meta = {k: index[k] for k in ("space", "channels", "vae", "num_classes", "buckets")}
-    result = evaluate(ema_model, meta, data_dir, eval_samples, sampler, eval_features, "auto", eval_batch_size,
-                      seed, device, autocast, rank=rank, world_size=world_size, features=feature_net, refs=eval_refs)
-    keys = ("fd", "precision", "recall", "class_acc", "text_acc", "text_acc_pair_held_out", "text_acc_phrasing_held_out",
-            "rprec", "image_acc", "image_retrieval", "diverge_text", "diverge_image")
-    head = torch.tensor([result["model"].get(k, float("nan")) if master else 0.0 for k in keys], device=device)
-    if ddp:
-        dist.broadcast(head, 0)   # rank 0's scoring takes a moment: the references were built at the start
-    if master:
-        log(format_eval(result))
-        os.makedirs(os.path.join(out_dir, "samples"), exist_ok=True)
-        with open(os.path.join(out_dir, "samples", f"eval-{step:08d}.json"), "w") as f:
-            json.dump(dict(result, step=step, weights="ema", sampler=sampler, checkpoint_config=config), f, indent=1)
-    out = {k: v for k, v in zip(keys, head.tolist()) if not math.isnan(v)}
-    if master and "per_class" in result["model"]:
-        out.update({f"class_acc_{c}": e["acc"] for c, e in result["model"]["per_class"].items()})
-    return out
-
-
 # ---------------------------------------------------------------------------------------------- logging
 writer = None
 if master and tensorboard:
@@ -553,49 +498,20 @@ signal.signal(signal.SIGTERM, request_stop)
 
 
 # ---------------------------------------------------------------------------------------------- grids, evaluation
-# Prepared once, before the loop: the grid's conditions (rank 0) and, on every rank together, the evaluation's real
-# reference (features of the train and val images): no rank then waits long in a collective for rank 0 alone.
 sampler = dict(steps=sample_steps, solver=sample_solver, shift=sample_shift, text_scale=sample_text_scale,
                image_scale=sample_image_scale, interval=sample_guidance_interval, temperature=sample_temperature)
-grid = training_grid(raw_model, index, data_dir, device) if master and sample_interval else None
-feature_net = eval_refs = None
-if eval_interval:
-    feature_net = load_feature_net(eval_features, device)
-    eval_refs = references(data_dir, eval_features, feature_net, device, rank=rank, world_size=world_size)
+evals = TrainingEval(raw_model, index, data_dir, out_dir, sampler, eval_samples, eval_features, eval_batch_size, seed,
+                     device, autocast, rank, world_size, sample_interval, eval_interval, config)   # grids, references
 
 # ---------------------------------------------------------------------------------------------- loop
-# What the log lines report, kept on the device between them (a host read waits for the GPU): sums of the loss,
-# samples, |v| and the loss per t bin; MoE routing; non-finite steps in a row (now and the longest since the last line),
-# non-finite steps and steps above grad_warn since then, and the largest finite grad norm
-N_BINS = 4                                          # t bins for the per-t loss: [0, .25), ... [.75, 1]
-stats = torch.zeros(3 + 2 * N_BINS, device=device)  # loss sum, valid count, |v| sum, bin sums, bin counts
-moe_sums = torch.zeros(3 + moe_experts, device=device)  # MoE: aux loss, dropped fraction, micro-batches, load per expert
-bad_in_a_row, worst_in_a_row, bad_since_log, warn_since_log, grad_norm_max = (torch.zeros((), device=device)
-                                                                              for _ in range(5))
+stats = TrainingStats(moe_experts, grad_warn, device)   # what the log lines report, summed on the device
 oom_steps = bad_samples = bad_steps = 0
 stopped_bad = False                                 # max_bad_steps stopped the run
 
 
-def count_step(bad, grad_norm):
-    """Count a step's health on the device: bad (0-dim bool) when its loss or gradient was not finite."""
-    bad_in_a_row.add_(1).mul_(bad)                 # reset by a finite step
-    torch.maximum(worst_in_a_row, bad_in_a_row, out=worst_in_a_row)
-    bad_since_log.add_(bad)
-    finite_norm = torch.where(bad, 0.0, grad_norm.float())
-    torch.maximum(grad_norm_max, finite_norm, out=grad_norm_max)
-    warn_since_log.add_(finite_norm > grad_warn)
-
-
-def read_health():
-    """The device-side counters as numbers (a host sync: at log steps only)."""
-    values = torch.stack([grad_norm.float(), grad_norm_max, bad_in_a_row, worst_in_a_row, bad_since_log,
-                          warn_since_log]).tolist()
-    return dict(zip(("grad_norm", "grad_norm_max", "bad_in_a_row", "worst_in_a_row", "bad", "warned"), values))
-
-
 def log_step(lrs, health):
     """The log line and metrics record since the last one: losses summed over ranks, speed, health, MoE routing."""
-    global stats, moe_sums, bad_steps, t_log, step_at_log
+    global bad_steps, t_log, step_at_log
     bad_steps += int(health["bad"])
     if health["bad"]:
         log(f"step {step}: {int(health['bad'])} of the last {step - step_at_log} steps had a non-finite loss or "
@@ -603,31 +519,17 @@ def log_step(lrs, health):
     if health["warned"]:
         log(f"warning: step {step}: {int(health['warned'])} steps since step {step_at_log} had a grad norm above "
             f"grad_warn={grad_warn} (max {health['grad_norm_max']:.2f})")
-    stats = all_sum(stats)
+    means = stats.means(all_sum)                   # loss, |v|, loss per t bin, MoE routing; then starts anew
     now = time.time()
-    n = stats[1].clamp(min=1).item()
     ips = (step - step_at_log) * global_batch / (now - t_log)
-    record = dict(step=step, loss=stats[0].item() / n, grad_norm=health["grad_norm"],
-                  grad_norm_max=health["grad_norm_max"], **lrs, img_per_s=ips, v_norm=stats[2].item() / n,
-                  elapsed_s=elapsed_before + now - t_start,
+    record = dict(step=step, **means, grad_norm=health["grad_norm"], grad_norm_max=health["grad_norm_max"], **lrs,
+                  img_per_s=ips, elapsed_s=elapsed_before + now - t_start,
                   eta_s=(schedule.max_steps - step) * global_batch / max(ips, 1e-9),
                   bad_steps=bad_steps, oom_steps=oom_steps, bad_samples=bad_samples)
-    if moe_experts:   # means over micro-batches (and ranks) since the last record; load averaged over blocks
-        moe_sums = all_sum(moe_sums)
-        m = moe_sums[2].clamp(min=1).item()
-        record.update(moe_aux=moe_sums[0].item() / m, moe_dropped=moe_sums[1].item() / m,
-                      **{f"moe_load_{e}": moe_sums[3 + e].item() / m for e in range(moe_experts)})
-        moe_sums.zero_()
-    for b in range(N_BINS):
-        record[f"loss_t{b}"] = stats[3 + b].item() / max(stats[3 + N_BINS + b].item(), 1)
     log(f"step {step}/{schedule.max_steps} | loss {record['loss']:.4f} | grad {record['grad_norm']:.3f} | "
         f"lr {lrs['lr']:.2e} | {ips:.1f} img/s | elapsed {record['elapsed_s'] / 60:.1f} min | "
         f"eta {record['eta_s'] / 60:.1f} min")
     write_metrics(record)
-    stats.zero_()
-    for counter in (worst_in_a_row, bad_since_log, warn_since_log, grad_norm_max):
-        counter.zero_()
-    worst_in_a_row.copy_(bad_in_a_row)              # a run of non-finite steps goes on across log lines
     t_log, step_at_log = now, step
 
 
@@ -679,9 +581,7 @@ while step < schedule.max_steps:
             bad_samples += batch["n_bad"]
             t, noise, u = batch["t"], batch["noise"], batch["u"]   # (B,), (B, C, H, W), (B,): TrainingDraws
             xt = interpolate(x, noise, t)                          # (1 - t) x + t noise
-            drop_all = u < p_uncond                                # one categorical draw: drop all, text or image
-            drop_image = drop_all | ((u >= p_uncond) & (u < p_uncond + p_text_only))
-            drop_text = drop_all | ((u >= p_uncond + p_text_only) & (u < p_uncond + p_text_only + p_image_only))
+            drop_all, drop_text, drop_image = TrainingDraws.dropout(u, p_uncond, p_text_only, p_image_only)   # (B,)
             with grad_sync(micro == grad_accum_steps - 1):
                 with autocast:
                     v = model(xt, t, **raw_model.conditions(batch), drop_y=drop_all, drop_text=drop_text,
@@ -694,21 +594,12 @@ while step < schedule.max_steps:
                 per_sample = per_sample * valid          # unreadable samples add nothing
                 # mean over the nominal batch, so k micro-batches sum to the mean of one k-times batch
                 loss = (objective * valid).sum() / (batch_size * grad_accum_steps)
-                moe = raw_model.moe_stats()
-                if moe is not None:      # the load-balancing loss, on the mean of the micro-batches
-                    aux, dropped, load = moe
-                    loss = loss + moe_aux_weight * aux / grad_accum_steps
-                    moe_sums += torch.cat([torch.stack([aux.detach(), dropped, torch.ones((), device=device)]),
-                                           load.mean(dim=0)])
+                moe = raw_model.moe_stats()   # (aux loss, dropped share, load) or None for a dense model
+                if moe is not None:           # the load-balancing loss, on the mean of the micro-batches
+                    loss = loss + moe_aux_weight * moe[0] / grad_accum_steps
                 loss.backward()
-            with torch.no_grad():
-                loss_step += loss.detach()
-                bins = (t * N_BINS).long().clamp(max=N_BINS - 1)
-                stats[0] += per_sample.sum()
-                stats[1] += valid.sum()
-                stats[2] += (v.detach().float().pow(2).mean(dim=(1, 2, 3)).sqrt() * valid).sum()
-                stats[3:3 + N_BINS].index_add_(0, bins, per_sample)
-                stats[3 + N_BINS:].index_add_(0, bins, valid.float())
+            loss_step += loss.detach()
+            stats.add(per_sample, valid, v, t, moe)
     except torch.OutOfMemoryError:
         if ddp:
             raise   # the other ranks are inside a collective: only a restart resynchronises them
@@ -727,7 +618,7 @@ while step < schedule.max_steps:
         opt.step()
         ema_weight = torch.where(bad, 0.0, 1.0 - ema_decay_at(step))
         torch._foreach_lerp_(ema_params, params, [ema_weight] * len(params))
-        count_step(bad, grad_norm)
+        stats.count_step(bad, grad_norm)
     opt.zero_grad(set_to_none=True)
     step += 1
     try:
@@ -739,26 +630,25 @@ while step < schedule.max_steps:
     final = step == schedule.max_steps
     if max_hours and time.time() - t_start > max_hours * 3600 and stop_reason is None:
         stop_reason = f"max_hours={max_hours}"
-    health = read_health() if step % log_interval == 0 or final else None
+    health = stats.health(grad_norm) if step % log_interval == 0 or final else None
     if health and health["worst_in_a_row"] >= max_bad_steps:
         stopped_bad = True
         stop_reason = f"{int(health['worst_in_a_row'])} non-finite steps in a row (max_bad_steps={max_bad_steps})"
     stop = agree_to_stop(stop_reason is not None)
     if health or stop:
-        log_step(lrs, health or read_health())
+        log_step(lrs, health or stats.health(grad_norm))
     if val_interval and (step % val_interval == 0 or final):
         val = validation(ema_model, data_dir, index, batch_size, val_batches, seed, device, autocast, rank, world_size)
         log(f"step {step} | validation " + " | ".join(f"{k} {v:.4f}" for k, v in val.items()))
         write_metrics(dict(step=step, **val))
         keep_best("val_loss", val["val_loss"])
     if eval_interval and (step % eval_interval == 0 or final):
-        scores = run_eval()
+        scores = evals.evaluate(ema_model, step)
         write_metrics(dict(step=step, **scores))
         keep_best("fd", scores["fd"])
     if sample_interval and (step % sample_interval == 0 or final):
-        net = plain_ema()                                 # a collective under FSDP: every rank
-        if master:
-            log(f"samples: {sample_grid(f'step-{step:08d}', net)}")
+        grid_path = evals.sample_grid(ema_model, fsdp, f"step-{step:08d}")   # a collective under FSDP: every rank
+        log(f"samples: {grid_path}")
     if step % ckpt_interval == 0 or final or stop:
         if save_checkpoint(os.path.join(out_dir, f"ckpt-{step:08d}.pt")) and master:
             prune_checkpoints()
