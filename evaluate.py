@@ -984,3 +984,45 @@ class TrainingStats:
             counter.zero_()
         self.worst_in_a_row.copy_(self.bad_in_a_row)
         return out
+
+
+class MetricsLog:
+    """train.py's metrics, written by rank 0 (the other ranks' writes do nothing): a JSON line per record in
+    out_dir/metrics.jsonl, with tensorboard also out_dir/tb, with wandb_project also a W&B run (both optional)."""
+
+    def __init__(self, out_dir, tensorboard, wandb_project, config, master):
+        self.out_dir, self.master, self.writer, self.wandb = out_dir, master, None, None
+        if master and tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:
+                raise SystemExit("train.py: tensorboard=True but the tensorboard package is missing: "
+                                 "pip install tensorboard") from None
+            self.writer = SummaryWriter(os.path.join(out_dir, "tb"))
+        if master and wandb_project:
+            try:
+                import wandb
+            except ImportError:
+                raise SystemExit(f"train.py: wandb_project={wandb_project!r} but the wandb package is missing: "
+                                 "pip install wandb") from None
+            self.wandb = wandb
+            wandb.init(project=wandb_project, config=config, resume="allow")
+
+    def write(self, record):
+        if not self.master:
+            return
+        os.makedirs(self.out_dir, exist_ok=True)
+        with open(os.path.join(self.out_dir, "metrics.jsonl"), "a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self.writer:
+            for k, v in record.items():
+                if k != "step" and isinstance(v, (int, float)):
+                    self.writer.add_scalar(k, v, record["step"])
+        if self.wandb:
+            self.wandb.log(record, step=record["step"])
+
+    def close(self):
+        if self.writer:
+            self.writer.close()
+        if self.wandb:
+            self.wandb.finish()

@@ -14,7 +14,6 @@ import copy
 import json
 import math
 import os
-import signal
 import sys
 import time
 from contextlib import nullcontext
@@ -26,14 +25,15 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from data import ShardStream, configure_cache, load_index, trained_buckets
-from evaluate import TrainingEval, TrainingStats, check_eval_request, validation
+from data import (ShardStream, checkpoint_paths, configure_cache, load_index, loader, prune_checkpoints,
+                  trained_buckets, write_atomic)
+from evaluate import MetricsLog, TrainingEval, TrainingStats, check_eval_request, validation
 from model import (LEGACY_MODEL_ARGS, DiT, DiTConfig, TrainingDraws, bf16_is_native, compile_model, flow_loss,
                    interpolate, keep_freed_cpu_memory, size_report, training_memory)
-from optim import configure_optimizers, set_lr
+from optim import configure_optimizers, load_optimizer_state, set_lr, shard, state_dicts
 from prepare_data import exit_skipping_shutdown, lock_dir
 from sample import SOLVERS, read_checkpoint
-from schedule import Schedule
+from schedule import Schedule, StopRequest
 
 # ----------------------------------------------------------------------------------------------
 # defaults; override with a config file and --key=value (configurator.py)
@@ -167,6 +167,7 @@ if best_by == "fd" and not eval_interval:
 ddp = "RANK" in os.environ
 if device == "auto":
     device = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+rank, world_size, local_rank, stop_group = 0, 1, 0, None
 if ddp:
     rank, world_size, local_rank = (int(os.environ[k]) for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"))
     if device == "cuda":
@@ -176,8 +177,6 @@ if ddp:
     # the ranks agree every step on whether to stop; over NCCL that flag would be a GPU tensor, whose read waits
     # for the GPU to finish the step, so it goes over a CPU (gloo) group instead (None: the default group)
     stop_group = dist.new_group(backend="gloo") if device.startswith("cuda") else None
-else:
-    rank, world_size, local_rank = 0, 1, 0
 if fsdp and not ddp:
     fail("fsdp=True needs torchrun (a process group); use torchrun --nproc_per_node=N")
 master = rank == 0
@@ -199,26 +198,22 @@ def log(*args):
         print(*args, flush=True)
 
 
+def all_reduce(tensor, op="SUM", group=None):
+    """Reduce a tensor over the ranks in place, op 'SUM' or 'MAX' (every rank must call this); one process: as is."""
+    if ddp:
+        dist.all_reduce(tensor, op=getattr(dist.ReduceOp, op), group=group)
+    return tensor
+
+
 def slowest(values):
     """The largest of each value over the ranks (fp32: MPS has no fp64); every rank must call this."""
-    values = torch.tensor(values, device=device)
-    if ddp:
-        dist.all_reduce(values, op=dist.ReduceOp.MAX)
-    return values.tolist()
-
-
-def all_sum(tensor):
-    """Sum a tensor over ranks (every rank must call this)."""
-    if ddp:
-        dist.all_reduce(tensor)
-    return tensor
+    return all_reduce(torch.tensor(values, device=device), "MAX").tolist()
 
 
 # ---------------------------------------------------------------------------------------------- data
 configure_cache(cache_dir, cache_max_gb)   # for every reader of a remote data_dir, evaluation's included
 index = load_index(data_dir)
-has_val = bool(index["splits"].get("val"))
-if val_interval and not has_val:
+if val_interval and not index["splits"].get("val"):
     fail(f"val_interval={val_interval} but {data_dir} has no 'val' split: rerun prepare_data.py with --val_examples=N")
 if flip_prob > 0 and not index["has_flip"]:
     fail(f"flip_prob={flip_prob} but {data_dir} was prepared without flip views (prepare_data.py --flip=true)")
@@ -237,12 +232,10 @@ buckets = {name: (H // down, W // down) for name, (H, W) in trained_buckets(inde
 
 # ---------------------------------------------------------------------------------------------- model, EMA, optimizer
 model_args = dict(
-    in_channels=index["channels"], patch_size=patch_size, hidden=hidden, depth=depth, heads=heads,
-    mlp_ratio=mlp_ratio, qk_norm=qk_norm, grad_checkpoint=grad_checkpoint, attn_impl=attn_impl,
-    mlp_act=mlp_act, prediction=prediction, loss_weighting=loss_weighting, class_embed_std=class_embed_std,
-    moe_experts=moe_experts, moe_top_k=moe_top_k,
-    moe_capacity=moe_capacity, moe_shared_expert=moe_shared_expert,
-    num_classes=index["num_classes"] if use_class else 0,
+    in_channels=index["channels"], patch_size=patch_size, hidden=hidden, depth=depth, heads=heads, mlp_ratio=mlp_ratio,
+    qk_norm=qk_norm, grad_checkpoint=grad_checkpoint, attn_impl=attn_impl, mlp_act=mlp_act, prediction=prediction,
+    loss_weighting=loss_weighting, class_embed_std=class_embed_std, moe_experts=moe_experts, moe_top_k=moe_top_k,
+    moe_capacity=moe_capacity, moe_shared_expert=moe_shared_expert, num_classes=index["num_classes"] if use_class else 0,
     text_dim=index["text_encoder"]["dim"] if use_text and index["text_encoder"] else 0,
     image_dim=index["image_encoder"]["dim"] if use_image and index["image_encoder"] else 0)
 torch.manual_seed(seed)   # the same initial weights on every rank and for every batch split (FSDP does not broadcast)
@@ -254,8 +247,7 @@ for name, (H, W) in buckets.items():
     if H % patch_size or W % patch_size:
         fail(f"bucket {name} (model input {H}x{W}) is not divisible by patch_size={patch_size}")
 text_len = index["text_encoder"]["max_length"] if model_args["text_dim"] else 0
-largest = max(H * W for H, W in buckets.values())
-bucket_max, (H_max, W_max) = next((name, hw) for name, hw in buckets.items() if hw[0] * hw[1] == largest)
+H_max, W_max = max(buckets.values(), key=lambda hw: hw[0] * hw[1])   # the largest bucket (the first of equals)
 flops_per_step = 3 * raw_model.flops_per_image(H_max, W_max, text_len) * global_batch   # fwd + bwd = 3x fwd
 n_params = raw_model.num_params()
 
@@ -286,14 +278,6 @@ def ema_decay_at(step):
 
 
 # ---------------------------------------------------------------------------------------------- resume
-def checkpoint_paths():
-    """Complete checkpoints in out_dir, newest first (a .tmp file is an interrupted save)."""
-    if not os.path.isdir(out_dir):
-        return []
-    names = [n for n in os.listdir(out_dir) if n.startswith("ckpt-") and n.endswith(".pt")]
-    return [os.path.join(out_dir, n) for n in sorted(names, reverse=True)]
-
-
 def load_checkpoint(path):
     """sample.read_checkpoint (safe, memory-mapped) and the keys a resume needs; ValueError naming what is wrong."""
     state = read_checkpoint(path)
@@ -303,21 +287,16 @@ def load_checkpoint(path):
     return state
 
 
-state, resume_path = None, None
-if resume not in ("auto", "never"):
-    resume_path = resume
+state, resume_path = {}, None   # resume: 'auto' tries out_dir's checkpoints newest first, a path only that one
+for path in {"auto": checkpoint_paths(out_dir), "never": []}.get(resume, [resume]):
     try:
-        state = load_checkpoint(resume)
+        state, resume_path = load_checkpoint(path), path
+        break
     except (ValueError, FileNotFoundError) as e:
-        fail(e)
-elif resume == "auto":
-    for path in checkpoint_paths():
-        try:
-            state, resume_path = load_checkpoint(path), path
-            break
-        except ValueError as e:
-            log(f"warning: {e}; falling back to the previous checkpoint")
-if state is not None:
+        if resume != "auto":
+            fail(e)
+        log(f"warning: {e}; falling back to the previous checkpoint")
+if state:
     saved_args = {**LEGACY_MODEL_ARGS, **state["model_args"]}
     if saved_args != model_args:
         diff = {k: (saved_args.get(k), v) for k, v in model_args.items() if saved_args.get(k) != v}
@@ -331,42 +310,26 @@ if state is not None:
     if state["config"].get("fsdp", False) != fsdp:   # FSDP saves optimizer state by parameter name, DDP by index
         fail(f"checkpoint {resume_path} was written with fsdp={state['config'].get('fsdp', False)}; "
              f"resume it with the same setting")
-step = state["step"] if state else 0
-micro_batches = step * grad_accum_steps    # per rank; every step consumes grad_accum_steps micro-batches
-best = {"val_loss": state.get("best_val", math.inf) if state else math.inf,   # the best validation loss and FD
-        "fd": state.get("best_fd", math.inf) if state else math.inf}
-if state:
     schedule.load_state_dict(state)                # a time budget's plan, kept as it stood
-elapsed_before = state.get("elapsed", 0.0) if state else 0.0
+step = state.get("step", 0)
+micro_batches = step * grad_accum_steps    # per rank; every step consumes grad_accum_steps micro-batches
+best = {"val_loss": state.get("best_val", math.inf), "fd": state.get("best_fd", math.inf)}   # best validation loss, FD
+elapsed_before = state.get("elapsed", 0.0)
 log(f"resuming from {resume_path} at step {step}" if state else "starting from scratch")
 
-if fsdp:   # shard each block and the rest; the EMA is sharded the same way so updates stay local
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-    # bf16: all-gather the parameters in bf16 for forward and backward and reduce-scatter the gradients in fp32;
-    # the shards (weights, gradients, optimizer state, EMA) stay fp32. Forward inputs are left as they come: t keeps
-    # fp32 for the timestep features, and autocast casts the rest as it does under DDP
-    mp_policy = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32, cast_forward_inputs=False)
-                 if dtype == "bfloat16" else MixedPrecisionPolicy())   # fp32: no policy
-    for m in (raw_model, ema_model):
-        for block in m.blocks:
-            fully_shard(block, mp_policy=mp_policy)
-        fully_shard(m, mp_policy=mp_policy)
-    model = raw_model
+model = raw_model
+if fsdp:   # each block, then the rest; the EMA alike, so its update stays local (optim.shard)
+    shard((raw_model, ema_model), bf16=dtype == "bfloat16")
 elif ddp:
     model = DDP(raw_model, device_ids=[local_rank] if device_type == "cuda" else None)
-else:
-    model = raw_model
 if compile:
     model = compile_model(model, log)
 found_inf = torch.zeros((), device=device)   # 1 on a non-finite step: the optimizers skip it (set in the loop)
 opt = configure_optimizers(raw_model, optimizer, lr, (beta1, beta2), weight_decay, muon_lr, muon_weight_decay,
                            muon_momentum, torch.bfloat16 if dtype == "bfloat16" else torch.float32, found_inf)
 try:
-    if state is not None and fsdp:
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
-        set_optimizer_state_dict(raw_model, opt, state["optimizer"], options=StateDictOptions(full_state_dict=True))
-    elif state is not None:
-        opt.load_state_dict(state["optimizer"])
+    if state:
+        load_optimizer_state(opt, raw_model, state["optimizer"], fsdp)   # optim.py (under FSDP: to the shards)
 except (ValueError, KeyError) as e:
     fail(f"checkpoint {resume_path}: its optimizer state does not fit optimizer={optimizer!r} ({e})")
 del state
@@ -381,17 +344,9 @@ def grad_sync(sync):
     return nullcontext()
 
 
-def worker_init(_):
-    signal.signal(signal.SIGINT, signal.SIG_IGN)   # Ctrl+C is the main process's to handle
-
-
-stream = ShardStream(data_dir, "train", batch_size=batch_size, rank=rank, world_size=world_size,
-                     seed=seed, start=micro_batches, flip_prob=flip_prob, text_max_length=text_len or None,
-                     draws=draws)
-loader = torch.utils.data.DataLoader(stream, batch_size=None, num_workers=num_workers,
-                                     pin_memory=device_type == "cuda", worker_init_fn=worker_init,
-                                     persistent_workers=num_workers > 0)
-batches = iter(loader)
+stream = ShardStream(data_dir, "train", batch_size=batch_size, rank=rank, world_size=world_size, seed=seed,
+                     start=micro_batches, flip_prob=flip_prob, text_max_length=text_len or None, draws=draws)
+batches = iter(loader(stream, num_workers, pin_memory=device_type == "cuda"))   # from the data position on
 
 
 def to_device(batch):
@@ -401,100 +356,30 @@ def to_device(batch):
 # ---------------------------------------------------------------------------------------------- checkpoints
 def save_checkpoint(path):
     """Write atomically (tmp, fsync, rename). Returns False, keeping older files, if the write fails."""
-    if fsdp:
-        from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
-                                                             get_optimizer_state_dict)
-        opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
-        model_sd = get_model_state_dict(raw_model, options=opts)          # collectives: every rank
-        ema_sd = get_model_state_dict(ema_model, options=opts)
-        optim_sd = get_optimizer_state_dict(raw_model, opt, options=opts)
-    else:
-        model_sd, ema_sd, optim_sd = raw_model.state_dict(), ema_model.state_dict(), opt.state_dict()
+    model_sd, ema_sd, optim_sd = state_dicts(raw_model, ema_model, opt, fsdp)   # under FSDP collectives: every rank
     ok = True
     if master:
         state = dict(model=model_sd, ema=ema_sd, optimizer=optim_sd, step=step, micro_batches=micro_batches,
-                     world_size=world_size, best_val=best["val_loss"], best_fd=best["fd"],
-                     **schedule.state_dict(),
-                     elapsed=elapsed_before + time.time() - t_start,
-                     config=config, model_args=model_args,
+                     world_size=world_size, best_val=best["val_loss"], best_fd=best["fd"], **schedule.state_dict(),
+                     elapsed=elapsed_before + time.time() - t_start, config=config, model_args=model_args,
                      data={**{k: index[k] for k in ("space", "channels", "vae", "text_encoder", "image_encoder",
                                                     "num_classes", "class_names")}, "buckets": trained_buckets(index)})
-        tmp = path + ".tmp"
         try:
-            os.makedirs(out_dir, exist_ok=True)
-            with open(tmp, "wb") as f:
-                torch.save(state, f)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
+            write_atomic(path, lambda f: torch.save(state, f))   # data.py: path.tmp, fsync, rename
         except OSError as e:
             ok = False
             print(f"warning: saving {path} failed ({e}); the previous checkpoints are kept", flush=True)
-            if os.path.exists(tmp):
-                os.remove(tmp)
     if ddp:
         dist.barrier()
     return ok
 
 
-def prune_checkpoints():
-    """Keep the newest keep_last_n and every keep_every-th step; the newest is never deleted."""
-    for i, path in enumerate(checkpoint_paths()):
-        s = int(os.path.basename(path)[5:-3])
-        if i >= keep_last_n and not (keep_every and s % keep_every == 0):
-            os.remove(path)
-
-
-# ---------------------------------------------------------------------------------------------- logging
-writer = None
-if master and tensorboard:
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except ImportError:
-        fail("tensorboard=True but the tensorboard package is missing: pip install tensorboard")
-    writer = SummaryWriter(os.path.join(out_dir, "tb"))
-if master and wandb_project:
-    try:
-        import wandb
-    except ImportError:
-        fail(f"wandb_project={wandb_project!r} but the wandb package is missing: pip install wandb")
-    wandb.init(project=wandb_project, config=config, resume="allow")
-
-
-def write_metrics(record):
-    if not master:
-        return
-    os.makedirs(out_dir, exist_ok=True)
-    with open(os.path.join(out_dir, "metrics.jsonl"), "a") as f:
-        f.write(json.dumps(record) + "\n")
-    if writer:
-        for k, v in record.items():
-            if k != "step" and isinstance(v, (int, float)):
-                writer.add_scalar(k, v, record["step"])
-    if wandb_project:
-        wandb.log(record, step=record["step"])
-
-
-# ---------------------------------------------------------------------------------------------- signals
-stop_reason = None
-signalled_at = None   # time of the first stop signal
-SIGNAL_ECHO_S = 2.0   # signals this close together are one request: a terminal's Ctrl+C reaches both torchrun
-                      # and the ranks, and torchrun forwards it; SLURM signals every process of the step too
-
-
-def request_stop(signum, frame):
-    global stop_reason, signalled_at
-    if signalled_at is not None:
-        if time.time() - signalled_at > SIGNAL_ECHO_S:   # a second request: leave now
-            os._exit(128 + signum)
-        return
-    signalled_at = time.time()
-    stop_reason = signal.Signals(signum).name
-    print(f"rank {rank}: {stop_reason} received; finishing this step, saving, exiting (again to quit now)", flush=True)
-
-
-signal.signal(signal.SIGINT, request_stop)
-signal.signal(signal.SIGTERM, request_stop)
+def keep_best(key, value):
+    """Note a value of 'val_loss' or 'fd'; a new best of the best_by one saves out_dir/best.pt (which records it)."""
+    if value < best[key]:
+        best[key] = value
+        if key == best_by:
+            save_checkpoint(os.path.join(out_dir, "best.pt"))
 
 
 # ---------------------------------------------------------------------------------------------- grids, evaluation
@@ -503,10 +388,10 @@ sampler = dict(steps=sample_steps, solver=sample_solver, shift=sample_shift, tex
 evals = TrainingEval(raw_model, index, data_dir, out_dir, sampler, eval_samples, eval_features, eval_batch_size, seed,
                      device, autocast, rank, world_size, sample_interval, eval_interval, config)   # grids, references
 
-# ---------------------------------------------------------------------------------------------- loop
+# ---------------------------------------------------------------------------------------------- logging
+metrics = MetricsLog(out_dir, tensorboard, wandb_project, config, master)   # metrics.jsonl (tensorboard, W&B)
 stats = TrainingStats(moe_experts, grad_warn, device)   # what the log lines report, summed on the device
 oom_steps = bad_samples = bad_steps = 0
-stopped_bad = False                                 # max_bad_steps stopped the run
 
 
 def log_step(lrs, health):
@@ -519,7 +404,7 @@ def log_step(lrs, health):
     if health["warned"]:
         log(f"warning: step {step}: {int(health['warned'])} steps since step {step_at_log} had a grad norm above "
             f"grad_warn={grad_warn} (max {health['grad_norm_max']:.2f})")
-    means = stats.means(all_sum)                   # loss, |v|, loss per t bin, MoE routing; then starts anew
+    means = stats.means(all_reduce)                # loss, |v|, loss per t bin, MoE routing; then starts anew
     now = time.time()
     ips = (step - step_at_log) * global_batch / (now - t_log)
     record = dict(step=step, **means, grad_norm=health["grad_norm"], grad_norm_max=health["grad_norm_max"], **lrs,
@@ -529,16 +414,19 @@ def log_step(lrs, health):
     log(f"step {step}/{schedule.max_steps} | loss {record['loss']:.4f} | grad {record['grad_norm']:.3f} | "
         f"lr {lrs['lr']:.2e} | {ips:.1f} img/s | elapsed {record['elapsed_s'] / 60:.1f} min | "
         f"eta {record['eta_s'] / 60:.1f} min")
-    write_metrics(record)
+    metrics.write(record)
     t_log, step_at_log = now, step
 
 
-def keep_best(key, value):
-    """Note a value of 'val_loss' or 'fd'; a new best of the best_by one saves out_dir/best.pt (which records it)."""
-    if value < best[key]:
-        best[key] = value
-        if key == best_by:
-            save_checkpoint(os.path.join(out_dir, "best.pt"))
+# ---------------------------------------------------------------------------------------------- stops
+stop_request = StopRequest(rank)   # SIGINT, SIGTERM: finish the step, save, exit (schedule.py); or max_hours, ...
+stopped_bad = False                # max_bad_steps stopped the run
+
+
+def agree_to_stop(stop):
+    """Every rank stops at the same step. The flag is a CPU tensor (over a gloo group under NCCL), so agreeing does
+    not wait for the GPU."""
+    return bool(all_reduce(torch.tensor(float(stop)), "MAX", stop_group)) if ddp else stop
 
 
 def skip_batch_after_oom():
@@ -555,16 +443,7 @@ def skip_batch_after_oom():
     micro_batches = (step + 1) * grad_accum_steps
 
 
-def agree_to_stop(stop):
-    """Every rank stops at the same step. The flag is a CPU tensor (over a gloo group under NCCL), so agreeing does
-    not wait for the GPU."""
-    if ddp:
-        flag = torch.tensor(float(stop))
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=stop_group)
-        stop = bool(flag)
-    return stop
-
-
+# ---------------------------------------------------------------------------------------------- loop
 t_start = t_log = time.time()
 step_at_log = last_ckpt_step = step
 params, ema_params = list(raw_model.parameters()), list(ema_model.parameters())   # listed once, not every step
@@ -628,46 +507,43 @@ while step < schedule.max_steps:
     if note:
         log(note)
     final = step == schedule.max_steps
-    if max_hours and time.time() - t_start > max_hours * 3600 and stop_reason is None:
-        stop_reason = f"max_hours={max_hours}"
+    if max_hours and time.time() - t_start > max_hours * 3600 and stop_request.reason is None:
+        stop_request.reason = f"max_hours={max_hours}"
     health = stats.health(grad_norm) if step % log_interval == 0 or final else None
     if health and health["worst_in_a_row"] >= max_bad_steps:
         stopped_bad = True
-        stop_reason = f"{int(health['worst_in_a_row'])} non-finite steps in a row (max_bad_steps={max_bad_steps})"
-    stop = agree_to_stop(stop_reason is not None)
+        stop_request.reason = f"{int(health['worst_in_a_row'])} non-finite steps in a row (max_bad_steps={max_bad_steps})"
+    stop = agree_to_stop(stop_request.reason is not None)
     if health or stop:
         log_step(lrs, health or stats.health(grad_norm))
     if val_interval and (step % val_interval == 0 or final):
         val = validation(ema_model, data_dir, index, batch_size, val_batches, seed, device, autocast, rank, world_size)
         log(f"step {step} | validation " + " | ".join(f"{k} {v:.4f}" for k, v in val.items()))
-        write_metrics(dict(step=step, **val))
+        metrics.write(dict(step=step, **val))
         keep_best("val_loss", val["val_loss"])
     if eval_interval and (step % eval_interval == 0 or final):
         scores = evals.evaluate(ema_model, step)
-        write_metrics(dict(step=step, **scores))
+        metrics.write(dict(step=step, **scores))
         keep_best("fd", scores["fd"])
     if sample_interval and (step % sample_interval == 0 or final):
         grid_path = evals.sample_grid(ema_model, fsdp, f"step-{step:08d}")   # a collective under FSDP: every rank
         log(f"samples: {grid_path}")
     if step % ckpt_interval == 0 or final or stop:
         if save_checkpoint(os.path.join(out_dir, f"ckpt-{step:08d}.pt")) and master:
-            prune_checkpoints()
+            prune_checkpoints(out_dir, keep_last_n, keep_every)
         last_ckpt_step = step
     if stop:
-        log(f"stopping at step {step}: {stop_reason or 'another rank asked to stop'}")
+        log(f"stopping at step {step}: {stop_request.reason or 'another rank asked to stop'}")
         break
 
 # ---------------------------------------------------------------------------------------------- teardown
-if writer:
-    writer.close()
-if master and wandb_project:
-    wandb.finish()
+metrics.close()
 status = 0
 if stopped_bad:
-    status = f"train.py: stopped after {stop_reason}; last checkpoint at step {last_ckpt_step}"
+    status = f"train.py: stopped after {stop_request.reason}; last checkpoint at step {last_ckpt_step}"
 if ddp:
     dist.destroy_process_group()
-    del loader, batches                               # its worker processes stop now (exit skips the interpreter's)
+    del batches                                       # its worker processes stop now (exit skips the interpreter's)
     exit_skipping_shutdown(status)
 if status:
     sys.exit(status)
