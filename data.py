@@ -470,6 +470,11 @@ def loader(stream, num_workers, pin_memory):
                                        worker_init_fn=_ignore_sigint, persistent_workers=num_workers > 0)
 
 
+def to_device(batch, device):
+    """A batch's tensors on the device (pinned memory copies without waiting); its other values as they are."""
+    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+
 def iterate_split(root, split='val', batch_size=8, text_max_length=None, bucket=None):
     """One pass over every sample of a split in a fixed order (no shuffle, no flip), for validation.
 

@@ -933,8 +933,8 @@ class TrainingStats:
     def __init__(self, moe_experts, grad_warn, device):
         self.sums = torch.zeros(3 + 2 * self.T_BINS, device=device)  # loss, valid count, |v|, bin sums, bin counts
         self.moe = torch.zeros(3 + moe_experts, device=device)  # MoE: aux loss, dropped share, micro-batches, loads
-        self.bad_in_a_row, self.worst_in_a_row, self.bad, self.warned, self.grad_norm_max = (
-            torch.zeros((), device=device) for _ in range(5))
+        self.bad_in_a_row, self.worst_in_a_row, self.bad, self.warned, self.grad_norm_max, self.bad_steps = (
+            torch.zeros((), device=device) for _ in range(6))   # bad_steps: since the start of this process
         self.moe_experts, self.grad_warn = moe_experts, grad_warn
 
     @torch.no_grad()
@@ -957,15 +957,28 @@ class TrainingStats:
         self.bad_in_a_row.add_(1).mul_(bad)                 # reset by a finite step
         torch.maximum(self.worst_in_a_row, self.bad_in_a_row, out=self.worst_in_a_row)
         self.bad.add_(bad)
+        self.bad_steps.add_(bad)
         finite_norm = torch.where(bad, 0.0, grad_norm.float())
         torch.maximum(self.grad_norm_max, finite_norm, out=self.grad_norm_max)
         self.warned.add_(finite_norm > self.grad_warn)
 
+    def notes(self, health, step, since):
+        """What the log says of a health() read at `step` since step `since`: skipped steps, large grad norms."""
+        notes = []
+        if health["bad"]:
+            notes.append(f"step {step}: {int(health['bad'])} of the last {step - since} steps had a non-finite loss or "
+                         f"gradient; their updates were skipped (at most {int(health['worst_in_a_row'])} in a row)")
+        if health["warned"]:
+            notes.append(f"warning: step {step}: {int(health['warned'])} steps since step {since} had a grad norm "
+                         f"above grad_warn={self.grad_warn} (max {health['grad_norm_max']:.2f})")
+        return notes
+
     def health(self, grad_norm):
         """The device-side counters as numbers (a host sync: at log steps only)."""
         values = torch.stack([grad_norm.float(), self.grad_norm_max, self.bad_in_a_row, self.worst_in_a_row,
-                              self.bad, self.warned]).tolist()
-        return dict(zip(("grad_norm", "grad_norm_max", "bad_in_a_row", "worst_in_a_row", "bad", "warned"), values))
+                              self.bad, self.warned, self.bad_steps]).tolist()
+        return dict(zip(("grad_norm", "grad_norm_max", "bad_in_a_row", "worst_in_a_row", "bad", "warned",
+                         "bad_steps"), values))
 
     def means(self, all_sum):
         """The means since the last call, over micro-batches and ranks (all_sum: a sum over ranks that every rank

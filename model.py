@@ -593,13 +593,16 @@ def training_memory(n_params, tokens, batch_size, hidden, heads, depth, grad_che
             "fsdp_unsharded_grads": 4 * n_params if fsdp and grad_accum_steps > 1 else 0}
 
 
-def size_report(model, height, width, text_len, memory, global_batch):
+def size_report(model, height, width, text_len, global_batch, memory=None):
     """train.py's sizes: parameters (those active per token with MoE), forward GFLOP per image and TFLOP per
-    training step (forward + backward = 3 forwards) at height x width, memory per rank ~ sum of `memory`
-    (training_memory's terms, in bytes) by term."""
+    training step (forward + backward = 3 forwards) at height x width; with `memory` (training_memory's terms, in
+    bytes) the memory per rank, in all and by term."""
     cfg, fwd = model.cfg, model.flops_per_image(height, width, text_len)
     moe = (f" ({model.num_params(active=True):,} active per token: {cfg.moe_top_k} of {cfg.moe_experts} experts"
            f"{' + shared' if cfg.moe_shared_expert else ''})" if cfg.moe_experts else "")
-    return (f"params {model.num_params():,}{moe} | forward {fwd / 1e9:.2f} GFLOP per image | "
-            f"{3 * fwd * global_batch / 1e12:.3f} TFLOP per step | memory per GPU ~{sum(memory.values()) / 2**30:.2f} "
-            "GiB (" + ", ".join(f"{k.replace('_', ' ')} {v / 2**30:.2f}" for k, v in memory.items() if v) + ")")
+    report = (f"params {model.num_params():,}{moe} | forward {fwd / 1e9:.2f} GFLOP per image | "
+              f"{3 * fwd * global_batch / 1e12:.3f} TFLOP per step at {height}x{width}")
+    if memory:
+        report += (f" | memory per GPU ~{sum(memory.values()) / 2**30:.2f} GiB ("
+                   + ", ".join(f"{k.replace('_', ' ')} {v / 2**30:.2f}" for k, v in memory.items() if v) + ")")
+    return report

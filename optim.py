@@ -7,6 +7,7 @@ A step whose loss or gradient is not finite is skipped on the device, without a 
 0-dim `found_inf` tensor that both read (the fused AdamW kernels read it as they do for torch's GradScaler).
 """
 import math
+from contextlib import nullcontext
 
 import torch
 
@@ -167,3 +168,14 @@ def shard(modules, bf16):
         for block in m.blocks:
             fully_shard(block, mp_policy=mp_policy)
         fully_shard(m, mp_policy=mp_policy)
+
+
+def grad_sync(model, sync):
+    """Gradients are reduced over the ranks only on the last micro-step of an accumulation (sync); forward and
+    backward stay inside the context. DDP's no_sync skips its all-reduce, FSDP2 its reduce-scatter; one process (or
+    a compiled wrapper of either, which passes these on): nothing to do."""
+    if hasattr(model, "set_requires_gradient_sync"):   # FSDP2 (fully_shard)
+        model.set_requires_gradient_sync(sync)
+    elif not sync and hasattr(model, "no_sync"):        # DDP
+        return model.no_sync()
+    return nullcontext()

@@ -135,10 +135,10 @@ class Schedule:
 class StopRequest:
     """Why the run ends before its last step: `reason` is None until SIGINT or SIGTERM arrives (finish the step, save,
     exit; a second signal, more than SIGNAL_ECHO_S later, leaves at once) or the trainer sets it (max_hours,
-    max_bad_steps). Installs its handlers when made."""
+    max_bad_steps, which also sets `failed`: the run then exits with an error). Installs its handlers when made."""
 
     def __init__(self, rank):
-        self.rank, self.reason, self.signalled_at = rank, None, None
+        self.rank, self.reason, self.signalled_at, self.failed = rank, None, None, False
         signal.signal(signal.SIGINT, self.request)
         signal.signal(signal.SIGTERM, self.request)
 
@@ -151,3 +151,8 @@ class StopRequest:
         self.reason = signal.Signals(signum).name
         print(f"rank {self.rank}: {self.reason} received; finishing this step, saving, exiting (again to quit now)",
               flush=True)
+
+
+def ema_decay_at(step, decay, warmup_steps):
+    """The EMA's decay at an optimizer step: ramps linearly from 0 to `decay` over warmup_steps (0: `decay` at once)."""
+    return decay * min(1.0, step / warmup_steps) if warmup_steps else decay

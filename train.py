@@ -25,15 +25,15 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from data import (ShardStream, checkpoint_paths, configure_cache, load_index, loader, prune_checkpoints,
+from data import (ShardStream, checkpoint_paths, configure_cache, load_index, loader, prune_checkpoints, to_device,
                   trained_buckets, write_atomic)
 from evaluate import MetricsLog, TrainingEval, TrainingStats, check_eval_request, validation
 from model import (LEGACY_MODEL_ARGS, DiT, DiTConfig, TrainingDraws, bf16_is_native, compile_model, flow_loss,
                    interpolate, keep_freed_cpu_memory, size_report, training_memory)
-from optim import configure_optimizers, load_optimizer_state, set_lr, shard, state_dicts
+from optim import configure_optimizers, grad_sync, load_optimizer_state, set_lr, shard, state_dicts
 from prepare_data import exit_skipping_shutdown, lock_dir
 from sample import SOLVERS, read_checkpoint
-from schedule import Schedule, StopRequest
+from schedule import Schedule, StopRequest, ema_decay_at
 
 # ----------------------------------------------------------------------------------------------
 # defaults; override with a config file and --key=value (configurator.py)
@@ -150,7 +150,8 @@ def fail(msg):
 check_values(globals(), "train.py", dict(optimizer=("adamw", "muon"), best_by=("val_loss", "fd"),
                                          dtype=("auto", "bfloat16", "float32"), sample_solver=tuple(SOLVERS)),
              dict(lr="(0, inf)", muon_lr="[0, inf)", sample_temperature="(0, inf)", batch_size="[1, inf)",
-                  grad_accum_steps="[1, inf)", keep_last_n="[1, inf)", log_interval="[1, inf)", ckpt_interval="[1, inf)"))
+                  grad_accum_steps="[1, inf)", keep_last_n="[1, inf)", log_interval="[1, inf)",
+                  ckpt_interval="[1, inf)"))
 try:
     draws = TrainingDraws(seed, t_sampling, t_loc, t_scale, t_shift)   # each sample's t, noise, dropout (model.py)
 except ValueError as e:                                                # t_sampling is checked there
@@ -189,8 +190,7 @@ if dtype == "auto":
 autocast = torch.autocast(device_type, dtype=torch.bfloat16) if dtype == "bfloat16" else nullcontext()
 if keep_freed_memory and device_type == "cpu":
     keep_freed_cpu_memory()
-torch.backends.cuda.matmul.allow_tf32 = True
-torch.backends.cudnn.allow_tf32 = True
+torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
 
 
 def log(*args):
@@ -203,11 +203,6 @@ def all_reduce(tensor, op="SUM", group=None):
     if ddp:
         dist.all_reduce(tensor, op=getattr(dist.ReduceOp, op), group=group)
     return tensor
-
-
-def slowest(values):
-    """The largest of each value over the ranks (fp32: MPS has no fp64); every rank must call this."""
-    return all_reduce(torch.tensor(values, device=device), "MAX").tolist()
 
 
 # ---------------------------------------------------------------------------------------------- data
@@ -235,7 +230,8 @@ model_args = dict(
     in_channels=index["channels"], patch_size=patch_size, hidden=hidden, depth=depth, heads=heads, mlp_ratio=mlp_ratio,
     qk_norm=qk_norm, grad_checkpoint=grad_checkpoint, attn_impl=attn_impl, mlp_act=mlp_act, prediction=prediction,
     loss_weighting=loss_weighting, class_embed_std=class_embed_std, moe_experts=moe_experts, moe_top_k=moe_top_k,
-    moe_capacity=moe_capacity, moe_shared_expert=moe_shared_expert, num_classes=index["num_classes"] if use_class else 0,
+    moe_capacity=moe_capacity, moe_shared_expert=moe_shared_expert,
+    num_classes=index["num_classes"] if use_class else 0,
     text_dim=index["text_encoder"]["dim"] if use_text and index["text_encoder"] else 0,
     image_dim=index["image_encoder"]["dim"] if use_image and index["image_encoder"] else 0)
 torch.manual_seed(seed)   # the same initial weights on every rank and for every batch split (FSDP does not broadcast)
@@ -248,24 +244,18 @@ for name, (H, W) in buckets.items():
         fail(f"bucket {name} (model input {H}x{W}) is not divisible by patch_size={patch_size}")
 text_len = index["text_encoder"]["max_length"] if model_args["text_dim"] else 0
 H_max, W_max = max(buckets.values(), key=lambda hw: hw[0] * hw[1])   # the largest bucket (the first of equals)
-flops_per_step = 3 * raw_model.flops_per_image(H_max, W_max, text_len) * global_batch   # fwd + bwd = 3x fwd
-n_params = raw_model.num_params()
 
 log(json.dumps(config, indent=1))
 log(f"world size {world_size} | device {device} | dtype {dtype} | global batch {global_batch} = "
     f"{batch_size} per rank x {grad_accum_steps} accumulation x {world_size} ranks | "
     + (f"steps fitted to max_minutes={max_minutes} after {budget_probe_steps} timed steps" if max_minutes else
        f"{schedule.max_steps} steps = {schedule.max_steps * global_batch:,} images")
-    + f" | {n_params / 1e6:.2f}M parameters"
-    + (f" ({raw_model.num_params(active=True) / 1e6:.2f}M active per token)" if moe_experts else "") + " | "
-    f"{flops_per_step / 1e12:.3f} TFLOP per step at {H_max}x{W_max}")
-if dry_run:
-    # memory per rank by term (model.training_memory); attention on CUDA through SDPA runs fused kernels, which
-    # never store the N x N scores
-    memory = training_memory(n_params, (H_max // patch_size) * (W_max // patch_size), batch_size, hidden, heads, depth,
-                             grad_checkpoint, device_type == "cuda" and attn_impl in ("auto", "sdpa"), world_size,
-                             ddp, fsdp, grad_accum_steps)
-    log(f"dry run: {size_report(raw_model, H_max, W_max, text_len, memory, global_batch)} | effective batch "
+    + f" | {size_report(raw_model, H_max, W_max, text_len, global_batch)}")
+if dry_run:   # memory per rank by term (model.training_memory); SDPA on CUDA runs fused kernels: no N x N scores
+    fused = device_type == "cuda" and attn_impl in ("auto", "sdpa")
+    memory = training_memory(raw_model.num_params(), (H_max // patch_size) * (W_max // patch_size), batch_size,
+                             hidden, heads, depth, grad_checkpoint, fused, world_size, ddp, fsdp, grad_accum_steps)
+    log(f"dry run: {size_report(raw_model, H_max, W_max, text_len, global_batch, memory)} | effective batch "
         f"{global_batch} | {schedule.max_steps} steps")
     sys.exit(0)
 
@@ -273,24 +263,15 @@ raw_model.to(device)
 ema_model = copy.deepcopy(raw_model).requires_grad_(False).eval()   # fp32 shadow weights
 
 
-def ema_decay_at(step):
-    return ema_decay * min(1.0, step / ema_warmup_steps) if ema_warmup_steps else ema_decay
-
-
 # ---------------------------------------------------------------------------------------------- resume
-def load_checkpoint(path):
-    """sample.read_checkpoint (safe, memory-mapped) and the keys a resume needs; ValueError naming what is wrong."""
-    state = read_checkpoint(path)
-    missing = {"model", "ema", "optimizer", "step", "micro_batches"} - set(state if isinstance(state, dict) else ())
-    if missing:
-        raise ValueError(f"{path} is not a NanoDiT checkpoint: it lacks {sorted(missing)}")
-    return state
-
-
 state, resume_path = {}, None   # resume: 'auto' tries out_dir's checkpoints newest first, a path only that one
 for path in {"auto": checkpoint_paths(out_dir), "never": []}.get(resume, [resume]):
-    try:
-        state, resume_path = load_checkpoint(path), path
+    try:   # sample.read_checkpoint: safe (weights only) and memory-mapped; then the keys a resume needs
+        found = read_checkpoint(path)
+        missing = {"model", "ema", "optimizer", "step", "micro_batches"} - set(found if isinstance(found, dict) else ())
+        if missing:
+            raise ValueError(f"{path} is not a NanoDiT checkpoint: it lacks {sorted(missing)}")
+        state, resume_path = found, path
         break
     except (ValueError, FileNotFoundError) as e:
         if resume != "auto":
@@ -335,22 +316,9 @@ except (ValueError, KeyError) as e:
 del state
 
 
-def grad_sync(sync):
-    """DDP all-reduces gradients only on the last micro-step; forward and backward stay inside."""
-    if ddp and not fsdp and not sync:
-        return model.no_sync()
-    if fsdp:
-        raw_model.set_requires_gradient_sync(sync)
-    return nullcontext()
-
-
 stream = ShardStream(data_dir, "train", batch_size=batch_size, rank=rank, world_size=world_size, seed=seed,
                      start=micro_batches, flip_prob=flip_prob, text_max_length=text_len or None, draws=draws)
 batches = iter(loader(stream, num_workers, pin_memory=device_type == "cuda"))   # from the data position on
-
-
-def to_device(batch):
-    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
 
 
 # ---------------------------------------------------------------------------------------------- checkpoints
@@ -382,35 +350,29 @@ def keep_best(key, value):
             save_checkpoint(os.path.join(out_dir, "best.pt"))
 
 
-# ---------------------------------------------------------------------------------------------- grids, evaluation
+# ---------------------------------------------------------------------------------------------- evaluation, logging
 sampler = dict(steps=sample_steps, solver=sample_solver, shift=sample_shift, text_scale=sample_text_scale,
                image_scale=sample_image_scale, interval=sample_guidance_interval, temperature=sample_temperature)
 evals = TrainingEval(raw_model, index, data_dir, out_dir, sampler, eval_samples, eval_features, eval_batch_size, seed,
                      device, autocast, rank, world_size, sample_interval, eval_interval, config)   # grids, references
-
-# ---------------------------------------------------------------------------------------------- logging
 metrics = MetricsLog(out_dir, tensorboard, wandb_project, config, master)   # metrics.jsonl (tensorboard, W&B)
 stats = TrainingStats(moe_experts, grad_warn, device)   # what the log lines report, summed on the device
-oom_steps = bad_samples = bad_steps = 0
+oom_steps = bad_samples = 0
+stop_request = StopRequest(rank)   # SIGINT, SIGTERM: finish the step, save, exit (schedule.py); or max_hours, ...
 
 
 def log_step(lrs, health):
     """The log line and metrics record since the last one: losses summed over ranks, speed, health, MoE routing."""
-    global bad_steps, t_log, step_at_log
-    bad_steps += int(health["bad"])
-    if health["bad"]:
-        log(f"step {step}: {int(health['bad'])} of the last {step - step_at_log} steps had a non-finite loss or "
-            f"gradient; their updates were skipped (at most {int(health['worst_in_a_row'])} in a row)")
-    if health["warned"]:
-        log(f"warning: step {step}: {int(health['warned'])} steps since step {step_at_log} had a grad norm above "
-            f"grad_warn={grad_warn} (max {health['grad_norm_max']:.2f})")
+    global t_log, step_at_log
+    for note in stats.notes(health, step, step_at_log):   # steps skipped as non-finite, grad norms above grad_warn
+        log(note)
     means = stats.means(all_reduce)                # loss, |v|, loss per t bin, MoE routing; then starts anew
     now = time.time()
     ips = (step - step_at_log) * global_batch / (now - t_log)
     record = dict(step=step, **means, grad_norm=health["grad_norm"], grad_norm_max=health["grad_norm_max"], **lrs,
                   img_per_s=ips, elapsed_s=elapsed_before + now - t_start,
                   eta_s=(schedule.max_steps - step) * global_batch / max(ips, 1e-9),
-                  bad_steps=bad_steps, oom_steps=oom_steps, bad_samples=bad_samples)
+                  bad_steps=int(health["bad_steps"]), oom_steps=oom_steps, bad_samples=bad_samples)
     log(f"step {step}/{schedule.max_steps} | loss {record['loss']:.4f} | grad {record['grad_norm']:.3f} | "
         f"lr {lrs['lr']:.2e} | {ips:.1f} img/s | elapsed {record['elapsed_s'] / 60:.1f} min | "
         f"eta {record['eta_s'] / 60:.1f} min")
@@ -418,24 +380,12 @@ def log_step(lrs, health):
     t_log, step_at_log = now, step
 
 
-# ---------------------------------------------------------------------------------------------- stops
-stop_request = StopRequest(rank)   # SIGINT, SIGTERM: finish the step, save, exit (schedule.py); or max_hours, ...
-stopped_bad = False                # max_bad_steps stopped the run
-
-
-def agree_to_stop(stop):
-    """Every rank stops at the same step. The flag is a CPU tensor (over a gloo group under NCCL), so agreeing does
-    not wait for the GPU."""
-    return bool(all_reduce(torch.tensor(float(stop)), "MAX", stop_group)) if ddp else stop
-
-
 def skip_batch_after_oom():
     """Out of memory in one process: drop this step's gradients and the rest of its micro-batches, so the data
     position stays where an uninterrupted run would be, and go on."""
     global micro_batches, oom_steps
     opt.zero_grad(set_to_none=True)
-    if device_type == "cuda":
-        torch.cuda.empty_cache()
+    torch.cuda.empty_cache()   # a no-op without CUDA
     oom_steps += 1
     log(f"step {step}: out of memory; batch skipped ({oom_steps} so far)")
     for _ in range(micro_batches, (step + 1) * grad_accum_steps):
@@ -454,14 +404,14 @@ while step < schedule.max_steps:
     loss_step = torch.zeros((), device=device)
     try:
         for micro in range(grad_accum_steps):
-            batch = to_device(next(batches))
+            batch = to_device(next(batches), device)
             micro_batches += 1
             x, valid = batch["x"], batch["valid"]                  # (B, C, H, W), (B,) bool
             bad_samples += batch["n_bad"]
             t, noise, u = batch["t"], batch["noise"], batch["u"]   # (B,), (B, C, H, W), (B,): TrainingDraws
             xt = interpolate(x, noise, t)                          # (1 - t) x + t noise
             drop_all, drop_text, drop_image = TrainingDraws.dropout(u, p_uncond, p_text_only, p_image_only)   # (B,)
-            with grad_sync(micro == grad_accum_steps - 1):
+            with grad_sync(model, micro == grad_accum_steps - 1):   # optim.py
                 with autocast:
                     v = model(xt, t, **raw_model.conditions(batch), drop_y=drop_all, drop_text=drop_text,
                               drop_image=drop_image)
@@ -495,13 +445,14 @@ while step < schedule.max_steps:
         bad = ~(torch.isfinite(grad_norm) & torch.isfinite(loss_step))
         found_inf.copy_(bad)
         opt.step()
-        ema_weight = torch.where(bad, 0.0, 1.0 - ema_decay_at(step))
+        ema_weight = torch.where(bad, 0.0, 1.0 - ema_decay_at(step, ema_decay, ema_warmup_steps))
         torch._foreach_lerp_(ema_params, params, [ema_weight] * len(params))
         stats.count_step(bad, grad_norm)
     opt.zero_grad(set_to_none=True)
     step += 1
     try:
-        note = schedule.tick(step, slowest)        # max_minutes: times the probe, (re)plans max_steps
+        # max_minutes: times the probe and (re)plans max_steps by the slowest rank (fp32: MPS has no fp64)
+        note = schedule.tick(step, lambda values: all_reduce(torch.tensor(values, device=device), "MAX").tolist())
     except ValueError as e:
         fail(e)
     if note:
@@ -511,9 +462,11 @@ while step < schedule.max_steps:
         stop_request.reason = f"max_hours={max_hours}"
     health = stats.health(grad_norm) if step % log_interval == 0 or final else None
     if health and health["worst_in_a_row"] >= max_bad_steps:
-        stopped_bad = True
-        stop_request.reason = f"{int(health['worst_in_a_row'])} non-finite steps in a row (max_bad_steps={max_bad_steps})"
-    stop = agree_to_stop(stop_request.reason is not None)
+        stop_request.failed = True
+        stop_request.reason = (f"{int(health['worst_in_a_row'])} non-finite steps in a row "
+                               f"(max_bad_steps={max_bad_steps})")
+    stop = stop_request.reason is not None   # every rank stops at the same step; a CPU flag (gloo): no GPU wait
+    stop = bool(all_reduce(torch.tensor(float(stop)), "MAX", stop_group)) if ddp else stop
     if health or stop:
         log_step(lrs, health or stats.health(grad_norm))
     if val_interval and (step % val_interval == 0 or final):
@@ -525,9 +478,8 @@ while step < schedule.max_steps:
         scores = evals.evaluate(ema_model, step)
         metrics.write(dict(step=step, **scores))
         keep_best("fd", scores["fd"])
-    if sample_interval and (step % sample_interval == 0 or final):
-        grid_path = evals.sample_grid(ema_model, fsdp, f"step-{step:08d}")   # a collective under FSDP: every rank
-        log(f"samples: {grid_path}")
+    if sample_interval and (step % sample_interval == 0 or final):   # a collective under FSDP: every rank
+        log(f"samples: {evals.sample_grid(ema_model, fsdp, f'step-{step:08d}')}")
     if step % ckpt_interval == 0 or final or stop:
         if save_checkpoint(os.path.join(out_dir, f"ckpt-{step:08d}.pt")) and master:
             prune_checkpoints(out_dir, keep_last_n, keep_every)
@@ -538,9 +490,8 @@ while step < schedule.max_steps:
 
 # ---------------------------------------------------------------------------------------------- teardown
 metrics.close()
-status = 0
-if stopped_bad:
-    status = f"train.py: stopped after {stop_request.reason}; last checkpoint at step {last_ckpt_step}"
+status = 0 if not stop_request.failed else (f"train.py: stopped after {stop_request.reason}; last checkpoint at "
+                                           f"step {last_ckpt_step}")
 if ddp:
     dist.destroy_process_group()
     del batches                                       # its worker processes stop now (exit skips the interpreter's)
