@@ -7,6 +7,10 @@ Reading: data_dir (train.py, sample.py) is a folder, an http(s):// prefix (or an
 webdataset's gopen), or a 'pipe:' command in which {} stands for the file, e.g.
 'pipe:aws s3 cp s3://bucket/data/{} -'. Remote shards are fetched whole into a local cache, then read
 by random access like local ones (configure_cache).
+
+Training's side: loader(stream, ...) is the DataLoader over a ShardStream, to_device moves its batches; the
+checkpoint files train.py writes in out_dir are listed, pruned and written atomically here too (checkpoint_paths,
+prune_checkpoints, write_atomic), beside the shard cache's own file handling.
 """
 import ast
 import functools

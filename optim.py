@@ -1,7 +1,10 @@
-"""The optimizers: AdamW for every parameter, or Muon for the blocks' weight matrices and AdamW for the rest.
+"""The optimizers: AdamW for every parameter, or Muon for the blocks' weight matrices and AdamW for the rest; and
+what their updates need across ranks (gradient sync, FSDP2 shards, whole state dicts for a checkpoint).
 
-    opt = configure_optimizers(raw_model, "muon", lr=3e-4, ...)    # train.py, after any sharding
+    opt = configure_optimizers(raw_model, "muon", lr=3e-4, ...)    # train.py, after any sharding (shard)
     lrs = set_lr(opt, lr_at(step), lr)                            # every step: each group at the schedule's lr
+    with grad_sync(model, micro == grad_accum_steps - 1): ...     # reduce gradients on the last micro-step only
+    model_sd, ema_sd, optim_sd = state_dicts(raw_model, ema_model, opt, fsdp)   # a checkpoint's (load_optimizer_state)
 
 A step whose loss or gradient is not finite is skipped on the device, without a host sync: train.py sets the
 0-dim `found_inf` tensor that both read (the fused AdamW kernels read it as they do for torch's GradScaler).

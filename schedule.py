@@ -4,6 +4,8 @@
     schedule = Schedule(3e-4, 100, "wsd", 0.2, 0.1, 0, max_minutes=9, t0=t0)       # as many steps as 9 minutes hold
     lr = schedule.lr_at(step)                                                       # before each optimizer step
     note = schedule.tick(step, slowest)                                             # after it: plans when due
+    stop = StopRequest(rank)            # SIGINT/SIGTERM set stop.reason: the trainer finishes the step, saves, exits
+    decay = ema_decay_at(step, 0.9999, 1000)                                        # the EMA's decay, ramped up
 
 Warm-up is linear from 0 over warmup_steps; then 'cosine' goes down to lr * min_lr_ratio at max_steps, or 'wsd'
 holds the peak and decays by 1 - sqrt over the last decay_frac of max_steps (Hagele et al., arXiv:2405.18392).

@@ -315,7 +315,6 @@ except (ValueError, KeyError) as e:
     fail(f"checkpoint {resume_path}: its optimizer state does not fit optimizer={optimizer!r} ({e})")
 del state
 
-
 stream = ShardStream(data_dir, "train", batch_size=batch_size, rank=rank, world_size=world_size, seed=seed,
                      start=micro_batches, flip_prob=flip_prob, text_max_length=text_len or None, draws=draws)
 batches = iter(loader(stream, num_workers, pin_memory=device_type == "cuda"))   # from the data position on
