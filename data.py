@@ -7,6 +7,10 @@ Reading: data_dir (train.py, sample.py) is a folder, an http(s):// prefix (or an
 webdataset's gopen), or a 'pipe:' command in which {} stands for the file, e.g.
 'pipe:aws s3 cp s3://bucket/data/{} -'. Remote shards are fetched whole into a local cache, then read
 by random access like local ones (configure_cache).
+
+Training's side: loader(stream, ...) is the DataLoader over a ShardStream, to_device moves its batches; the
+checkpoint files train.py writes in out_dir are listed, pruned and written atomically here too (checkpoint_paths,
+prune_checkpoints, write_atomic), beside the shard cache's own file handling.
 """
 import ast
 import functools
@@ -17,6 +21,7 @@ import math
 import os
 import re
 import shutil
+import signal
 import struct
 import tarfile
 import time
@@ -458,6 +463,22 @@ class ShardStream(torch.utils.data.IterableDataset):
             n += workers
 
 
+def _ignore_sigint(_):
+    signal.signal(signal.SIGINT, signal.SIG_IGN)   # Ctrl+C is the main process's to handle
+
+
+def loader(stream, num_workers, pin_memory):
+    """A DataLoader over a ShardStream (its batches come collated): num_workers processes, which leave Ctrl+C to the
+    main process and stay up across epochs."""
+    return torch.utils.data.DataLoader(stream, batch_size=None, num_workers=num_workers, pin_memory=pin_memory,
+                                       worker_init_fn=_ignore_sigint, persistent_workers=num_workers > 0)
+
+
+def to_device(batch, device):
+    """A batch's tensors on the device (pinned memory copies without waiting); its other values as they are."""
+    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+
 def iterate_split(root, split='val', batch_size=8, text_max_length=None, bucket=None):
     """One pass over every sample of a split in a fixed order (no shuffle, no flip), for validation.
 
@@ -478,3 +499,37 @@ def iterate_split(root, split='val', batch_size=8, text_max_length=None, bucket=
             yield {**reader.read_batch(split, name, part, [False] * len(part)), 'g': g, 'start': start, 'epoch': 0}
             g += 1
             start += len(part)
+
+
+# ---------------------------------------------------------------------------------------------- checkpoint files
+def checkpoint_paths(folder):
+    """train.py's complete checkpoints (ckpt-<step>.pt) in folder, newest first (a .tmp file is an interrupted save)."""
+    if not os.path.isdir(folder):
+        return []
+    names = [n for n in os.listdir(folder) if n.startswith('ckpt-') and n.endswith('.pt')]
+    return [os.path.join(folder, n) for n in sorted(names, reverse=True)]
+
+
+def prune_checkpoints(folder, keep_last_n, keep_every):
+    """Keep the newest keep_last_n checkpoints and every keep_every-th step (0: none); the newest is never deleted."""
+    for i, path in enumerate(checkpoint_paths(folder)):
+        step = int(os.path.basename(path)[5:-3])
+        if i >= keep_last_n and not (keep_every and step % keep_every == 0):
+            os.remove(path)
+
+
+def write_atomic(path, write):
+    """write(f) to path.tmp, fsync, then os.replace: a crash leaves the old file or the new one. An OSError removes
+    the .tmp file and goes on to the caller."""
+    tmp = path + '.tmp'
+    try:
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        with open(tmp, 'wb') as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise

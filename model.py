@@ -90,6 +90,16 @@ class TrainingDraws:
             u.append(uu[:1])
         return {"t": shift_time(torch.cat(t), self.t_shift), "noise": torch.stack(noise), "u": torch.cat(u)}
 
+    @staticmethod
+    def dropout(u, p_uncond, p_text_only, p_image_only):
+        """Guidance dropout from the one categorical draw u (B,): masks (drop_all, drop_text, drop_image), (B,) bool
+        each. With p_uncond every condition is dropped, with p_text_only the image (text and class kept), with
+        p_image_only the text (image kept)."""
+        drop_all = u < p_uncond
+        drop_image = drop_all | ((u >= p_uncond) & (u < p_uncond + p_text_only))
+        drop_text = drop_all | ((u >= p_uncond + p_text_only) & (u < p_uncond + p_text_only + p_image_only))
+        return drop_all, drop_text, drop_image
+
 
 # ---------------------------------------------------------------------------------------------
 
@@ -581,3 +591,18 @@ def training_memory(n_params, tokens, batch_size, hidden, heads, depth, grad_che
             "activations": depth * 2 * N * b * D + per_block if grad_checkpoint else depth * per_block,
             "ddp_buckets": 4 * n_params if ddp and not fsdp else 0,
             "fsdp_unsharded_grads": 4 * n_params if fsdp and grad_accum_steps > 1 else 0}
+
+
+def size_report(model, height, width, text_len, global_batch, memory=None):
+    """train.py's sizes: parameters (those active per token with MoE), forward GFLOP per image and TFLOP per
+    training step (forward + backward = 3 forwards) at height x width; with `memory` (training_memory's terms, in
+    bytes) the memory per rank, in all and by term."""
+    cfg, fwd = model.cfg, model.flops_per_image(height, width, text_len)
+    moe = (f" ({model.num_params(active=True):,} active per token: {cfg.moe_top_k} of {cfg.moe_experts} experts"
+           f"{' + shared' if cfg.moe_shared_expert else ''})" if cfg.moe_experts else "")
+    report = (f"params {model.num_params():,}{moe} | forward {fwd / 1e9:.2f} GFLOP per image | "
+              f"{3 * fwd * global_batch / 1e12:.3f} TFLOP per step at {height}x{width}")
+    if memory:
+        report += (f" | memory per GPU ~{sum(memory.values()) / 2**30:.2f} GiB ("
+                   + ", ".join(f"{k.replace('_', ' ')} {v / 2**30:.2f}" for k, v in memory.items() if v) + ")")
+    return report

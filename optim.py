@@ -1,12 +1,16 @@
-"""The optimizers: AdamW for every parameter, or Muon for the blocks' weight matrices and AdamW for the rest.
+"""The optimizers: AdamW for every parameter, or Muon for the blocks' weight matrices and AdamW for the rest; and
+what their updates need across ranks (gradient sync, FSDP2 shards, whole state dicts for a checkpoint).
 
-    opt = configure_optimizers(raw_model, "muon", lr=3e-4, ...)    # train.py, after any sharding
+    opt = configure_optimizers(raw_model, "muon", lr=3e-4, ...)    # train.py, after any sharding (shard)
     lrs = set_lr(opt, lr_at(step), lr)                            # every step: each group at the schedule's lr
+    with grad_sync(model, micro == grad_accum_steps - 1): ...     # reduce gradients on the last micro-step only
+    model_sd, ema_sd, optim_sd = state_dicts(raw_model, ema_model, opt, fsdp)   # a checkpoint's (load_optimizer_state)
 
 A step whose loss or gradient is not finite is skipped on the device, without a host sync: train.py sets the
 0-dim `found_inf` tensor that both read (the fused AdamW kernels read it as they do for torch's GradScaler).
 """
 import math
+from contextlib import nullcontext
 
 import torch
 
@@ -130,3 +134,51 @@ def set_lr(opt, lr_now, lr):
         for group in o.param_groups:
             group["lr"] = now
     return lrs
+
+
+def state_dicts(model, ema, opt, fsdp):
+    """The state dicts of the model, its EMA and the optimizer for a checkpoint; under FSDP the shards gathered whole
+    onto the CPU (collectives: every rank calls this)."""
+    if not fsdp:
+        return model.state_dict(), ema.state_dict(), opt.state_dict()
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                         get_optimizer_state_dict)
+    opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    return (get_model_state_dict(model, options=opts), get_model_state_dict(ema, options=opts),
+            get_optimizer_state_dict(model, opt, options=opts))
+
+
+def load_optimizer_state(opt, model, state, fsdp):
+    """opt.load_state_dict(state); under FSDP the whole saved state goes to this rank's shards (FSDP saves optimizer
+    state by parameter name, DDP by index)."""
+    if fsdp:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+        set_optimizer_state_dict(model, opt, state, options=StateDictOptions(full_state_dict=True))
+    else:
+        opt.load_state_dict(state)
+
+
+def shard(modules, bf16):
+    """FSDP2: shard each module's blocks, then the rest, so parameters, gradients and optimizer state live in shards
+    (the model and its EMA alike, so the EMA update stays local). bf16: all-gather the parameters in bf16 for forward
+    and backward and reduce-scatter the gradients in fp32; the shards (weights, gradients, optimizer state, EMA) stay
+    fp32. Forward inputs are left as they come: t keeps fp32 for the timestep features, and autocast casts the rest
+    as it does under DDP. Shard before configure_optimizers."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    mp_policy = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32, cast_forward_inputs=False)
+                 if bf16 else MixedPrecisionPolicy())   # fp32: no policy
+    for m in modules:
+        for block in m.blocks:
+            fully_shard(block, mp_policy=mp_policy)
+        fully_shard(m, mp_policy=mp_policy)
+
+
+def grad_sync(model, sync):
+    """Gradients are reduced over the ranks only on the last micro-step of an accumulation (sync); forward and
+    backward stay inside the context. DDP's no_sync skips its all-reduce, FSDP2 its reduce-scatter; one process (or
+    a compiled wrapper of either, which passes these on): nothing to do."""
+    if hasattr(model, "set_requires_gradient_sync"):   # FSDP2 (fully_shard)
+        model.set_requires_gradient_sync(sync)
+    elif not sync and hasattr(model, "no_sync"):        # DDP
+        return model.no_sync()
+    return nullcontext()

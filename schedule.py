@@ -1,9 +1,11 @@
-"""The learning-rate schedule, and the time budget that fits its length to the clock.
+"""The learning-rate schedule, the time budget that fits its length to the clock, and stop requests.
 
     schedule = Schedule(3e-4, 100, "cosine", 0.2, 0.1, max_steps=2000)            # a fixed length
     schedule = Schedule(3e-4, 100, "wsd", 0.2, 0.1, 0, max_minutes=9, t0=t0)       # as many steps as 9 minutes hold
     lr = schedule.lr_at(step)                                                       # before each optimizer step
     note = schedule.tick(step, slowest)                                             # after it: plans when due
+    stop = StopRequest(rank)            # SIGINT/SIGTERM set stop.reason: the trainer finishes the step, saves, exits
+    decay = ema_decay_at(step, 0.9999, 1000)                                        # the EMA's decay, ramped up
 
 Warm-up is linear from 0 over warmup_steps; then 'cosine' goes down to lr * min_lr_ratio at max_steps, or 'wsd'
 holds the peak and decays by 1 - sqrt over the last decay_frac of max_steps (Hagele et al., arXiv:2405.18392).
@@ -16,10 +18,14 @@ more than 1% of the budget, and the schedule goes on from where it stands, so th
 rounded down to a multiple of round_steps, so runs on one machine, whose timings differ by a few %, plan alike.
 """
 import math
+import os
+import signal
 import time
 
 PROBE_WARMUP_STEPS = 5    # first steps of a max_minutes probe left untimed
 OVERRUN_SHARE = 0.01      # a plan is shortened only when it would overrun the budget by more than this share
+SIGNAL_ECHO_S = 2.0       # signals this close together are one request: a terminal's Ctrl+C reaches both torchrun
+                          # and the ranks, and torchrun forwards it; SLURM signals every process of the step too
 
 
 class Schedule:
@@ -126,3 +132,29 @@ class Schedule:
         if self.next_plan is not None and self.next_plan >= self.max_steps:
             self.next_plan = None
         return note
+
+
+class StopRequest:
+    """Why the run ends before its last step: `reason` is None until SIGINT or SIGTERM arrives (finish the step, save,
+    exit; a second signal, more than SIGNAL_ECHO_S later, leaves at once) or the trainer sets it (max_hours,
+    max_bad_steps, which also sets `failed`: the run then exits with an error). Installs its handlers when made."""
+
+    def __init__(self, rank):
+        self.rank, self.reason, self.signalled_at, self.failed = rank, None, None, False
+        signal.signal(signal.SIGINT, self.request)
+        signal.signal(signal.SIGTERM, self.request)
+
+    def request(self, signum, frame):
+        if self.signalled_at is not None:
+            if time.time() - self.signalled_at > SIGNAL_ECHO_S:   # a second request: leave now
+                os._exit(128 + signum)
+            return
+        self.signalled_at = time.time()
+        self.reason = signal.Signals(signum).name
+        print(f"rank {self.rank}: {self.reason} received; finishing this step, saving, exiting (again to quit now)",
+              flush=True)
+
+
+def ema_decay_at(step, decay, warmup_steps):
+    """The EMA's decay at an optimizer step: ramps linearly from 0 to `decay` over warmup_steps (0: `decay` at once)."""
+    return decay * min(1.0, step / warmup_steps) if warmup_steps else decay

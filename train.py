@@ -14,7 +14,6 @@ import copy
 import json
 import math
 import os
-import signal
 import sys
 import time
 from contextlib import nullcontext
@@ -26,14 +25,15 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from data import ShardStream, configure_cache, load_index, trained_buckets
-from evaluate import check_eval_request, evaluate, format_eval, load_feature_net, references, validation
+from data import (ShardStream, checkpoint_paths, configure_cache, load_index, loader, prune_checkpoints, to_device,
+                  trained_buckets, write_atomic)
+from evaluate import MetricsLog, TrainingEval, TrainingStats, check_eval_request, validation
 from model import (LEGACY_MODEL_ARGS, DiT, DiTConfig, TrainingDraws, bf16_is_native, compile_model, flow_loss,
-                   interpolate, keep_freed_cpu_memory, training_memory)
-from optim import configure_optimizers, set_lr
+                   interpolate, keep_freed_cpu_memory, size_report, training_memory)
+from optim import configure_optimizers, grad_sync, load_optimizer_state, set_lr, shard, state_dicts
 from prepare_data import exit_skipping_shutdown, lock_dir
-from sample import SOLVERS, generate, read_checkpoint, save_grid, training_grid
-from schedule import Schedule
+from sample import SOLVERS, read_checkpoint
+from schedule import Schedule, StopRequest, ema_decay_at
 
 # ----------------------------------------------------------------------------------------------
 # defaults; override with a config file and --key=value (configurator.py)
@@ -150,7 +150,8 @@ def fail(msg):
 check_values(globals(), "train.py", dict(optimizer=("adamw", "muon"), best_by=("val_loss", "fd"),
                                          dtype=("auto", "bfloat16", "float32"), sample_solver=tuple(SOLVERS)),
              dict(lr="(0, inf)", muon_lr="[0, inf)", sample_temperature="(0, inf)", batch_size="[1, inf)",
-                  grad_accum_steps="[1, inf)", keep_last_n="[1, inf)", log_interval="[1, inf)", ckpt_interval="[1, inf)"))
+                  grad_accum_steps="[1, inf)", keep_last_n="[1, inf)", log_interval="[1, inf)",
+                  ckpt_interval="[1, inf)"))
 try:
     draws = TrainingDraws(seed, t_sampling, t_loc, t_scale, t_shift)   # each sample's t, noise, dropout (model.py)
 except ValueError as e:                                                # t_sampling is checked there
@@ -167,6 +168,7 @@ if best_by == "fd" and not eval_interval:
 ddp = "RANK" in os.environ
 if device == "auto":
     device = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+rank, world_size, local_rank, stop_group = 0, 1, 0, None
 if ddp:
     rank, world_size, local_rank = (int(os.environ[k]) for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"))
     if device == "cuda":
@@ -176,8 +178,6 @@ if ddp:
     # the ranks agree every step on whether to stop; over NCCL that flag would be a GPU tensor, whose read waits
     # for the GPU to finish the step, so it goes over a CPU (gloo) group instead (None: the default group)
     stop_group = dist.new_group(backend="gloo") if device.startswith("cuda") else None
-else:
-    rank, world_size, local_rank = 0, 1, 0
 if fsdp and not ddp:
     fail("fsdp=True needs torchrun (a process group); use torchrun --nproc_per_node=N")
 master = rank == 0
@@ -190,8 +190,7 @@ if dtype == "auto":
 autocast = torch.autocast(device_type, dtype=torch.bfloat16) if dtype == "bfloat16" else nullcontext()
 if keep_freed_memory and device_type == "cpu":
     keep_freed_cpu_memory()
-torch.backends.cuda.matmul.allow_tf32 = True
-torch.backends.cudnn.allow_tf32 = True
+torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
 
 
 def log(*args):
@@ -199,26 +198,17 @@ def log(*args):
         print(*args, flush=True)
 
 
-def slowest(values):
-    """The largest of each value over the ranks (fp32: MPS has no fp64); every rank must call this."""
-    values = torch.tensor(values, device=device)
+def all_reduce(tensor, op="SUM", group=None):
+    """Reduce a tensor over the ranks in place, op 'SUM' or 'MAX' (every rank must call this); one process: as is."""
     if ddp:
-        dist.all_reduce(values, op=dist.ReduceOp.MAX)
-    return values.tolist()
-
-
-def all_sum(tensor):
-    """Sum a tensor over ranks (every rank must call this)."""
-    if ddp:
-        dist.all_reduce(tensor)
+        dist.all_reduce(tensor, op=getattr(dist.ReduceOp, op), group=group)
     return tensor
 
 
 # ---------------------------------------------------------------------------------------------- data
 configure_cache(cache_dir, cache_max_gb)   # for every reader of a remote data_dir, evaluation's included
 index = load_index(data_dir)
-has_val = bool(index["splits"].get("val"))
-if val_interval and not has_val:
+if val_interval and not index["splits"].get("val"):
     fail(f"val_interval={val_interval} but {data_dir} has no 'val' split: rerun prepare_data.py with --val_examples=N")
 if flip_prob > 0 and not index["has_flip"]:
     fail(f"flip_prob={flip_prob} but {data_dir} was prepared without flip views (prepare_data.py --flip=true)")
@@ -237,10 +227,9 @@ buckets = {name: (H // down, W // down) for name, (H, W) in trained_buckets(inde
 
 # ---------------------------------------------------------------------------------------------- model, EMA, optimizer
 model_args = dict(
-    in_channels=index["channels"], patch_size=patch_size, hidden=hidden, depth=depth, heads=heads,
-    mlp_ratio=mlp_ratio, qk_norm=qk_norm, grad_checkpoint=grad_checkpoint, attn_impl=attn_impl,
-    mlp_act=mlp_act, prediction=prediction, loss_weighting=loss_weighting, class_embed_std=class_embed_std,
-    moe_experts=moe_experts, moe_top_k=moe_top_k,
+    in_channels=index["channels"], patch_size=patch_size, hidden=hidden, depth=depth, heads=heads, mlp_ratio=mlp_ratio,
+    qk_norm=qk_norm, grad_checkpoint=grad_checkpoint, attn_impl=attn_impl, mlp_act=mlp_act, prediction=prediction,
+    loss_weighting=loss_weighting, class_embed_std=class_embed_std, moe_experts=moe_experts, moe_top_k=moe_top_k,
     moe_capacity=moe_capacity, moe_shared_expert=moe_shared_expert,
     num_classes=index["num_classes"] if use_class else 0,
     text_dim=index["text_encoder"]["dim"] if use_text and index["text_encoder"] else 0,
@@ -254,76 +243,41 @@ for name, (H, W) in buckets.items():
     if H % patch_size or W % patch_size:
         fail(f"bucket {name} (model input {H}x{W}) is not divisible by patch_size={patch_size}")
 text_len = index["text_encoder"]["max_length"] if model_args["text_dim"] else 0
-largest = max(H * W for H, W in buckets.values())
-bucket_max, (H_max, W_max) = next((name, hw) for name, hw in buckets.items() if hw[0] * hw[1] == largest)
-flops_per_step = 3 * raw_model.flops_per_image(H_max, W_max, text_len) * global_batch   # fwd + bwd = 3x fwd
-n_params = raw_model.num_params()
+H_max, W_max = max(buckets.values(), key=lambda hw: hw[0] * hw[1])   # the largest bucket (the first of equals)
 
 log(json.dumps(config, indent=1))
 log(f"world size {world_size} | device {device} | dtype {dtype} | global batch {global_batch} = "
     f"{batch_size} per rank x {grad_accum_steps} accumulation x {world_size} ranks | "
     + (f"steps fitted to max_minutes={max_minutes} after {budget_probe_steps} timed steps" if max_minutes else
        f"{schedule.max_steps} steps = {schedule.max_steps * global_batch:,} images")
-    + f" | {n_params / 1e6:.2f}M parameters"
-    + (f" ({raw_model.num_params(active=True) / 1e6:.2f}M active per token)" if moe_experts else "") + " | "
-    f"{flops_per_step / 1e12:.3f} TFLOP per step at {H_max}x{W_max}")
-if dry_run:
-    # memory per rank by term (model.training_memory); attention on CUDA through SDPA runs fused kernels, which
-    # never store the N x N scores
-    memory = training_memory(n_params, (H_max // patch_size) * (W_max // patch_size), batch_size, hidden, heads, depth,
-                             grad_checkpoint, device_type == "cuda" and attn_impl in ("auto", "sdpa"), world_size,
-                             ddp, fsdp, grad_accum_steps)
-    log(f"dry run: params {n_params:,}"
-        + (f" ({raw_model.num_params(active=True):,} active per token: {moe_top_k} of {moe_experts} experts"
-           f"{' + shared' if moe_shared_expert else ''})" if moe_experts else "")
-        + f" | forward {raw_model.flops_per_image(H_max, W_max, text_len) / 1e9:.2f} "
-        f"GFLOP per image | {flops_per_step / 1e12:.3f} TFLOP per step | memory per GPU ~"
-        f"{sum(memory.values()) / 2**30:.2f} GiB ("
-        + ", ".join(f"{k.replace('_', ' ')} {v / 2**30:.2f}" for k, v in memory.items() if v)
-        + f") | effective batch {global_batch} | {schedule.max_steps} steps")
+    + f" | {size_report(raw_model, H_max, W_max, text_len, global_batch)}")
+if dry_run:   # memory per rank by term (model.training_memory); SDPA on CUDA runs fused kernels: no N x N scores
+    fused = device_type == "cuda" and attn_impl in ("auto", "sdpa")
+    memory = training_memory(raw_model.num_params(), (H_max // patch_size) * (W_max // patch_size), batch_size,
+                             hidden, heads, depth, grad_checkpoint, fused, world_size, ddp, fsdp, grad_accum_steps)
+    log(f"dry run: {size_report(raw_model, H_max, W_max, text_len, global_batch, memory)} | effective batch "
+        f"{global_batch} | {schedule.max_steps} steps")
     sys.exit(0)
 
 raw_model.to(device)
 ema_model = copy.deepcopy(raw_model).requires_grad_(False).eval()   # fp32 shadow weights
 
 
-def ema_decay_at(step):
-    return ema_decay * min(1.0, step / ema_warmup_steps) if ema_warmup_steps else ema_decay
-
-
 # ---------------------------------------------------------------------------------------------- resume
-def checkpoint_paths():
-    """Complete checkpoints in out_dir, newest first (a .tmp file is an interrupted save)."""
-    if not os.path.isdir(out_dir):
-        return []
-    names = [n for n in os.listdir(out_dir) if n.startswith("ckpt-") and n.endswith(".pt")]
-    return [os.path.join(out_dir, n) for n in sorted(names, reverse=True)]
-
-
-def load_checkpoint(path):
-    """sample.read_checkpoint (safe, memory-mapped) and the keys a resume needs; ValueError naming what is wrong."""
-    state = read_checkpoint(path)
-    missing = {"model", "ema", "optimizer", "step", "micro_batches"} - set(state if isinstance(state, dict) else ())
-    if missing:
-        raise ValueError(f"{path} is not a NanoDiT checkpoint: it lacks {sorted(missing)}")
-    return state
-
-
-state, resume_path = None, None
-if resume not in ("auto", "never"):
-    resume_path = resume
-    try:
-        state = load_checkpoint(resume)
+state, resume_path = {}, None   # resume: 'auto' tries out_dir's checkpoints newest first, a path only that one
+for path in {"auto": checkpoint_paths(out_dir), "never": []}.get(resume, [resume]):
+    try:   # sample.read_checkpoint: safe (weights only) and memory-mapped; then the keys a resume needs
+        found = read_checkpoint(path)
+        missing = {"model", "ema", "optimizer", "step", "micro_batches"} - set(found if isinstance(found, dict) else ())
+        if missing:
+            raise ValueError(f"{path} is not a NanoDiT checkpoint: it lacks {sorted(missing)}")
+        state, resume_path = found, path
+        break
     except (ValueError, FileNotFoundError) as e:
-        fail(e)
-elif resume == "auto":
-    for path in checkpoint_paths():
-        try:
-            state, resume_path = load_checkpoint(path), path
-            break
-        except ValueError as e:
-            log(f"warning: {e}; falling back to the previous checkpoint")
-if state is not None:
+        if resume != "auto":
+            fail(e)
+        log(f"warning: {e}; falling back to the previous checkpoint")
+if state:
     saved_args = {**LEGACY_MODEL_ARGS, **state["model_args"]}
     if saved_args != model_args:
         diff = {k: (saved_args.get(k), v) for k, v in model_args.items() if saved_args.get(k) != v}
@@ -337,298 +291,54 @@ if state is not None:
     if state["config"].get("fsdp", False) != fsdp:   # FSDP saves optimizer state by parameter name, DDP by index
         fail(f"checkpoint {resume_path} was written with fsdp={state['config'].get('fsdp', False)}; "
              f"resume it with the same setting")
-step = state["step"] if state else 0
-micro_batches = step * grad_accum_steps    # per rank; every step consumes grad_accum_steps micro-batches
-best = {"val_loss": state.get("best_val", math.inf) if state else math.inf,   # the best validation loss and FD
-        "fd": state.get("best_fd", math.inf) if state else math.inf}
-if state:
     schedule.load_state_dict(state)                # a time budget's plan, kept as it stood
-elapsed_before = state.get("elapsed", 0.0) if state else 0.0
+step = state.get("step", 0)
+micro_batches = step * grad_accum_steps    # per rank; every step consumes grad_accum_steps micro-batches
+best = {"val_loss": state.get("best_val", math.inf), "fd": state.get("best_fd", math.inf)}   # best validation loss, FD
+elapsed_before = state.get("elapsed", 0.0)
 log(f"resuming from {resume_path} at step {step}" if state else "starting from scratch")
 
-if fsdp:   # shard each block and the rest; the EMA is sharded the same way so updates stay local
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-    # bf16: all-gather the parameters in bf16 for forward and backward and reduce-scatter the gradients in fp32;
-    # the shards (weights, gradients, optimizer state, EMA) stay fp32. Forward inputs are left as they come: t keeps
-    # fp32 for the timestep features, and autocast casts the rest as it does under DDP
-    mp_policy = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32, cast_forward_inputs=False)
-                 if dtype == "bfloat16" else MixedPrecisionPolicy())   # fp32: no policy
-    for m in (raw_model, ema_model):
-        for block in m.blocks:
-            fully_shard(block, mp_policy=mp_policy)
-        fully_shard(m, mp_policy=mp_policy)
-    model = raw_model
+model = raw_model
+if fsdp:   # each block, then the rest; the EMA alike, so its update stays local (optim.shard)
+    shard((raw_model, ema_model), bf16=dtype == "bfloat16")
 elif ddp:
     model = DDP(raw_model, device_ids=[local_rank] if device_type == "cuda" else None)
-else:
-    model = raw_model
 if compile:
     model = compile_model(model, log)
 found_inf = torch.zeros((), device=device)   # 1 on a non-finite step: the optimizers skip it (set in the loop)
 opt = configure_optimizers(raw_model, optimizer, lr, (beta1, beta2), weight_decay, muon_lr, muon_weight_decay,
                            muon_momentum, torch.bfloat16 if dtype == "bfloat16" else torch.float32, found_inf)
 try:
-    if state is not None and fsdp:
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
-        set_optimizer_state_dict(raw_model, opt, state["optimizer"], options=StateDictOptions(full_state_dict=True))
-    elif state is not None:
-        opt.load_state_dict(state["optimizer"])
+    if state:
+        load_optimizer_state(opt, raw_model, state["optimizer"], fsdp)   # optim.py (under FSDP: to the shards)
 except (ValueError, KeyError) as e:
     fail(f"checkpoint {resume_path}: its optimizer state does not fit optimizer={optimizer!r} ({e})")
 del state
 
-
-def grad_sync(sync):
-    """DDP all-reduces gradients only on the last micro-step; forward and backward stay inside."""
-    if ddp and not fsdp and not sync:
-        return model.no_sync()
-    if fsdp:
-        raw_model.set_requires_gradient_sync(sync)
-    return nullcontext()
-
-
-def worker_init(_):
-    signal.signal(signal.SIGINT, signal.SIG_IGN)   # Ctrl+C is the main process's to handle
-
-
-stream = ShardStream(data_dir, "train", batch_size=batch_size, rank=rank, world_size=world_size,
-                     seed=seed, start=micro_batches, flip_prob=flip_prob, text_max_length=text_len or None,
-                     draws=draws)
-loader = torch.utils.data.DataLoader(stream, batch_size=None, num_workers=num_workers,
-                                     pin_memory=device_type == "cuda", worker_init_fn=worker_init,
-                                     persistent_workers=num_workers > 0)
-batches = iter(loader)
-
-
-def to_device(batch):
-    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+stream = ShardStream(data_dir, "train", batch_size=batch_size, rank=rank, world_size=world_size, seed=seed,
+                     start=micro_batches, flip_prob=flip_prob, text_max_length=text_len or None, draws=draws)
+batches = iter(loader(stream, num_workers, pin_memory=device_type == "cuda"))   # from the data position on
 
 
 # ---------------------------------------------------------------------------------------------- checkpoints
 def save_checkpoint(path):
     """Write atomically (tmp, fsync, rename). Returns False, keeping older files, if the write fails."""
-    if fsdp:
-        from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
-                                                             get_optimizer_state_dict)
-        opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
-        model_sd = get_model_state_dict(raw_model, options=opts)          # collectives: every rank
-        ema_sd = get_model_state_dict(ema_model, options=opts)
-        optim_sd = get_optimizer_state_dict(raw_model, opt, options=opts)
-    else:
-        model_sd, ema_sd, optim_sd = raw_model.state_dict(), ema_model.state_dict(), opt.state_dict()
+    model_sd, ema_sd, optim_sd = state_dicts(raw_model, ema_model, opt, fsdp)   # under FSDP collectives: every rank
     ok = True
     if master:
         state = dict(model=model_sd, ema=ema_sd, optimizer=optim_sd, step=step, micro_batches=micro_batches,
-                     world_size=world_size, best_val=best["val_loss"], best_fd=best["fd"],
-                     **schedule.state_dict(),
-                     elapsed=elapsed_before + time.time() - t_start,
-                     config=config, model_args=model_args,
+                     world_size=world_size, best_val=best["val_loss"], best_fd=best["fd"], **schedule.state_dict(),
+                     elapsed=elapsed_before + time.time() - t_start, config=config, model_args=model_args,
                      data={**{k: index[k] for k in ("space", "channels", "vae", "text_encoder", "image_encoder",
                                                     "num_classes", "class_names")}, "buckets": trained_buckets(index)})
-        tmp = path + ".tmp"
         try:
-            os.makedirs(out_dir, exist_ok=True)
-            with open(tmp, "wb") as f:
-                torch.save(state, f)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
+            write_atomic(path, lambda f: torch.save(state, f))   # data.py: path.tmp, fsync, rename
         except OSError as e:
             ok = False
             print(f"warning: saving {path} failed ({e}); the previous checkpoints are kept", flush=True)
-            if os.path.exists(tmp):
-                os.remove(tmp)
     if ddp:
         dist.barrier()
     return ok
-
-
-def prune_checkpoints():
-    """Keep the newest keep_last_n and every keep_every-th step; the newest is never deleted."""
-    for i, path in enumerate(checkpoint_paths()):
-        s = int(os.path.basename(path)[5:-3])
-        if i >= keep_last_n and not (keep_every and s % keep_every == 0):
-            os.remove(path)
-
-
-# ---------------------------------------------------------------------------------------------- evaluation
-def plain_ema():
-    """The EMA as an ordinary module on rank 0 (None elsewhere). Under FSDP the EMA is sharded and its
-    forward needs every rank, so this gathers the full weights into an unsharded copy: call it on
-    every rank."""
-    if not fsdp:
-        return ema_model
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-    ema_sd = get_model_state_dict(ema_model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    if not master:
-        return None
-    with torch.device("meta"):     # no init work and no draws from the global RNG
-        net = DiT(DiTConfig(**model_args))
-    net.load_state_dict(ema_sd, assign=True)
-    return net.to(device).requires_grad_(False).eval()
-
-
-def sample_grid(tag, net):
-    """Write a sample grid of `net` (plain_ema()) with fixed seeds to out_dir/samples (rank 0 only, no collectives)."""
-    cond, (H, W), nrow = grid
-    noise = torch.randn(len(next(iter(cond.values()))), model_args["in_channels"], H, W, device=device,
-                        generator=torch.Generator(device=device).manual_seed(seed))
-    path = os.path.join(out_dir, "samples", f"{tag}.png")
-    save_grid(generate(net, cond, noise, sampler, index, autocast, eval_batch_size)[0], path, nrow=nrow)
-    return path
-
-
-def run_eval():
-    """evaluate.evaluate on the EMA with the grid's sampler, generation split across ranks (every rank calls
-    it); writes out_dir/samples/eval-<step>.json and returns the headline numbers on every rank."""
-    meta = {k: index[k] for k in ("space", "channels", "vae", "num_classes", "buckets")}
-    result = evaluate(ema_model, meta, data_dir, eval_samples, sampler, eval_features, "auto", eval_batch_size,
-                      seed, device, autocast, rank=rank, world_size=world_size, features=feature_net, refs=eval_refs)
-    keys = ("fd", "precision", "recall", "class_acc", "text_acc", "text_acc_pair_held_out", "text_acc_phrasing_held_out",
-            "rprec", "image_acc", "image_retrieval", "diverge_text", "diverge_image")
-    head = torch.tensor([result["model"].get(k, float("nan")) if master else 0.0 for k in keys], device=device)
-    if ddp:
-        dist.broadcast(head, 0)   # rank 0's scoring takes a moment: the references were built at the start
-    if master:
-        log(format_eval(result))
-        os.makedirs(os.path.join(out_dir, "samples"), exist_ok=True)
-        with open(os.path.join(out_dir, "samples", f"eval-{step:08d}.json"), "w") as f:
-            json.dump(dict(result, step=step, weights="ema", sampler=sampler, checkpoint_config=config), f, indent=1)
-    out = {k: v for k, v in zip(keys, head.tolist()) if not math.isnan(v)}
-    if master and "per_class" in result["model"]:
-        out.update({f"class_acc_{c}": e["acc"] for c, e in result["model"]["per_class"].items()})
-    return out
-
-
-# ---------------------------------------------------------------------------------------------- logging
-writer = None
-if master and tensorboard:
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except ImportError:
-        fail("tensorboard=True but the tensorboard package is missing: pip install tensorboard")
-    writer = SummaryWriter(os.path.join(out_dir, "tb"))
-if master and wandb_project:
-    try:
-        import wandb
-    except ImportError:
-        fail(f"wandb_project={wandb_project!r} but the wandb package is missing: pip install wandb")
-    wandb.init(project=wandb_project, config=config, resume="allow")
-
-
-def write_metrics(record):
-    if not master:
-        return
-    os.makedirs(out_dir, exist_ok=True)
-    with open(os.path.join(out_dir, "metrics.jsonl"), "a") as f:
-        f.write(json.dumps(record) + "\n")
-    if writer:
-        for k, v in record.items():
-            if k != "step" and isinstance(v, (int, float)):
-                writer.add_scalar(k, v, record["step"])
-    if wandb_project:
-        wandb.log(record, step=record["step"])
-
-
-# ---------------------------------------------------------------------------------------------- signals
-stop_reason = None
-signalled_at = None   # time of the first stop signal
-SIGNAL_ECHO_S = 2.0   # signals this close together are one request: a terminal's Ctrl+C reaches both torchrun
-                      # and the ranks, and torchrun forwards it; SLURM signals every process of the step too
-
-
-def request_stop(signum, frame):
-    global stop_reason, signalled_at
-    if signalled_at is not None:
-        if time.time() - signalled_at > SIGNAL_ECHO_S:   # a second request: leave now
-            os._exit(128 + signum)
-        return
-    signalled_at = time.time()
-    stop_reason = signal.Signals(signum).name
-    print(f"rank {rank}: {stop_reason} received; finishing this step, saving, exiting (again to quit now)", flush=True)
-
-
-signal.signal(signal.SIGINT, request_stop)
-signal.signal(signal.SIGTERM, request_stop)
-
-
-# ---------------------------------------------------------------------------------------------- grids, evaluation
-# Prepared once, before the loop: the grid's conditions (rank 0) and, on every rank together, the evaluation's real
-# reference (features of the train and val images): no rank then waits long in a collective for rank 0 alone.
-sampler = dict(steps=sample_steps, solver=sample_solver, shift=sample_shift, text_scale=sample_text_scale,
-               image_scale=sample_image_scale, interval=sample_guidance_interval, temperature=sample_temperature)
-grid = training_grid(raw_model, index, data_dir, device) if master and sample_interval else None
-feature_net = eval_refs = None
-if eval_interval:
-    feature_net = load_feature_net(eval_features, device)
-    eval_refs = references(data_dir, eval_features, feature_net, device, rank=rank, world_size=world_size)
-
-# ---------------------------------------------------------------------------------------------- loop
-# What the log lines report, kept on the device between them (a host read waits for the GPU): sums of the loss,
-# samples, |v| and the loss per t bin; MoE routing; non-finite steps in a row (now and the longest since the last line),
-# non-finite steps and steps above grad_warn since then, and the largest finite grad norm
-N_BINS = 4                                          # t bins for the per-t loss: [0, .25), ... [.75, 1]
-stats = torch.zeros(3 + 2 * N_BINS, device=device)  # loss sum, valid count, |v| sum, bin sums, bin counts
-moe_sums = torch.zeros(3 + moe_experts, device=device)  # MoE: aux loss, dropped fraction, micro-batches, load per expert
-bad_in_a_row, worst_in_a_row, bad_since_log, warn_since_log, grad_norm_max = (torch.zeros((), device=device)
-                                                                              for _ in range(5))
-oom_steps = bad_samples = bad_steps = 0
-stopped_bad = False                                 # max_bad_steps stopped the run
-
-
-def count_step(bad, grad_norm):
-    """Count a step's health on the device: bad (0-dim bool) when its loss or gradient was not finite."""
-    bad_in_a_row.add_(1).mul_(bad)                 # reset by a finite step
-    torch.maximum(worst_in_a_row, bad_in_a_row, out=worst_in_a_row)
-    bad_since_log.add_(bad)
-    finite_norm = torch.where(bad, 0.0, grad_norm.float())
-    torch.maximum(grad_norm_max, finite_norm, out=grad_norm_max)
-    warn_since_log.add_(finite_norm > grad_warn)
-
-
-def read_health():
-    """The device-side counters as numbers (a host sync: at log steps only)."""
-    values = torch.stack([grad_norm.float(), grad_norm_max, bad_in_a_row, worst_in_a_row, bad_since_log,
-                          warn_since_log]).tolist()
-    return dict(zip(("grad_norm", "grad_norm_max", "bad_in_a_row", "worst_in_a_row", "bad", "warned"), values))
-
-
-def log_step(lrs, health):
-    """The log line and metrics record since the last one: losses summed over ranks, speed, health, MoE routing."""
-    global stats, moe_sums, bad_steps, t_log, step_at_log
-    bad_steps += int(health["bad"])
-    if health["bad"]:
-        log(f"step {step}: {int(health['bad'])} of the last {step - step_at_log} steps had a non-finite loss or "
-            f"gradient; their updates were skipped (at most {int(health['worst_in_a_row'])} in a row)")
-    if health["warned"]:
-        log(f"warning: step {step}: {int(health['warned'])} steps since step {step_at_log} had a grad norm above "
-            f"grad_warn={grad_warn} (max {health['grad_norm_max']:.2f})")
-    stats = all_sum(stats)
-    now = time.time()
-    n = stats[1].clamp(min=1).item()
-    ips = (step - step_at_log) * global_batch / (now - t_log)
-    record = dict(step=step, loss=stats[0].item() / n, grad_norm=health["grad_norm"],
-                  grad_norm_max=health["grad_norm_max"], **lrs, img_per_s=ips, v_norm=stats[2].item() / n,
-                  elapsed_s=elapsed_before + now - t_start,
-                  eta_s=(schedule.max_steps - step) * global_batch / max(ips, 1e-9),
-                  bad_steps=bad_steps, oom_steps=oom_steps, bad_samples=bad_samples)
-    if moe_experts:   # means over micro-batches (and ranks) since the last record; load averaged over blocks
-        moe_sums = all_sum(moe_sums)
-        m = moe_sums[2].clamp(min=1).item()
-        record.update(moe_aux=moe_sums[0].item() / m, moe_dropped=moe_sums[1].item() / m,
-                      **{f"moe_load_{e}": moe_sums[3 + e].item() / m for e in range(moe_experts)})
-        moe_sums.zero_()
-    for b in range(N_BINS):
-        record[f"loss_t{b}"] = stats[3 + b].item() / max(stats[3 + N_BINS + b].item(), 1)
-    log(f"step {step}/{schedule.max_steps} | loss {record['loss']:.4f} | grad {record['grad_norm']:.3f} | "
-        f"lr {lrs['lr']:.2e} | {ips:.1f} img/s | elapsed {record['elapsed_s'] / 60:.1f} min | "
-        f"eta {record['eta_s'] / 60:.1f} min")
-    write_metrics(record)
-    stats.zero_()
-    for counter in (worst_in_a_row, bad_since_log, warn_since_log, grad_norm_max):
-        counter.zero_()
-    worst_in_a_row.copy_(bad_in_a_row)              # a run of non-finite steps goes on across log lines
-    t_log, step_at_log = now, step
 
 
 def keep_best(key, value):
@@ -639,13 +349,42 @@ def keep_best(key, value):
             save_checkpoint(os.path.join(out_dir, "best.pt"))
 
 
+# ---------------------------------------------------------------------------------------------- evaluation, logging
+sampler = dict(steps=sample_steps, solver=sample_solver, shift=sample_shift, text_scale=sample_text_scale,
+               image_scale=sample_image_scale, interval=sample_guidance_interval, temperature=sample_temperature)
+evals = TrainingEval(raw_model, index, data_dir, out_dir, sampler, eval_samples, eval_features, eval_batch_size, seed,
+                     device, autocast, rank, world_size, sample_interval, eval_interval, config)   # grids, references
+metrics = MetricsLog(out_dir, tensorboard, wandb_project, config, master)   # metrics.jsonl (tensorboard, W&B)
+stats = TrainingStats(moe_experts, grad_warn, device)   # what the log lines report, summed on the device
+oom_steps = bad_samples = 0
+stop_request = StopRequest(rank)   # SIGINT, SIGTERM: finish the step, save, exit (schedule.py); or max_hours, ...
+
+
+def log_step(lrs, health):
+    """The log line and metrics record since the last one: losses summed over ranks, speed, health, MoE routing."""
+    global t_log, step_at_log
+    for note in stats.notes(health, step, step_at_log):   # steps skipped as non-finite, grad norms above grad_warn
+        log(note)
+    means = stats.means(all_reduce)                # loss, |v|, loss per t bin, MoE routing; then starts anew
+    now = time.time()
+    ips = (step - step_at_log) * global_batch / (now - t_log)
+    record = dict(step=step, **means, grad_norm=health["grad_norm"], grad_norm_max=health["grad_norm_max"], **lrs,
+                  img_per_s=ips, elapsed_s=elapsed_before + now - t_start,
+                  eta_s=(schedule.max_steps - step) * global_batch / max(ips, 1e-9),
+                  bad_steps=int(health["bad_steps"]), oom_steps=oom_steps, bad_samples=bad_samples)
+    log(f"step {step}/{schedule.max_steps} | loss {record['loss']:.4f} | grad {record['grad_norm']:.3f} | "
+        f"lr {lrs['lr']:.2e} | {ips:.1f} img/s | elapsed {record['elapsed_s'] / 60:.1f} min | "
+        f"eta {record['eta_s'] / 60:.1f} min")
+    metrics.write(record)
+    t_log, step_at_log = now, step
+
+
 def skip_batch_after_oom():
     """Out of memory in one process: drop this step's gradients and the rest of its micro-batches, so the data
     position stays where an uninterrupted run would be, and go on."""
     global micro_batches, oom_steps
     opt.zero_grad(set_to_none=True)
-    if device_type == "cuda":
-        torch.cuda.empty_cache()
+    torch.cuda.empty_cache()   # a no-op without CUDA
     oom_steps += 1
     log(f"step {step}: out of memory; batch skipped ({oom_steps} so far)")
     for _ in range(micro_batches, (step + 1) * grad_accum_steps):
@@ -653,16 +392,7 @@ def skip_batch_after_oom():
     micro_batches = (step + 1) * grad_accum_steps
 
 
-def agree_to_stop(stop):
-    """Every rank stops at the same step. The flag is a CPU tensor (over a gloo group under NCCL), so agreeing does
-    not wait for the GPU."""
-    if ddp:
-        flag = torch.tensor(float(stop))
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=stop_group)
-        stop = bool(flag)
-    return stop
-
-
+# ---------------------------------------------------------------------------------------------- loop
 t_start = t_log = time.time()
 step_at_log = last_ckpt_step = step
 params, ema_params = list(raw_model.parameters()), list(ema_model.parameters())   # listed once, not every step
@@ -673,16 +403,14 @@ while step < schedule.max_steps:
     loss_step = torch.zeros((), device=device)
     try:
         for micro in range(grad_accum_steps):
-            batch = to_device(next(batches))
+            batch = to_device(next(batches), device)
             micro_batches += 1
             x, valid = batch["x"], batch["valid"]                  # (B, C, H, W), (B,) bool
             bad_samples += batch["n_bad"]
             t, noise, u = batch["t"], batch["noise"], batch["u"]   # (B,), (B, C, H, W), (B,): TrainingDraws
             xt = interpolate(x, noise, t)                          # (1 - t) x + t noise
-            drop_all = u < p_uncond                                # one categorical draw: drop all, text or image
-            drop_image = drop_all | ((u >= p_uncond) & (u < p_uncond + p_text_only))
-            drop_text = drop_all | ((u >= p_uncond + p_text_only) & (u < p_uncond + p_text_only + p_image_only))
-            with grad_sync(micro == grad_accum_steps - 1):
+            drop_all, drop_text, drop_image = TrainingDraws.dropout(u, p_uncond, p_text_only, p_image_only)   # (B,)
+            with grad_sync(model, micro == grad_accum_steps - 1):   # optim.py
                 with autocast:
                     v = model(xt, t, **raw_model.conditions(batch), drop_y=drop_all, drop_text=drop_text,
                               drop_image=drop_image)
@@ -694,21 +422,12 @@ while step < schedule.max_steps:
                 per_sample = per_sample * valid          # unreadable samples add nothing
                 # mean over the nominal batch, so k micro-batches sum to the mean of one k-times batch
                 loss = (objective * valid).sum() / (batch_size * grad_accum_steps)
-                moe = raw_model.moe_stats()
-                if moe is not None:      # the load-balancing loss, on the mean of the micro-batches
-                    aux, dropped, load = moe
-                    loss = loss + moe_aux_weight * aux / grad_accum_steps
-                    moe_sums += torch.cat([torch.stack([aux.detach(), dropped, torch.ones((), device=device)]),
-                                           load.mean(dim=0)])
+                moe = raw_model.moe_stats()   # (aux loss, dropped share, load) or None for a dense model
+                if moe is not None:           # the load-balancing loss, on the mean of the micro-batches
+                    loss = loss + moe_aux_weight * moe[0] / grad_accum_steps
                 loss.backward()
-            with torch.no_grad():
-                loss_step += loss.detach()
-                bins = (t * N_BINS).long().clamp(max=N_BINS - 1)
-                stats[0] += per_sample.sum()
-                stats[1] += valid.sum()
-                stats[2] += (v.detach().float().pow(2).mean(dim=(1, 2, 3)).sqrt() * valid).sum()
-                stats[3:3 + N_BINS].index_add_(0, bins, per_sample)
-                stats[3 + N_BINS:].index_add_(0, bins, valid.float())
+            loss_step += loss.detach()
+            stats.add(per_sample, valid, v, t, moe)
     except torch.OutOfMemoryError:
         if ddp:
             raise   # the other ranks are inside a collective: only a restart resynchronises them
@@ -725,59 +444,56 @@ while step < schedule.max_steps:
         bad = ~(torch.isfinite(grad_norm) & torch.isfinite(loss_step))
         found_inf.copy_(bad)
         opt.step()
-        ema_weight = torch.where(bad, 0.0, 1.0 - ema_decay_at(step))
+        ema_weight = torch.where(bad, 0.0, 1.0 - ema_decay_at(step, ema_decay, ema_warmup_steps))
         torch._foreach_lerp_(ema_params, params, [ema_weight] * len(params))
-        count_step(bad, grad_norm)
+        stats.count_step(bad, grad_norm)
     opt.zero_grad(set_to_none=True)
     step += 1
     try:
-        note = schedule.tick(step, slowest)        # max_minutes: times the probe, (re)plans max_steps
+        # max_minutes: times the probe and (re)plans max_steps by the slowest rank (fp32: MPS has no fp64)
+        note = schedule.tick(step, lambda values: all_reduce(torch.tensor(values, device=device), "MAX").tolist())
     except ValueError as e:
         fail(e)
     if note:
         log(note)
     final = step == schedule.max_steps
-    if max_hours and time.time() - t_start > max_hours * 3600 and stop_reason is None:
-        stop_reason = f"max_hours={max_hours}"
-    health = read_health() if step % log_interval == 0 or final else None
+    if max_hours and time.time() - t_start > max_hours * 3600 and stop_request.reason is None:
+        stop_request.reason = f"max_hours={max_hours}"
+    health = stats.health(grad_norm) if step % log_interval == 0 or final else None
     if health and health["worst_in_a_row"] >= max_bad_steps:
-        stopped_bad = True
-        stop_reason = f"{int(health['worst_in_a_row'])} non-finite steps in a row (max_bad_steps={max_bad_steps})"
-    stop = agree_to_stop(stop_reason is not None)
+        stop_request.failed = True
+        stop_request.reason = (f"{int(health['worst_in_a_row'])} non-finite steps in a row "
+                               f"(max_bad_steps={max_bad_steps})")
+    stop = stop_request.reason is not None   # every rank stops at the same step; a CPU flag (gloo): no GPU wait
+    stop = bool(all_reduce(torch.tensor(float(stop)), "MAX", stop_group)) if ddp else stop
     if health or stop:
-        log_step(lrs, health or read_health())
+        log_step(lrs, health or stats.health(grad_norm))
     if val_interval and (step % val_interval == 0 or final):
         val = validation(ema_model, data_dir, index, batch_size, val_batches, seed, device, autocast, rank, world_size)
         log(f"step {step} | validation " + " | ".join(f"{k} {v:.4f}" for k, v in val.items()))
-        write_metrics(dict(step=step, **val))
+        metrics.write(dict(step=step, **val))
         keep_best("val_loss", val["val_loss"])
     if eval_interval and (step % eval_interval == 0 or final):
-        scores = run_eval()
-        write_metrics(dict(step=step, **scores))
+        scores = evals.evaluate(ema_model, step)
+        metrics.write(dict(step=step, **scores))
         keep_best("fd", scores["fd"])
-    if sample_interval and (step % sample_interval == 0 or final):
-        net = plain_ema()                                 # a collective under FSDP: every rank
-        if master:
-            log(f"samples: {sample_grid(f'step-{step:08d}', net)}")
+    if sample_interval and (step % sample_interval == 0 or final):   # a collective under FSDP: every rank
+        log(f"samples: {evals.sample_grid(ema_model, fsdp, f'step-{step:08d}')}")
     if step % ckpt_interval == 0 or final or stop:
         if save_checkpoint(os.path.join(out_dir, f"ckpt-{step:08d}.pt")) and master:
-            prune_checkpoints()
+            prune_checkpoints(out_dir, keep_last_n, keep_every)
         last_ckpt_step = step
     if stop:
-        log(f"stopping at step {step}: {stop_reason or 'another rank asked to stop'}")
+        log(f"stopping at step {step}: {stop_request.reason or 'another rank asked to stop'}")
         break
 
 # ---------------------------------------------------------------------------------------------- teardown
-if writer:
-    writer.close()
-if master and wandb_project:
-    wandb.finish()
-status = 0
-if stopped_bad:
-    status = f"train.py: stopped after {stop_reason}; last checkpoint at step {last_ckpt_step}"
+metrics.close()
+status = 0 if not stop_request.failed else (f"train.py: stopped after {stop_request.reason}; last checkpoint at "
+                                           f"step {last_ckpt_step}")
 if ddp:
     dist.destroy_process_group()
-    del loader, batches                               # its worker processes stop now (exit skips the interpreter's)
+    del batches                                       # its worker processes stop now (exit skips the interpreter's)
     exit_skipping_shutdown(status)
 if status:
     sys.exit(status)

@@ -279,7 +279,7 @@ def test_a_text_model_evaluates_from_the_command_line_and_samples_a_prompt_of_un
     run("train.py", *TINY, f"--data_dir={captioned_dir}", f"--out_dir={out}", "--max_steps=2", "--use_class=false",
         "--use_image=false", "--val_interval=0", "--eval_interval=2", "--eval_samples=30", "--sample_steps=2")
     logged = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    evals = [r for r in logged if "text_acc" in r]    # train.py's run_eval logs the headline conditioning metrics
+    evals = [r for r in logged if "text_acc" in r]    # TrainingEval.evaluate logs the headline conditioning metrics
     assert len(evals) == 1 and {"fd", "text_acc", "text_acc_pair_held_out", "rprec"} <= set(evals[0])
     assert "image_acc" not in evals[0] and "diverge_text" not in evals[0]
     proc = run("evaluate.py", f"--ckpt={out}", "--num_samples=30", "--steps=2", f"--out={tmp_path / 'eval.png'}")
