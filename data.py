@@ -8,9 +8,8 @@ webdataset's gopen), or a 'pipe:' command in which {} stands for the file, e.g.
 'pipe:aws s3 cp s3://bucket/data/{} -'. Remote shards are fetched whole into a local cache, then read
 by random access like local ones (configure_cache).
 
-Training's side: loader(stream, ...) is the DataLoader over a ShardStream, to_device moves its batches; the
-checkpoint files train.py writes in out_dir are listed, pruned and written atomically here too (checkpoint_paths,
-prune_checkpoints, write_atomic), beside the shard cache's own file handling.
+Training's side: loader(stream, ...) is the DataLoader over a ShardStream, to_device moves its batches. The
+checkpoint files train.py writes are checkpoint.py's.
 """
 import ast
 import functools
@@ -499,37 +498,3 @@ def iterate_split(root, split='val', batch_size=8, text_max_length=None, bucket=
             yield {**reader.read_batch(split, name, part, [False] * len(part)), 'g': g, 'start': start, 'epoch': 0}
             g += 1
             start += len(part)
-
-
-# ---------------------------------------------------------------------------------------------- checkpoint files
-def checkpoint_paths(folder):
-    """train.py's complete checkpoints (ckpt-<step>.pt) in folder, newest first (a .tmp file is an interrupted save)."""
-    if not os.path.isdir(folder):
-        return []
-    names = [n for n in os.listdir(folder) if n.startswith('ckpt-') and n.endswith('.pt')]
-    return [os.path.join(folder, n) for n in sorted(names, reverse=True)]
-
-
-def prune_checkpoints(folder, keep_last_n, keep_every):
-    """Keep the newest keep_last_n checkpoints and every keep_every-th step (0: none); the newest is never deleted."""
-    for i, path in enumerate(checkpoint_paths(folder)):
-        step = int(os.path.basename(path)[5:-3])
-        if i >= keep_last_n and not (keep_every and step % keep_every == 0):
-            os.remove(path)
-
-
-def write_atomic(path, write):
-    """write(f) to path.tmp, fsync, then os.replace: a crash leaves the old file or the new one. An OSError removes
-    the .tmp file and goes on to the caller."""
-    tmp = path + '.tmp'
-    try:
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        with open(tmp, 'wb') as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except OSError:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise

@@ -17,7 +17,6 @@ the checkpoint in samples/ (--out names the grid; the JSON goes beside it). trai
 """
 import contextlib
 import functools
-import io
 import json
 import math
 import os
@@ -30,9 +29,10 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from PIL import Image
 
+from checkpoint import write_atomic
 from data import ShardReader, configure_cache, is_remote, iterate_split, load_index, local_dir, trained_buckets
 from model import flow_loss, interpolate
-from prepare_data import decode, encode_images, load_efficientnet_lite0, load_image_encoder, write_atomic
+from prepare_data import decode, encode_images, load_efficientnet_lite0, load_image_encoder
 import sample
 from sample import save_grid, weight_sets
 
@@ -303,10 +303,7 @@ def reference(data_dir, split, feature_name, features, device, max_n, batch_size
         for name in ("digits", "text", "txt", "template"):
             ref.pop(name, None)
     if rank == 0:
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        buf = io.BytesIO()
-        torch.save(ref, buf)
-        write_atomic(path, buf.getvalue())
+        write_atomic(path, lambda f: torch.save(ref, f))
     return ref, False
 
 

@@ -13,7 +13,8 @@ import sys
 
 import torch
 
-from sample import check_settings, guided_velocity, load_model, resolve_checkpoint, use_recipe_sampler
+from checkpoint import load_model, resolve_checkpoint
+from sample import check_settings, guided_velocity, use_recipe_sampler
 
 # ----------------------------------------------------------------------------------------------
 ckpt = ""            # a checkpoint file, or an out_dir (its newest checkpoint)

@@ -49,6 +49,7 @@ import torch.distributed as dist
 import webdataset as wds
 from PIL import Image
 
+from checkpoint import write_atomic   # index.json, as train.py its checkpoints: tmp, fsync, rename
 import data  # the shard format (data.FORMAT, data.VERSION); a module, so DEFAULTS below does not take them for settings
 from sources import CAPTION_FALLBACKS, list_examples, mnist_captions_info, open_image, swap_left_right
 
@@ -169,15 +170,6 @@ def npy_bytes(array):
     buf = io.BytesIO()
     np.save(buf, array)
     return buf.getvalue()
-
-
-def write_atomic(path, data):
-    """Write bytes to path.tmp, fsync, then os.replace: a crash leaves the old file or the new one."""
-    with open(path + '.tmp', 'wb') as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(path + '.tmp', path)
 
 
 def write_shard(path, samples):
@@ -643,7 +635,7 @@ def prepare(**settings):
     # under its final name only once complete. Rank 0 records the settings before any shard is written.
     if rank == 0:
         os.makedirs(root, exist_ok=True)
-        write_atomic(index_path, json.dumps(index, indent=1).encode())
+        write_atomic(index_path, lambda f: f.write(json.dumps(index, indent=1).encode()))
     if world_size > 1:
         dist.barrier()
     progress = Progress(root, shards, cfg['progress_interval'] if rank == 0 else 0, world_size)
@@ -673,7 +665,7 @@ def prepare(**settings):
             {'path': rel, 'count': len(items), 'bytes': os.path.getsize(os.path.join(root, rel))})
     index['complete'] = True
     if rank == 0:
-        write_atomic(index_path, json.dumps(index, indent=1).encode())
+        write_atomic(index_path, lambda f: f.write(json.dumps(index, indent=1).encode()))
     if world_size > 1:
         dist.barrier()  # nobody returns (and reads index.json) before rank 0 wrote it
         dist.destroy_process_group()

@@ -17,13 +17,12 @@ with text/class condition c_t and image condition c_i, and v(.,.) the model's ve
 """
 import json
 import os
-import re
 import sys
-import warnings
 
 import torch
 
-from model import DiT, bf16_is_native, compile_model, config_from_checkpoint, keep_freed_cpu_memory, shift_time
+from checkpoint import load_model, resolve_checkpoint
+from model import bf16_is_native, compile_model, keep_freed_cpu_memory, shift_time
 
 SOLVERS = {"euler": 1, "heun": 2}   # velocity evaluations per step
 
@@ -179,69 +178,6 @@ def save_grid(images, path, nrow=8, pad=2):
     array = (grid * 255).round().byte().permute(1, 2, 0).numpy()
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     Image.fromarray(array[..., 0] if C == 1 else array[..., :3]).save(path)
-
-
-def resolve_checkpoint(path):
-    """A checkpoint file as given, or the newest ckpt-*.pt in a folder."""
-    if os.path.isdir(path):
-        names = sorted(n for n in os.listdir(path) if n.startswith("ckpt-") and n.endswith(".pt"))
-        if not names:
-            raise SystemExit(f"sample.py: no ckpt-*.pt checkpoint in {path}")
-        return os.path.join(path, names[-1])
-    if not os.path.isfile(path):
-        raise SystemExit(f"sample.py: ckpt={path!r} is neither a checkpoint file nor a folder")
-    return path
-
-
-CHECKPOINT_KEYS = ("model", "ema", "step", "config", "model_args", "data")   # what sampling reads of train.py's checkpoint
-
-
-def checkpoint_error(path, err):
-    """Why torch.load(path, weights_only=True) failed, in NanoDiT's words (train.py's too). torch's own message
-    advises loading the file with weights_only=False, which runs whatever code it holds: that is never passed on."""
-    text = str(err).strip() or ("the file ends early" if isinstance(err, EOFError) else "")
-    if "weights_only" in text:   # the safe unpickler met something other than tensors and plain values
-        found = re.search(r"GLOBAL (\S+)", text)
-        why = (f"it holds Python objects{f' ({found.group(1)})' if found else ''}, where a NanoDiT checkpoint holds "
-               "only tensors and plain values")
-    else:                        # cut short, or not a torch file at all
-        why = type(err).__name__ + (f": {text.split('. ')[0][:200]}" if text else "")
-    return f"checkpoint {path} is corrupt or not a NanoDiT checkpoint ({why})"
-
-
-def read_checkpoint(path):
-    """A checkpoint file's contents (train.py's resume reads them here too), loaded without executing code
-    (weights_only) and memory-mapped: the tensors are the file's pages, mapped copy-on-write and read as they are
-    copied to a model, so no rank first copies the whole file, optimizer included, into its host memory. Raises
-    ValueError in NanoDiT's words when the file is corrupt or not a checkpoint."""
-    with warnings.catch_warnings():   # torch's remarks on a foreign pickle's protocol: the error says it
-        warnings.simplefilter("ignore")
-        for mmap in (True, False):    # not torch's zip format (an empty file, a plain pickle, an old save): read whole
-            try:
-                return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
-            except Exception as e:
-                if mmap and isinstance(e, OSError):   # a missing or unreadable file says so itself
-                    raise
-                if not mmap or "mmap can only be used" not in str(e):
-                    raise ValueError(checkpoint_error(path, e)) from None
-
-
-def load_model(path, use_ema=True, device="cpu"):
-    """(model in eval mode, checkpoint dict) from a checkpoint, loaded without executing code."""
-    try:
-        state = read_checkpoint(path)
-    except ValueError as e:
-        raise SystemExit(f"sample.py: {e}") from None
-    missing = [k for k in CHECKPOINT_KEYS if k not in state] if isinstance(state, dict) else list(CHECKPOINT_KEYS)
-    if missing:
-        raise SystemExit(f"sample.py: {path} is not a NanoDiT checkpoint: it lacks {missing} (train.py writes them)")
-    try:
-        model = DiT(config_from_checkpoint(state["model_args"]))
-        model.load_state_dict(state["ema" if use_ema else "model"])
-    except (TypeError, ValueError, KeyError, RuntimeError) as e:   # settings or tensors that do not fit together
-        raise SystemExit(f"sample.py: checkpoint {path} is corrupt or not a NanoDiT checkpoint: its weights do not "
-                         f"fit its model settings ({type(e).__name__}: {str(e).strip()[:300]})") from None
-    return model.to(device).eval(), state
 
 
 def pick_device(device):

@@ -25,14 +25,14 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from data import (ShardStream, checkpoint_paths, configure_cache, load_index, loader, prune_checkpoints, to_device,
-                  trained_buckets, write_atomic)
+from checkpoint import checkpoint_paths, prune_checkpoints, read_checkpoint, write_atomic
+from data import ShardStream, configure_cache, load_index, loader, to_device, trained_buckets
 from evaluate import MetricsLog, TrainingEval, TrainingStats, check_eval_request, validation
 from model import (LEGACY_MODEL_ARGS, DiT, DiTConfig, TrainingDraws, bf16_is_native, compile_model, flow_loss,
                    interpolate, keep_freed_cpu_memory, size_report, training_memory)
 from optim import configure_optimizers, grad_sync, load_optimizer_state, set_lr, shard, state_dicts
 from prepare_data import exit_skipping_shutdown, lock_dir
-from sample import SOLVERS, read_checkpoint
+from sample import SOLVERS
 from schedule import Schedule, StopRequest, ema_decay_at
 
 # ----------------------------------------------------------------------------------------------
@@ -266,7 +266,7 @@ ema_model = copy.deepcopy(raw_model).requires_grad_(False).eval()   # fp32 shado
 # ---------------------------------------------------------------------------------------------- resume
 state, resume_path = {}, None   # resume: 'auto' tries out_dir's checkpoints newest first, a path only that one
 for path in {"auto": checkpoint_paths(out_dir), "never": []}.get(resume, [resume]):
-    try:   # sample.read_checkpoint: safe (weights only) and memory-mapped; then the keys a resume needs
+    try:   # checkpoint.read_checkpoint: safe (weights only) and memory-mapped; then the keys a resume needs
         found = read_checkpoint(path)
         missing = {"model", "ema", "optimizer", "step", "micro_batches"} - set(found if isinstance(found, dict) else ())
         if missing:
@@ -332,7 +332,7 @@ def save_checkpoint(path):
                      data={**{k: index[k] for k in ("space", "channels", "vae", "text_encoder", "image_encoder",
                                                     "num_classes", "class_names")}, "buckets": trained_buckets(index)})
         try:
-            write_atomic(path, lambda f: torch.save(state, f))   # data.py: path.tmp, fsync, rename
+            write_atomic(path, lambda f: torch.save(state, f))   # checkpoint.py: path.tmp, fsync, rename
         except OSError as e:
             ok = False
             print(f"warning: saving {path} failed ({e}); the previous checkpoints are kept", flush=True)

@@ -14,7 +14,8 @@ pytest.importorskip("onnxscript")
 
 from model import DiT, DiTConfig  # noqa: E402
 from export import export_onnx_model  # noqa: E402
-from sample import guided_velocity, load_model, sample_ode, save_grid  # noqa: E402
+from checkpoint import load_model  # noqa: E402
+from sample import guided_velocity, sample_ode, save_grid  # noqa: E402
 
 PARITY = 1e-4   # max |ONNX Runtime - PyTorch| of a velocity, fp32
 

@@ -323,7 +323,7 @@ def test_resume_keeps_finished_shards(tmp_path):
     lost = index['splits']['train']['28x28'][3:]
     index['splits']['train']['28x28'] = index['splits']['train']['28x28'][:3]
     index['complete'] = False
-    pd.write_atomic(os.path.join(part, 'index.json'), pd.json.dumps(index).encode())
+    pd.write_atomic(os.path.join(part, 'index.json'), lambda f: f.write(pd.json.dumps(index).encode()))
     for s in lost:
         os.remove(os.path.join(part, s['path']))
     kept = {s['path']: os.stat(os.path.join(part, s['path'])) for lst in index['splits'].values()

@@ -332,7 +332,7 @@ def test_corrupt_checkpoint_falls_back_and_crafted_pickle_is_refused(tmp_path, m
     assert "resuming from" in proc.stdout and "at step 2" in proc.stdout
     # both checkpoints were memory-mapped, not read whole into every rank's host memory; sample.py's too
     assert "torch.load mmap: [True, True]" in proc.stdout
-    from sample import load_model
+    from checkpoint import load_model
     flags = []
     monkeypatch.setattr(torch, "load", lambda *a, load=torch.load, **k: flags.append(k.get("mmap")) or load(*a, **k))
     load_model(str(out / "ckpt-00000006.pt"))

@@ -38,7 +38,8 @@ except ImportError:
 require(sync_playwright is not None, "no playwright (pip install playwright)")
 pytest.importorskip("onnxruntime")
 
-from sample import guided_velocity, load_model, sample_ode, save_grid, time_grid  # noqa: E402
+from checkpoint import load_model  # noqa: E402
+from sample import guided_velocity, sample_ode, save_grid, time_grid  # noqa: E402
 from test_export import exported_class_model  # noqa: E402
 
 PER_CLASS, STEPS, SCALE = 2, 5, 2.5
