@@ -127,27 +127,6 @@ def guided_velocity(model, cond, text_scale, image_scale, interval=(0.0, 1.0)):
     return v_fn
 
 
-GRID_PER_CLASS, GRID_MAX_CLASSES, GRID_SAMPLES = 8, 16, 16   # train.py's grids: columns and rows of a class grid;
-                                                             # images of a text/image grid
-
-
-def training_grid(net, index, data_dir, device):
-    """The conditions of train.py's sample grids, fixed for a run and read once (a moment): up to GRID_MAX_CLASSES
-    labels spread over the classes, GRID_PER_CLASS images each, at the largest trained bucket; for text and image
-    models, the conditions of the first GRID_SAMPLES samples of that bucket (val, else train). Returns (conditions
-    on the device, (h, w) model input size, images per row)."""
-    from data import iterate_split, trained_buckets
-    down = index["vae"]["downsample"] if index["vae"] else 1                   # pixels per latent cell
-    name, (H, W) = max(trained_buckets(index).items(), key=lambda kv: kv[1][0] * kv[1][1])
-    cfg, hw = net.cfg, (H // down, W // down)
-    if cfg.num_classes:
-        labels = torch.linspace(0, cfg.num_classes - 1, min(cfg.num_classes, GRID_MAX_CLASSES)).round().long()
-        return {"y": labels.repeat_interleave(GRID_PER_CLASS).to(device)}, hw, GRID_PER_CLASS
-    split = "val" if index["splits"]["val"].get(name) else "train"
-    batch = next(iterate_split(data_dir, split, batch_size=GRID_SAMPLES, bucket=name))
-    return {k: v.to(device) for k, v in net.conditions(batch).items() if v is not None}, hw, 4
-
-
 def generate(model, cond, noise, sampler, meta, autocast, chunk):
     """Images in [0, 1] on the CPU from `noise` (N, C, h, w) and conditions `cond` (N rows each), sampled with
     `sampler` (dict of steps, solver, shift, text_scale, image_scale, interval, temperature: default 1) and

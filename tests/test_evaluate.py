@@ -1,4 +1,4 @@
-"""evaluate.py: the metrics (FD, precision/recall, the probe, the conditioning metrics), feature networks, the
+"""evaluate.py and adherence.py: the metrics (FD, precision/recall, the probe, the conditioning metrics), feature networks, the
 reference cache and errors."""
 
 import json
@@ -12,8 +12,9 @@ import pytest
 import scipy.linalg
 import torch.nn as nn
 
-from evaluate import (adherence_plan, check_eval_request, evaluate, fit_probe, format_eval, frechet_distance,
-                      load_feature_net, precision_recall, probe_predict, reference, references, retrieval, stats)
+from adherence import adherence_plan, fit_probe, probe_predict, retrieval
+from evaluate import (check_eval_request, evaluate, format_eval, frechet_distance, load_feature_net, precision_recall,
+                      reference, references, stats)
 
 
 def test_frechet_distance_matches_scipy_in_both_regimes_and_grows_with_a_shift():
