@@ -27,9 +27,10 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from checkpoint import checkpoint_paths, prune_checkpoints, read_checkpoint, write_atomic
 from data import ShardStream, configure_cache, load_index, loader, to_device, trained_buckets
-from evaluate import MetricsLog, TrainingEval, TrainingStats, check_eval_request, validation
+from evaluate import check_eval_request, validation
 from model import (LEGACY_MODEL_ARGS, DiT, DiTConfig, TrainingDraws, bf16_is_native, compile_model, flow_loss,
                    interpolate, keep_freed_cpu_memory, size_report, training_memory)
+from monitor import MetricsLog, TrainingEval, TrainingStats
 from optim import configure_optimizers, grad_sync, load_optimizer_state, set_lr, shard, state_dicts
 from prepare_data import exit_skipping_shutdown, lock_dir
 from sample import SOLVERS

@@ -1,5 +1,5 @@
-"""evaluate.py and adherence.py: the metrics (FD, precision/recall, the probe, the conditioning metrics), feature networks, the
-reference cache and errors."""
+"""evaluate.py and adherence.py: the metrics (FD, precision/recall, the probe, the conditioning metrics), feature
+networks, the reference cache and errors."""
 
 import json
 import os
