@@ -53,7 +53,7 @@ eval_batch_size = 100  # images generated per batch
 eval_ref_max = 50000   # real images in a split's reference statistics (an even subset beyond that)
 eval_k = 3           # k of the k-nearest-neighbour manifolds for precision and recall
 eval_adherence = "auto"  # conditioning metrics: 'auto' (all the model and data allow), 'none', or some of
-                         # 'text,rprec,image,divergence' (an error names what the data or model lacks); see adherence()
+                         # 'text,rprec,image,divergence' (an error names what the data or model lacks); see adherence.py
 eval_clip = ""       # a CLIP-like HF model id/path: adds the CLIP score of text-conditioned samples; '' = none
 data_dir = ""        # data to evaluate against; '' = the data_dir the checkpoint was trained on
 seed = 0

@@ -49,7 +49,7 @@ import torch.distributed as dist
 import webdataset as wds
 from PIL import Image
 
-from checkpoint import write_atomic   # index.json, as train.py its checkpoints: tmp, fsync, rename
+from checkpoint import write_atomic   # index.json is written as train.py writes its checkpoints: tmp, fsync, rename
 import data  # the shard format (data.FORMAT, data.VERSION); a module, so DEFAULTS below does not take them for settings
 from sources import CAPTION_FALLBACKS, list_examples, mnist_captions_info, open_image, swap_left_right
 
