@@ -53,7 +53,8 @@ class TrainingEval:
         self.features = self.refs = None
         if evals:
             self.features = evaluate.load_feature_net(feature_name, device)
-            self.refs = evaluate.references(data_dir, feature_name, self.features, device, rank=rank, world_size=world_size)
+            self.refs = evaluate.references(data_dir, feature_name, self.features, device, rank=rank,
+                                            world_size=world_size)
 
     def plain(self, ema_model, fsdp):
         """The EMA as an ordinary module on rank 0 (None elsewhere). Under FSDP the EMA is sharded and its
