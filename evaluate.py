@@ -35,7 +35,7 @@ from adherence import (DIVERGENCE_SCALES, adherence, adherence_plan, conditions_
 from checkpoint import write_atomic
 from data import ShardReader, configure_cache, is_remote, iterate_split, load_index, local_dir, trained_buckets
 from model import flow_loss, interpolate
-from prepare_data import decode, encode_images, load_efficientnet_lite0, load_image_encoder
+from prepare_data import decode, encode_images, lite0_features, load_efficientnet_lite0, load_image_encoder
 import sample
 from sample import save_grid, weight_sets
 
@@ -83,10 +83,7 @@ def load_feature_net(name, device):
             x = (images.float() * 255).round() / 255
             x = F.interpolate(x.expand(-1, 3, -1, -1), size=(LITE0_SIZE, LITE0_SIZE), mode="bilinear",
                               antialias=True) * 2 - 1        # the Lite models take [-1, 1] inputs
-            h = net._swish(net._bn0(net._conv_stem(x.contiguous(memory_format=torch.channels_last))))
-            for block in net._blocks[:LITE0_BLOCKS]:
-                h = block(h)
-            return F.adaptive_avg_pool2d(h, LITE0_GRID).flatten(1).double()
+            return lite0_features(net, x, LITE0_BLOCKS, LITE0_GRID).double()
         return features
     try:
         encoder, _ = load_image_encoder(name, device)

@@ -107,7 +107,7 @@ class TrainingDraws:
 # the erf GELU op costs 2.5x less than the tanh approximation on CPUs, 1.03x on the quick-start step (BENCHMARKS.md)
 MLP_ACTS = {"gelu": lambda: nn.GELU(), "gelu_tanh": lambda: nn.GELU(approximate="tanh"), "silu": nn.SiLU}
 # DiTConfig fields added after checkpoints were first written, with the value those checkpoints meant
-LEGACY_MODEL_ARGS = {"mlp_act": "gelu_tanh", "prediction": "v", "loss_weighting": False}
+LEGACY_MODEL_ARGS = {"mlp_act": "gelu_tanh", "prediction": "v", "loss_weighting": False, "image_norm": False}
 
 
 def config_from_checkpoint(model_args):
@@ -127,6 +127,7 @@ class DiTConfig:
     class_embed_std: float = 0.02  # std of the class embedding table at initialisation (DiT's 0.02)
     text_dim: int = 0         # width of the text encoder's token embeddings; 0 = no text
     image_dim: int = 0        # width of the pooled image embedding; 0 = no image conditioning
+    image_norm: bool = True   # centre the image embedding and scale it to unit length before its projection
     qk_norm: bool = True      # RMS-normalise queries and keys per head (stabilises attention logits)
     grad_checkpoint: bool = False  # recompute each block in backward: less memory, ~1/3 more compute
     attn_impl: str = "auto"   # 'sdpa', 'math' (explicit softmax), or 'auto' (fastest per device)
@@ -510,6 +511,11 @@ class DiT(nn.Module):
             c = c + self.class_embedding(y)
         if cfg.image_dim:
             drop = no if image_emb is None else drop_image
+            if image_emb is not None and cfg.image_norm:
+                # Adam moves each weight of the projection by ~lr a step, so its output by ~lr x the input's L1
+                # norm: unit length keeps that O(lr) for any encoder's width and scale (a raw 896-d embedding of
+                # rms 5 was never learned; BENCHMARKS.md, round 22)
+                image_emb = F.layer_norm(image_emb, image_emb.shape[-1:]) / math.sqrt(image_emb.shape[-1])
             img = self.null_image.expand(B, -1) if image_emb is None else self.image_proj(image_emb)
             if drop is not None:
                 img = torch.where(drop[:, None], self.null_image.to(img.dtype), img)
