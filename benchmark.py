@@ -29,7 +29,7 @@ from torch.utils._pytree import tree_flatten, tree_map
 import prepare_data
 from configurator import apply_overrides
 from data import FORMAT, VERSION, ShardStream, load_index, shard_members
-from model import (DiT, DiTConfig, attention, bf16_is_native, compile_model, flow_loss, interpolate,
+from model import (DiT, attention, bf16_is_native, compile_model, flow_loss, interpolate,
                    keep_freed_cpu_memory)
 from sample import SOLVERS, guided_velocity, sample_ode
 

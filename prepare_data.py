@@ -306,18 +306,15 @@ def encode_text(text, captions, max_length, device):
 
 
 LITE0 = 'efficientnet-lite0'  # the image encoder (and evaluate.py's feature network) that needs no download
-# As an image encoder, Lite0 embeds an image by its two end squares (left and right; top and bottom for a portrait
-# image; a square image is both), each resized to LITE0_SIDE^2 and described by the features after its first
-# LITE0_BLOCKS blocks (112 channels at 1/16 of the input) average-pooled to a LITE0_GRID x LITE0_GRID grid:
-# 2 x 448 = 896-d, not normalised (as DINO's CLS). Mid-level features pooled over a grid tell digits apart where the
-# classifier's pooled 1,280 head features do not (an MLP probe on 1,000 held-out real digits: 98.8% against 90%
-# linear for the head), and one square per side keeps a pair's two digits apart (BENCHMARKS.md, round 22).
+# As an image encoder, Lite0 embeds an image's two end squares (left and right, or top and bottom; a square image is
+# both), each resized to LITE0_SIDE^2, by the features after its first LITE0_BLOCKS blocks (112 channels at 1/16)
+# average-pooled to a LITE0_GRID^2 grid: 896-d. They tell digits apart where the classifier's pooled head features
+# do not, and one square per side keeps a pair's digits apart (BENCHMARKS.md, round 22).
 LITE0_SIDE, LITE0_BLOCKS, LITE0_GRID = 64, 11, 2
 
 
 def lite0_features(net, x, blocks, grid):
-    """EfficientNet-Lite0's features of x (B, 3, S, S) in [-1, 1] after its first `blocks` blocks, average-pooled
-    to a grid x grid grid: (B, channels * grid^2). Also evaluate.py's feature network."""
+    """Lite0's features of x (B, 3, S, S) in [-1, 1] after `blocks` blocks, pooled to grid x grid: (B, C grid^2)."""
     h = net._swish(net._bn0(net._conv_stem(x.contiguous(memory_format=torch.channels_last))))
     for block in net._blocks[:blocks]:
         h = block(h)

@@ -1,7 +1,6 @@
 """The command line of every script, run as a user types it: --help lists each settable key of the
 script's defaults block with its default and its comment, and what config files and overrides set."""
 import ast
-import os
 import re
 import subprocess
 import sys
