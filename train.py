@@ -5,10 +5,9 @@
     python train.py config/small.py --data_dir=data/photos   # one GPU
     torchrun --standalone --nproc_per_node=8 train.py config/large.py --data_dir=data/photos
 
-Data order and randomness are functions of (seed, epoch, sample), never of the batch split: a run on
-W ranks with micro-batch b and accumulation A sees the same samples, timesteps and noise at every
-optimizer step as any other split with the same global batch b * A * W, and a resumed run continues
-exactly where the interrupted one stopped.
+Data order and randomness are functions of (seed, epoch, sample), never of the batch split: a run on W ranks with
+micro-batch b and accumulation A sees the same samples, timesteps and noise at every optimizer step as any other split
+with the same global batch b * A * W, and a resumed run continues exactly where the interrupted one stopped.
 """
 import copy
 import json
@@ -235,6 +234,7 @@ model_args = dict(
     num_classes=index["num_classes"] if use_class else 0,
     text_dim=index["text_encoder"]["dim"] if use_text and index["text_encoder"] else 0,
     image_dim=index["image_encoder"]["dim"] if use_image and index["image_encoder"] else 0)
+model_args["image_norm"] = bool(model_args["image_dim"])   # recorded: checkpoints without it ran the raw embedding
 torch.manual_seed(seed)   # the same initial weights on every rank and for every batch split (FSDP does not broadcast)
 try:
     raw_model = DiT(DiTConfig(**model_args))

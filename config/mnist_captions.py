@@ -19,7 +19,6 @@ batch_size = 16
 max_minutes = 14.0        # time budget: the step count is fitted to 14 minutes of training
 budget_probe_steps = 100
 budget_round_steps = 250
-max_steps = 12000         # used with --max_minutes=0
 lr = 3e-3
 beta1 = 0.8
 warmup_steps = 100
@@ -31,7 +30,8 @@ prediction = "x"
 grad_warn = 200.0
 sample_steps = 32
 sample_shift = 0.6
-sample_text_scale = 2.25  # text guidance, as the quick start's class guidance
+sample_text_scale = 4.0   # text guidance: single digits read 99.7% against 96.1% at 2.25 (round 22)
+sample_image_scale = 2.0  # image guidance: 88.7% against 87.1% at 1
 sample_guidance_interval = (0.3, 0.8)
 sample_temperature = 0.9
 log_interval = 250

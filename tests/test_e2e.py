@@ -62,6 +62,7 @@ def conditioned(tmp_path_factory):
 
 @pytest.mark.slow
 def test_text_and_image_conditioned_latent_run(conditioned, tmp_path):
+    from checkpoint import load_model
     tmp, data, image = conditioned
     index = json.loads((data / "index.json").read_text())
     assert index["space"] == "latents" and index["channels"] == 4 and len(index["splits"]["train"]) >= 2
@@ -76,6 +77,8 @@ def test_text_and_image_conditioned_latent_run(conditioned, tmp_path):
     assert val[-1]["text_effect"] > 0 and val[-1]["image_effect"] > 0        # both conditions are used
     state = torch.load(out / "ckpt-00000004.pt", weights_only=True)
     assert state["model_args"]["text_dim"] == 384 and state["model_args"]["image_dim"] == 32
+    # recorded, so sampling normalises the embedding as training did (an absent key means a pre-image_norm checkpoint)
+    assert state["model_args"]["image_norm"] is True and load_model(out / "ckpt-00000004.pt")[0].cfg.image_norm
     grid = Image.open(out / "samples" / "step-00000004.png")                   # decoded by the tiny VAE
     assert grid.mode == "RGB"
     png = tmp_path / "s.png"

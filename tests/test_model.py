@@ -173,10 +173,29 @@ def test_flow_loss_of_x_prediction_divides_by_t_floored_at_x_pred_min_t():
 
 
 def test_checkpoints_from_before_new_settings_load_as_they_were_trained():
-    old = {k: v for k, v in vars(DiTConfig()).items() if k not in ("mlp_act", "prediction", "loss_weighting")}
+    old = {k: v for k, v in vars(DiTConfig()).items() if k not in ("mlp_act", "prediction", "loss_weighting",
+                                                                      "image_norm")}
     cfg = config_from_checkpoint(old)
-    assert cfg.mlp_act == "gelu_tanh" and cfg.prediction == "v" and not cfg.loss_weighting
+    assert cfg.mlp_act == "gelu_tanh" and cfg.prediction == "v" and not cfg.loss_weighting and not cfg.image_norm
     assert config_from_checkpoint({**old, "mlp_act": "silu"}).mlp_act == "silu"
+
+
+def test_image_embedding_enters_at_unit_length_whatever_its_scale_and_offset():
+    """image_norm: the projection sees the embedding centred and at unit length, so an encoder's scale and common
+    offset change nothing (they kept the image condition from being learned; BENCHMARKS.md round 22), while a
+    different embedding does; without image_norm (checkpoints from before it) the raw embedding goes in."""
+    torch.manual_seed(0)
+    xt, t, emb = torch.randn(3, 1, 8, 8), torch.rand(3), torch.randn(3, 40)
+    for norm in (True, False):
+        model = DiT(DiTConfig(in_channels=1, patch_size=4, hidden=16, depth=1, heads=2, image_dim=40, image_norm=norm))
+        with torch.no_grad():
+            for p in model.parameters():     # adaLN-Zero starts at zero: random weights, so the condition shows
+                p.normal_(0, 0.3)
+            v = model(xt, t, image_emb=emb)
+            rescaled = model(xt, t, image_emb=7 * emb + 3)
+            other = model(xt, t, image_emb=emb.roll(1, dims=1))
+        assert torch.allclose(v, rescaled, atol=1e-4) == norm
+        assert not torch.allclose(v, other, atol=1e-3)
 
 
 def moe_cfg(**kw):
