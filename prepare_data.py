@@ -307,10 +307,10 @@ def encode_text(text, captions, max_length, device):
 
 LITE0 = 'efficientnet-lite0'  # the image encoder (and evaluate.py's feature network) that needs no download
 # As an image encoder, Lite0 embeds an image's two end squares (left and right, or top and bottom; a square image is
-# both), each resized to LITE0_SIDE^2, by the features after its first LITE0_BLOCKS blocks (112 channels at 1/16)
-# average-pooled to a LITE0_GRID^2 grid: 896-d. They tell digits apart where the classifier's pooled head features
+# both), each resized to EMBED_SIDE^2, by the features after its first EMBED_BLOCKS blocks (112 channels at 1/16)
+# average-pooled to an EMBED_GRID^2 grid: 896-d. They tell digits apart where the classifier's pooled head features
 # do not, and one square per side keeps a pair's digits apart (BENCHMARKS.md, round 22).
-LITE0_SIDE, LITE0_BLOCKS, LITE0_GRID = 64, 11, 2
+EMBED_SIDE, EMBED_BLOCKS, EMBED_GRID = 64, 11, 2
 
 
 def lite0_features(net, x, blocks, grid):
@@ -359,7 +359,7 @@ def load_image_encoder(name, device):
 
 @torch.inference_mode()
 def encode_images(image, images, device, dtype=np.float16):
-    """RGB images -> (B, D) of `dtype` (float16 in shards): Lite0's two end squares (LITE0_BLOCKS), else the
+    """RGB images -> (B, D) of `dtype` (float16 in shards): Lite0's two end squares (EMBED_*), else the
     transformers model's pooler_output, else its CLS token."""
     processor, model = image
     if processor == LITE0:
@@ -367,11 +367,11 @@ def encode_images(image, images, device, dtype=np.float16):
         for im in images:
             w, h = im.size
             side = min(w, h)
-            squares += [im.crop(box).resize((LITE0_SIDE, LITE0_SIDE), Image.BICUBIC)
+            squares += [im.crop(box).resize((EMBED_SIDE, EMBED_SIDE), Image.BICUBIC)
                         for box in ((0, 0, side, side), (w - side, h - side, w, h))]
         a = np.stack([np.asarray(square, dtype=np.float32) for square in squares])
         x = torch.from_numpy(a / 127.5 - 1).permute(0, 3, 1, 2).to(device)
-        emb = lite0_features(model, x, LITE0_BLOCKS, LITE0_GRID).view(len(images), -1).float().cpu()
+        emb = lite0_features(model, x, EMBED_BLOCKS, EMBED_GRID).view(len(images), -1).float().cpu()
         return emb.numpy().astype(dtype)
     if processor is not None:
         pixel_values = processor(images=images, return_tensors='pt')['pixel_values']
