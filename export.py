@@ -22,7 +22,8 @@ out = ""             # the ONNX file to write (required), e.g. web/model.onnx; i
 ema = "true"         # weights: 'true' (EMA) or 'false' (raw trained weights)
 # The sampler the JSON recommends: sample.py's settings (sample.SAMPLER), defaults and comments. A checkpoint's
 # recipe (train.py's sample_* settings) replaces them; the command line overrides both (sample.use_recipe_sampler).
-from sample import steps, solver, shift, text_scale, image_scale, guidance_interval, temperature  # noqa: E402
+from sample import (steps, solver, shift, text_scale, image_scale, guidance_interval, guidance,  # noqa: E402
+                    temperature)
 # ----------------------------------------------------------------------------------------------
 
 # One graph: (xt, t, scales, interval, the checkpoint's conditions) -> guided_velocity's velocity, the guidance
@@ -39,15 +40,18 @@ class GuidedVelocity(torch.nn.Module):
     all branches batched where lo <= t[0] <= hi and a scale is not 1, else one conditional forward (torch.cond,
     an ONNX If), so an exported sampler costs the same forwards."""
 
-    def __init__(self, model):
+    def __init__(self, model, guidance="nested"):
         super().__init__()
         cfg = model.cfg
         self.model, self.text_first = model, bool(cfg.num_classes or cfg.text_dim)
         self.names = [n for n, on in (("y", cfg.num_classes), ("text", cfg.text_dim), ("text_mask", cfg.text_dim),
                                       ("image_emb", cfg.image_dim)) if on]
         has_image = bool(cfg.image_dim)
-        # (drop text and class, drop image) per branch; the last is the fully conditional one
-        self.branches = ([(True, True), (True, False), (False, False)] if self.text_first and has_image else
+        # (drop text and class, drop image) per branch; (False, False) is the fully conditional one
+        self.guidance, self.composed = guidance, guidance == "composed"
+        both = ([(True, True), (False, True), (True, False)] if self.composed else
+                [(True, True), (True, False), (False, False)])
+        self.branches = (both if self.text_first and has_image else
                          [(True, True), (False, False)] if self.text_first or has_image else [(False, False)])
 
     def velocity(self, branches, xt, t, scales, *conds):
@@ -63,6 +67,8 @@ class GuidedVelocity(torch.nn.Module):
         v = v.unflatten(0, (k, -1))                     # not chunk(k): torch.export would fix the batch size on it
         if k == 2:
             return v[0] + scales[0 if self.text_first else 1] * (v[1] - v[0])
+        if self.composed:
+            return v[0] + scales[0] * (v[1] - v[0]) + scales[1] * (v[2] - v[0])
         return v[0] + scales[1] * (v[1] - v[0]) + scales[0] * (v[2] - v[1])
 
     def forward(self, xt, t, scales, interval, y=None, text=None, text_mask=None, image_emb=None):
@@ -77,7 +83,7 @@ class GuidedVelocity(torch.nn.Module):
             scaled = scales[0 if self.text_first else 1] != 1
         return torch.cond((interval[0] <= t0) & (t0 <= interval[1]) & scaled,
                           lambda *ops: self.velocity(self.branches, *ops),
-                          lambda *ops: self.velocity(self.branches[-1:], *ops), operands)
+                          lambda *ops: self.velocity([(False, False)], *ops), operands)
 
 
 def export_onnx_model(model, state, path, sampler):
@@ -85,7 +91,8 @@ def export_onnx_model(model, state, path, sampler):
     convention, classes, the default sampler); check it against guided_velocity with ONNX Runtime at a batch size
     other than the traced one, inside and outside the guidance interval. Returns the JSON dict."""
     cfg, meta = model.cfg, state["data"]
-    net = GuidedVelocity(model.float().eval().requires_grad_(False))   # torch.cond traces autograd too otherwise
+    # requires_grad off: torch.cond traces autograd too otherwise
+    net = GuidedVelocity(model.float().eval().requires_grad_(False), sampler.get("guidance", "nested"))
     if cfg.moe_experts and len(net.branches) > 1:
         sys.exit(f"export.py: this checkpoint's MLPs are a mixture of experts (moe_experts="
                  f"{cfg.moe_experts}), which does not export with guidance: the guidance interval is a torch.cond "
@@ -161,8 +168,9 @@ def export_onnx_model(model, state, path, sampler):
         except Exception as e:
             sys.exit(f"export.py: ONNX Runtime cannot run the exported {path} at batch size 3 "
                      f"(traced at 2): {type(e).__name__}: {str(e)[:500]}")
+        # t inside the interval, and outside where there is
         want = guided_velocity(model, {n: ex[n] for n in net.names}, sampler["text_scale"], sampler["image_scale"],
-                               (lo, hi))(ex["xt"], ex["t"])      # t inside the interval, and outside where there is
+                               (lo, hi), net.guidance)(ex["xt"], ex["t"])
         info["max_abs_diff_vs_torch"] = max(info.get("max_abs_diff_vs_torch", 0.0),
                                             (torch.from_numpy(got) - want).abs().max().item())
     with open(os.path.splitext(path)[0] + ".json", "w") as f:
@@ -180,7 +188,8 @@ def main(given):
     model, state = load_model(path, str(ema).lower() == "true")
     use_recipe_sampler(globals(), state["config"], given)
     info = export_onnx_model(model, state, out, dict(steps=steps, solver=solver, shift=shift, text_scale=text_scale,
-                             image_scale=image_scale, guidance_interval=guidance_interval, temperature=temperature))
+                             image_scale=image_scale, guidance_interval=guidance_interval, guidance=guidance,
+                             temperature=temperature))
     print(f"wrote {out} and {os.path.splitext(out)[0]}.json (inputs {', '.join(info['inputs'])}; "
           f"ONNX Runtime vs PyTorch max |diff| {info.get('max_abs_diff_vs_torch', 'not checked: no onnxruntime')})")
 

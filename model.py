@@ -107,7 +107,8 @@ class TrainingDraws:
 # the erf GELU op costs 2.5x less than the tanh approximation on CPUs, 1.03x on the quick-start step (BENCHMARKS.md)
 MLP_ACTS = {"gelu": lambda: nn.GELU(), "gelu_tanh": lambda: nn.GELU(approximate="tanh"), "silu": nn.SiLU}
 # DiTConfig fields added after checkpoints were first written, with the value those checkpoints meant
-LEGACY_MODEL_ARGS = {"mlp_act": "gelu_tanh", "prediction": "v", "loss_weighting": False, "image_norm": False}
+LEGACY_MODEL_ARGS = {"mlp_act": "gelu_tanh", "prediction": "v", "loss_weighting": False, "image_norm": False,
+                     "text_norm": False}
 
 
 def config_from_checkpoint(model_args):
@@ -128,6 +129,7 @@ class DiTConfig:
     text_dim: int = 0         # width of the text encoder's token embeddings; 0 = no text
     image_dim: int = 0        # width of the pooled image embedding; 0 = no image conditioning
     image_norm: bool = True   # centre the image embedding and scale it to unit length before its projection
+    text_norm: bool = True    # the same for each of the caption's token embeddings
     qk_norm: bool = True      # RMS-normalise queries and keys per head (stabilises attention logits)
     grad_checkpoint: bool = False  # recompute each block in backward: less memory, ~1/3 more compute
     attn_impl: str = "auto"   # 'sdpa', 'math' (explicit softmax), or 'auto' (fastest per device)
@@ -526,6 +528,8 @@ class DiT(nn.Module):
             if text is None:
                 text = torch.zeros(B, 1, cfg.text_dim, device=xt.device)
                 text_mask, drop_text = None, no
+            if cfg.text_norm:   # as image_norm: MiniLM's 384-d tokens raw, pairs of digits were read 3x less often
+                text = F.layer_norm(text, text.shape[-1:]) / math.sqrt(text.shape[-1])   # (BENCHMARKS.md, round 23)
             ctx = self.text_proj(text)                                              # (B, L, D)
             mask = torch.ones(ctx.shape[:2], dtype=torch.bool, device=xt.device) if text_mask is None else text_mask
             if drop_text is not None:

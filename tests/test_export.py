@@ -83,13 +83,13 @@ def ort_session(onnx_path):
     return ort.InferenceSession(str(onnx_path), options)
 
 
-def check_parity_and_euler(model, onnx_path, png_dir, text_scale, image_scale, interval, L=0):
+def check_parity_and_euler(model, onnx_path, png_dir, text_scale, image_scale, interval, L=0, guidance="nested"):
     """Velocities at t inside and outside the guidance interval, at a batch size and text length other than the
     traced ones, then a full Euler run each way written as PNG grids. Returns (max velocity diff, PNG diff)."""
     session = ort_session(onnx_path)
     B = 5
     cond = conditions(model.cfg, B, L, seed=1)
-    torch_v = guided_velocity(model, cond, text_scale, image_scale, interval)
+    torch_v = guided_velocity(model, cond, text_scale, image_scale, interval, guidance)
     onnx_v = onnx_v_fn(session, cond, text_scale, image_scale, interval)
     g = torch.Generator().manual_seed(2)
     worst = 0.0
@@ -116,7 +116,7 @@ def test_class_model_exports_from_the_command_line_with_parity_and_the_same_png(
     assert info["class_names"] == ["c0", "c1", "c2", "c3"] and (info["height"], info["width"]) == (16, 16)
     # the recipe's sampler, with the command line's steps over it
     assert info["sampler"] == {"steps": 12, "solver": "euler", "shift": 2.0, "text_scale": 3.0, "image_scale": 1.5,
-                               "guidance_interval": [0.3, 0.8], "temperature": 0.9}
+                               "guidance_interval": [0.3, 0.8], "guidance": "nested", "temperature": 0.9}
     assert info["max_abs_diff_vs_torch"] <= PARITY
     model, _ = load_model(str(ckpt))
     worst, png = check_parity_and_euler(model, onnx_path, tmp_path, 3.0, 1.0, (0.3, 0.8))
@@ -141,6 +141,14 @@ def test_text_and_image_model_exports_with_parity_and_the_same_png(tmp_path):
     for scales in ((1.0, 2.0), (1.0, 1.0)):
         w, _ = check_parity_and_euler(model, tmp_path / "ti.onnx", tmp_path, *scales, (0.0, 1.0), L=5)
         assert w <= PARITY
+    # composed guidance (sample.py's docstring) is exported as such, and recorded in the JSON
+    info = export_onnx_model(model, state, str(tmp_path / "tc.onnx"), {**sampler, "guidance": "composed"})
+    assert info["sampler"]["guidance"] == "composed" and info["max_abs_diff_vs_torch"] <= PARITY
+    worst, _ = check_parity_and_euler(model, tmp_path / "tc.onnx", tmp_path, 3.0, 1.5, (0.3, 0.8), L=3,
+                                      guidance="composed")
+    nested, _ = check_parity_and_euler(model, tmp_path / "ti.onnx", tmp_path, 3.0, 1.5, (0.3, 0.8), L=3,
+                                       guidance="composed")
+    assert worst <= PARITY < nested                  # the nested graph does not compute the composed velocity
 
 
 def test_a_model_with_an_op_onnx_lacks_is_named(tmp_path, monkeypatch):

@@ -174,9 +174,10 @@ def test_flow_loss_of_x_prediction_divides_by_t_floored_at_x_pred_min_t():
 
 def test_checkpoints_from_before_new_settings_load_as_they_were_trained():
     old = {k: v for k, v in vars(DiTConfig()).items() if k not in ("mlp_act", "prediction", "loss_weighting",
-                                                                      "image_norm")}
+                                                                      "image_norm", "text_norm")}
     cfg = config_from_checkpoint(old)
     assert cfg.mlp_act == "gelu_tanh" and cfg.prediction == "v" and not cfg.loss_weighting and not cfg.image_norm
+    assert not cfg.text_norm
     assert config_from_checkpoint({**old, "mlp_act": "silu"}).mlp_act == "silu"
 
 
@@ -196,6 +197,30 @@ def test_image_embedding_enters_at_unit_length_whatever_its_scale_and_offset():
             other = model(xt, t, image_emb=emb.roll(1, dims=1))
         assert torch.allclose(v, rescaled, atol=1e-4) == norm
         assert not torch.allclose(v, other, atol=1e-3)
+
+
+def test_caption_tokens_enter_at_unit_length_whatever_their_scale_and_offset():
+    """text_norm: each token embedding is centred and scaled to unit length before the projection, as image_norm
+    (raw 384-d MiniLM tokens, pairs of digits were read 3x less often; BENCHMARKS.md round 23); padding stays masked
+    and a dropped caption is still the null token; without text_norm (older checkpoints) the raw tokens go in."""
+    torch.manual_seed(0)
+    xt, t, text = torch.randn(3, 1, 8, 8), torch.rand(3), torch.randn(3, 5, 24)
+    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [1, 1, 0, 0, 0]], dtype=torch.bool)
+    for norm in (True, False):
+        model = DiT(DiTConfig(in_channels=1, patch_size=4, hidden=16, depth=1, heads=2, text_dim=24, text_norm=norm))
+        with torch.no_grad():
+            for p in model.parameters():
+                p.normal_(0, 0.3)
+            v = model(xt, t, text=text, text_mask=mask)
+            rescaled = model(xt, t, text=5 * text - 2, text_mask=mask)
+            padded = model(xt, t, text=torch.where(mask[..., None], text, 9.0), text_mask=mask)
+            other = model(xt, t, text=text.roll(1, dims=2), text_mask=mask)
+            dropped = model(xt, t, text=text, text_mask=mask, drop_text=torch.ones(3, dtype=torch.bool))
+            null = model(xt, t)
+        assert torch.allclose(v, rescaled, atol=1e-4) == norm
+        assert torch.allclose(v, padded, atol=1e-5)
+        assert not torch.allclose(v, other, atol=1e-3)
+        assert torch.allclose(dropped, null, atol=1e-5)
 
 
 def moe_cfg(**kw):

@@ -74,6 +74,28 @@ def test_dual_guidance_formula():
     assert torch.allclose(v, torch.full_like(v, 4.0))              # text only: image scale unused
 
 
+class Interacting(Linear):
+    """Linear, plus 100 when the caption and the image are both kept: the two guidance formulas differ on it."""
+    def forward(self, xt, t, text=None, image_emb=None, drop_text=None, drop_image=None, **rest):
+        both = torch.where(drop_text | drop_image, 0.0, 100.0).view(-1, 1, 1, 1)
+        return super().forward(xt, t, text=text, image_emb=image_emb, drop_text=drop_text, drop_image=drop_image) + both
+
+
+def test_composed_guidance_sums_each_conditions_own_effect_and_nested_adds_the_caption_given_the_image():
+    xt, t = torch.zeros(2, 1, 2, 2), torch.full((2,), 0.5)
+    cond = dict(text=torch.zeros(2, 3, 4), text_mask=torch.ones(2, 3, dtype=torch.bool), image_emb=torch.zeros(2, 5))
+    # v(0,0) = 0, v(txt,0) = 1, v(0,img) = 10, v(txt,img) = 111
+    composed = guided_velocity(Interacting(), cond, 3.0, 2.0, guidance="composed")
+    assert torch.allclose(composed(xt, t), torch.full_like(xt, 3.0 * 1 + 2.0 * 10)) and composed.forwards == 3
+    nested = guided_velocity(Interacting(), cond, 3.0, 2.0, guidance="nested")(xt, t)
+    assert torch.allclose(nested, torch.full_like(xt, 2.0 * 10 + 3.0 * 101))
+    outside = guided_velocity(Interacting(), cond, 3.0, 2.0, interval=(0.6, 1.0), guidance="composed")(xt, t)
+    assert torch.allclose(outside, torch.full_like(xt, 111.0))      # outside the interval: the conditional model
+    import sample
+    with pytest.raises(SystemExit, match="sample.py: guidance='mixed': expected one of nested, composed"):
+        sample.check_settings({**vars(sample), "guidance": "mixed"})
+
+
 def test_save_grid(tmp_path):
     images = torch.rand(10, 3, 6, 5)
     save_grid(images, str(tmp_path / "g.png"), nrow=4, pad=2)
