@@ -14,7 +14,7 @@ import sys
 import torch
 
 from checkpoint import load_model, resolve_checkpoint
-from sample import check_settings, guided_velocity, use_recipe_sampler
+from sample import BOTH_BRANCHES, ONE_BRANCHES, check_settings, combine, guided_velocity, use_recipe_sampler
 
 # ----------------------------------------------------------------------------------------------
 ckpt = ""            # a checkpoint file, or an out_dir (its newest checkpoint)
@@ -47,12 +47,9 @@ class GuidedVelocity(torch.nn.Module):
         self.names = [n for n, on in (("y", cfg.num_classes), ("text", cfg.text_dim), ("text_mask", cfg.text_dim),
                                       ("image_emb", cfg.image_dim)) if on]
         has_image = bool(cfg.image_dim)
-        # (drop text and class, drop image) per branch; (False, False) is the fully conditional one
-        self.guidance, self.composed = guidance, guidance == "composed"
-        both = ([(True, True), (False, True), (True, False)] if self.composed else
-                [(True, True), (True, False), (False, False)])
-        self.branches = (both if self.text_first and has_image else
-                         [(True, True), (False, False)] if self.text_first or has_image else [(False, False)])
+        self.guidance = guidance   # the branches and their combination: sample.py's, shared
+        self.branches = (BOTH_BRANCHES[guidance] if self.text_first and has_image else
+                         ONE_BRANCHES if self.text_first or has_image else [(False, False)])
 
     def velocity(self, branches, xt, t, scales, *conds):
         k = len(branches)
@@ -65,11 +62,7 @@ class GuidedVelocity(torch.nn.Module):
         if k == 1:
             return v
         v = v.unflatten(0, (k, -1))                     # not chunk(k): torch.export would fix the batch size on it
-        if k == 2:
-            return v[0] + scales[0 if self.text_first else 1] * (v[1] - v[0])
-        if self.composed:
-            return v[0] + scales[0] * (v[1] - v[0]) + scales[1] * (v[2] - v[0])
-        return v[0] + scales[1] * (v[1] - v[0]) + scales[0] * (v[2] - v[1])
+        return combine(v, scales[0], scales[1], self.text_first, self.guidance)
 
     def forward(self, xt, t, scales, interval, y=None, text=None, text_mask=None, image_emb=None):
         given = dict(y=y, text=text, text_mask=text_mask, image_emb=image_emb)

@@ -14,9 +14,8 @@ with text/class condition c_t and image condition c_i, and v(.,.) the model's ve
     image only: v = v(0,0) + s_i * (v(0,c_i) - v(0,0))
     both, guidance='nested':   v = v(0,0) + s_i * (v(0,c_i) - v(0,0)) + s_t * (v(c_t,c_i) - v(0,c_i))
     both, guidance='composed': v = v(0,0) + s_t * (v(c_t,0) - v(0,0)) + s_i * (v(0,c_i) - v(0,0))
-('nested' is InstructPix2Pix's dual guidance, arXiv:2211.09800: the caption's effect given the image; 'composed' is
-Composable Diffusion's sum, arXiv:2206.01714: each condition's own effect, so the larger scale wins where they
-disagree). Scales of 1 give the plain conditional model v(c_t,c_i).
+(InstructPix2Pix, arXiv:2211.09800: the caption given the image; Composable Diffusion, arXiv:2206.01714: each
+condition's own effect, so the larger scale wins where they disagree). Scales of 1: the conditional v(c_t,c_i).
 """
 import json
 import os
@@ -59,7 +58,7 @@ eval_batch_size = 100  # images generated per batch (as train.py's and evaluate.
 # ----------------------------------------------------------------------------------------------
 # The sampler settings above, which evaluate.py and export.py import: their one home.
 SAMPLER = ("steps", "solver", "shift", "text_scale", "image_scale", "guidance_interval", "guidance", "temperature")
-GUIDANCE = ("nested", "composed")
+GUIDANCE = ("nested", "composed")   # BOTH_BRANCHES' keys
 
 
 def time_grid(steps, shift=1.0, device=None):
@@ -93,6 +92,24 @@ def velocity_evals(steps, solver):
     return steps * SOLVERS[solver] - (solver == "heun")   # Heun's last step is an Euler step (sample_ode)
 
 
+# guided branches (drop text and class, drop image); outside the interval only (False, False), the conditional
+ONE_BRANCHES = [(True, True), (False, False)]
+BOTH_BRANCHES = {"nested": [(True, True), (True, False), (False, False)],
+                 "composed": [(True, True), (False, True), (True, False)]}
+
+
+def combine(v, text_scale, image_scale, text_first, guidance):
+    """Guided velocity from v[i] of [(False, False)], ONE_BRANCHES (text_first: text/class, else image) or
+    BOTH_BRANCHES[guidance]; export.py's graph calls it too."""
+    if len(v) == 1:
+        return v[0]
+    if len(v) == 2:
+        return v[0] + (text_scale if text_first else image_scale) * (v[1] - v[0])
+    if guidance == "composed":
+        return v[0] + text_scale * (v[1] - v[0]) + image_scale * (v[2] - v[0])
+    return v[0] + image_scale * (v[1] - v[0]) + text_scale * (v[2] - v[1])
+
+
 def guided_velocity(model, cond, text_scale, image_scale, interval=(0.0, 1.0), guidance="nested"):
     """v_fn(xt, t) applying the module docstring's guidance in one batched forward per step.
 
@@ -103,14 +120,8 @@ def guided_velocity(model, cond, text_scale, image_scale, interval=(0.0, 1.0), g
     """
     has_text = cond.get("y") is not None or cond.get("text") is not None
     has_image = cond.get("image_emb") is not None
-    # branches as (drop text and class, drop image); (False, False) is the fully conditional one
-    if has_text and has_image and (text_scale != 1 or image_scale != 1):
-        guided = [(True, True), (True, False), (False, False)] if guidance == "nested" else \
-            [(True, True), (False, True), (True, False)]
-    elif has_text and text_scale != 1 or has_image and image_scale != 1:
-        guided = [(True, True), (False, False)]
-    else:
-        guided = [(False, False)]
+    guided = (BOTH_BRANCHES[guidance] if has_text and has_image and (text_scale != 1 or image_scale != 1) else
+              ONE_BRANCHES if has_text and text_scale != 1 or has_image and image_scale != 1 else [(False, False)])
     lo, hi = interval
 
     @torch.no_grad()
@@ -123,14 +134,7 @@ def guided_velocity(model, cond, text_scale, image_scale, interval=(0.0, 1.0), g
         drop_t = torch.tensor([d[0] for d in use], device=xt.device).repeat_interleave(B)
         drop_i = torch.tensor([d[1] for d in use], device=xt.device).repeat_interleave(B)
         v = model(xt.repeat(k, 1, 1, 1), t.repeat(k), **rep, drop_y=drop_t, drop_text=drop_t, drop_image=drop_i)
-        v = v.float().chunk(k)
-        if k == 1:
-            return v[0]
-        if k == 2:
-            return v[0] + (text_scale if has_text else image_scale) * (v[1] - v[0])
-        if guidance == "composed":
-            return v[0] + text_scale * (v[1] - v[0]) + image_scale * (v[2] - v[0])
-        return v[0] + image_scale * (v[1] - v[0]) + text_scale * (v[2] - v[1])
+        return combine(v.float().chunk(k), text_scale, image_scale, has_text, guidance)
     v_fn.forwards = 0
     return v_fn
 
