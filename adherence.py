@@ -165,8 +165,8 @@ def retrieval(queries, keys, own, buckets, seed, same=None, distractors=DISTRACT
 
 def caption_groups(val, rows, index):
     """{suffix: mask} of the samples at val reference rows: '' all; for pairs of digits 'single', 'pair';
-    for source='mnist-captions' also 'pair_seen', 'pair_held_out' (compositions held out of train) and
-    'phrasing_seen', 'phrasing_held_out' (templates held out of train)."""
+    for source='mnist-captions' also 'pair_seen', 'pair_held_out' (compositions held out of train; both in seen
+    phrasings, so the two axes stay apart) and 'phrasing_seen', 'phrasing_held_out' (templates held out of train)."""
     y_right = val["y_right"][rows]
     pair = y_right >= 0
     groups = {"": torch.ones(len(rows), dtype=torch.bool)}
@@ -178,8 +178,8 @@ def caption_groups(val, rows, index):
         comp = torch.tensor([(a, b) in held for a, b in zip(val["y"][rows].tolist(), y_right.tolist())])
         phrasing = torch.tensor([info["templates"].get(val["template"][r], {}).get("held_out", False)
                                  for r in rows.tolist()], dtype=torch.bool)
-        groups.update(pair_seen=pair & ~comp, pair_held_out=pair & comp, phrasing_seen=~phrasing,
-                      phrasing_held_out=phrasing)
+        groups.update(pair_seen=pair & ~comp & ~phrasing, pair_held_out=pair & comp & ~phrasing,
+                      phrasing_seen=~phrasing, phrasing_held_out=phrasing)
     return groups
 
 

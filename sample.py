@@ -2,14 +2,10 @@
 
     python sample.py --ckpt=out/mnist                            # class grid: one row per class
     python sample.py --ckpt=out/mnist/ckpt-00002000.pt --classes=3,7 --per_class=16 --text_scale=3
-    python sample.py --ckpt=out/photos --prompts=prompts.txt --text_scale=4.5
-    python sample.py --ckpt=out/photos --prompts=prompts.txt --images=ref.jpg --text_scale=4 --image_scale=2
+    python sample.py --ckpt=out/photos --prompts=prompts.txt [--images=ref.jpg --image_scale=2] --text_scale=4
 
-Evaluation (FD, precision/recall, class accuracy) is `python evaluate.py --ckpt=out/mnist`; the ONNX export for the
-browser page is `python export.py --ckpt=out/mnist --out=web/model.onnx`. Both sample with the functions here.
-
-Writes a PNG grid and a JSON of the settings beside it. Guidance (all channels):
-with text/class condition c_t and image condition c_i, and v(.,.) the model's velocity,
+Writes a PNG grid and a JSON of the settings beside it; evaluate.py and export.py sample with the functions here.
+Guidance (all channels), with text/class condition c_t, image condition c_i and v(.,.) the model's velocity:
     text only:  v = v(0,0) + s_t * (v(c_t,0) - v(0,0))
     image only: v = v(0,0) + s_i * (v(0,c_i) - v(0,0))
     both, guidance='nested':   v = v(0,0) + s_i * (v(0,c_i) - v(0,0)) + s_t * (v(c_t,c_i) - v(0,c_i))
@@ -141,8 +137,7 @@ def guided_velocity(model, cond, text_scale, image_scale, interval=(0.0, 1.0), g
 
 def generate(model, cond, noise, sampler, meta, autocast, chunk):
     """Images in [0, 1] on the CPU from `noise` (N, C, h, w) and conditions `cond` (N rows each), sampled with
-    `sampler` (dict of steps, solver, shift, text_scale, image_scale, interval, temperature: default 1) and
-    decoded, `chunk` images at a time so that a large grid never needs one giant batch. Returns (images, forwards
+    `sampler` (train.py's `sampler` dict) and decoded `chunk` at a time (no giant batch). Returns (images, forwards
     per image)."""
     from prepare_data import decode   # the data's VAE for latents
     images, forwards = [], 0

@@ -6,8 +6,8 @@
 data_dir, out_dir = "data/mnist-captions", "out/mnist-captions"
 use_class = False         # the digits' labels are for evaluation only: the model must read the caption
 p_uncond = 0.1            # one categorical draw per sample: drop both conditions...
-p_text_only = 0.3         # ...keep the text, drop the image (each condition alone often, so each path learns)...
-p_image_only = 0.3        # ...keep the image, drop the text; both kept for the other 30%
+p_text_only = 0.5         # ...keep the text, drop the image: pairs are learned from captions alone (round 24)...
+p_image_only = 0.3        # ...keep the image, drop the text; both kept for the other 10%
 patch_size = 4            # 7x7 tokens per digit, 7x14 per pair
 hidden = 96
 depth = 4
