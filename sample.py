@@ -4,7 +4,7 @@
     python sample.py --ckpt=out/mnist/ckpt-00002000.pt --classes=3,7 --per_class=16 --text_scale=3
     python sample.py --ckpt=out/photos --prompts=prompts.txt [--images=ref.jpg --image_scale=2] --text_scale=4
 
-Writes a PNG grid and a JSON of the settings beside it; evaluate.py and export.py sample with the functions here.
+Writes a PNG grid and a JSON of its settings. `python evaluate.py --ckpt=...` and export.py sample with its functions.
 Guidance (all channels), with text/class condition c_t, image condition c_i and v(.,.) the model's velocity:
     text only:  v = v(0,0) + s_t * (v(c_t,0) - v(0,0))
     image only: v = v(0,0) + s_i * (v(0,c_i) - v(0,0))
