@@ -137,8 +137,8 @@ def guided_velocity(model, cond, text_scale, image_scale, interval=(0.0, 1.0), g
 
 def generate(model, cond, noise, sampler, meta, autocast, chunk):
     """Images in [0, 1] on the CPU from `noise` (N, C, h, w) and conditions `cond` (N rows each), sampled with
-    `sampler` (train.py's `sampler` dict) and decoded `chunk` at a time (no giant batch). Returns (images, forwards
-    per image)."""
+    `sampler` (steps, solver, shift, text_scale, image_scale, interval; guidance 'nested' and temperature 1 unless
+    given) and decoded `chunk` at a time (no giant batch). Returns (images, forwards per image)."""
     from prepare_data import decode   # the data's VAE for latents
     images, forwards = [], 0
     for rows in torch.arange(len(noise), device=noise.device).split(chunk):
