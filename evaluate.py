@@ -44,7 +44,7 @@ ckpt = ""            # a checkpoint file, or an out_dir (its newest checkpoint)
 out = ""             # the preview PNG, the JSON beside it; default <checkpoint folder>/samples/eval-<step>.png
 # The sampler: sample.py's settings (sample.SAMPLER), defaults and comments. A checkpoint's recipe
 # (train.py's sample_* settings) replaces them; the command line overrides both (sample.use_recipe_sampler).
-from sample import (steps, solver, shift, text_scale, image_scale, guidance_interval, guidance,  # noqa: E402
+from sample import (steps, solver, shift, text_scale, image_scale, guidance_interval, guidance,  # noqa: E402,F401
                     temperature)
 # evaluation: generated vs real images in a feature space; see evaluate()
 num_samples = 1000   # images to generate (class-balanced for class-labelled data)
@@ -501,10 +501,9 @@ def main(given):
         features = features or load_feature_net(eval_features, dev)
         refs = refs or references(root, eval_features, features, dev, eval_ref_max)   # once for --ema=both
         preview = []
-        sampler = dict(steps=steps, solver=solver, shift=shift, text_scale=text_scale, image_scale=image_scale,
-                       interval=guidance_interval, guidance=guidance, temperature=temperature)
-        result = evaluate(model, state["data"], root, num_samples, sampler, eval_features, eval_split,
-                          eval_batch_size, seed, dev, autocast, eval_ref_max, eval_k, features=features,
+        sampler = sample.sampler_settings(globals())
+        result = evaluate(model, state["data"], root, num_samples, sampler, eval_features, eval_split, eval_batch_size,
+                          seed, dev, autocast, eval_ref_max, eval_k, features=features,
                           preview=preview, refs=refs, adherence_request=eval_adherence, clip_name=eval_clip)
         target = stem + ".json"   # beside the preview grid that --out names
         settings.update(result, data_dir=root, forwards_per_image=result["forwards_per_image"])

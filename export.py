@@ -14,7 +14,8 @@ import sys
 import torch
 
 from checkpoint import load_model, resolve_checkpoint
-from sample import BOTH_BRANCHES, ONE_BRANCHES, check_settings, combine, guided_velocity, use_recipe_sampler
+from sample import (BOTH_BRANCHES, ONE_BRANCHES, check_settings, combine, guided_velocity, sampler_settings,
+                    use_recipe_sampler)
 
 # ----------------------------------------------------------------------------------------------
 ckpt = ""            # a checkpoint file, or an out_dir (its newest checkpoint)
@@ -22,7 +23,7 @@ out = ""             # the ONNX file to write (required), e.g. web/model.onnx; i
 ema = "true"         # weights: 'true' (EMA) or 'false' (raw trained weights)
 # The sampler the JSON recommends: sample.py's settings (sample.SAMPLER), defaults and comments. A checkpoint's
 # recipe (train.py's sample_* settings) replaces them; the command line overrides both (sample.use_recipe_sampler).
-from sample import (steps, solver, shift, text_scale, image_scale, guidance_interval, guidance,  # noqa: E402
+from sample import (steps, solver, shift, text_scale, image_scale, guidance_interval, guidance,  # noqa: E402,F401
                     temperature)
 # ----------------------------------------------------------------------------------------------
 
@@ -180,9 +181,7 @@ def main(given):
         sys.exit("export.py: --out=PATH.onnx is required")
     model, state = load_model(path, str(ema).lower() == "true")
     use_recipe_sampler(globals(), state["config"], given)
-    info = export_onnx_model(model, state, out, dict(steps=steps, solver=solver, shift=shift, text_scale=text_scale,
-                             image_scale=image_scale, guidance_interval=guidance_interval, guidance=guidance,
-                             temperature=temperature))
+    info = export_onnx_model(model, state, out, sampler_settings(globals()))
     print(f"wrote {out} and {os.path.splitext(out)[0]}.json (inputs {', '.join(info['inputs'])}; "
           f"ONNX Runtime vs PyTorch max |diff| {info.get('max_abs_diff_vs_torch', 'not checked: no onnxruntime')})")
 

@@ -129,6 +129,8 @@ class DiTConfig:
     text_dim: int = 0         # width of the text encoder's token embeddings; 0 = no text
     image_dim: int = 0        # width of the pooled image embedding; 0 = no image conditioning
     image_norm: bool = True   # centre the image embedding and scale it to unit length before its projection
+    image_tokens: int = 0     # also give the image embedding to cross-attention as this many context tokens beside
+                              # the caption's (IP-Adapter, arXiv:2308.06721); needs text_dim; 0 = adaLN only
     text_norm: bool = True    # the same for each of the caption's token embeddings
     qk_norm: bool = True      # RMS-normalise queries and keys per head (stabilises attention logits)
     grad_checkpoint: bool = False  # recompute each block in backward: less memory, ~1/3 more compute
@@ -161,6 +163,10 @@ class DiTConfig:
             raise ValueError(f"class_embed_std={self.class_embed_std} must be > 0")
         if self.moe_capacity < 0:
             raise ValueError(f"moe_capacity={self.moe_capacity} must be >= 0 (0 = no limit)")
+        if self.image_tokens < 0 or self.image_tokens and not (self.image_dim and self.text_dim):
+            raise ValueError(f"image_tokens={self.image_tokens}: needs image_dim > 0 and text_dim > 0 (the tokens "
+                             f"join the caption's in cross-attention); image_dim={self.image_dim}, "
+                             f"text_dim={self.text_dim}")
 
 
 def compile_model(model, log=print):
@@ -415,6 +421,8 @@ class DiT(nn.Module):
         if cfg.image_dim:
             self.image_proj = nn.Sequential(nn.Linear(cfg.image_dim, D), nn.SiLU(), nn.Linear(D, D))
             self.null_image = nn.Parameter(torch.randn(D) * 0.02)
+        if cfg.image_tokens:
+            self.image_ctx = nn.Linear(cfg.image_dim, cfg.image_tokens * D)
         self.blocks = nn.ModuleList(DiTBlock(cfg) for _ in range(cfg.depth))
         self.norm_out = nn.LayerNorm(D, elementwise_affine=False, eps=1e-6)
         self.adaLN_out = nn.Sequential(nn.SiLU(), nn.Linear(D, 2 * D))
@@ -523,6 +531,9 @@ class DiT(nn.Module):
                 img = torch.where(drop[:, None], self.null_image.to(img.dtype), img)
             c = c + img
         ctx = ctx_mask = None
+        if cfg.image_tokens and image_emb is not None:   # (B, K, D), masked out where the image is dropped
+            img_ctx = self.image_ctx(image_emb).view(B, cfg.image_tokens, -1)
+            img_mask = (no if drop_image is None else ~drop_image)[:, None].expand(B, cfg.image_tokens)
         if cfg.text_dim:
             # A dropped caption becomes one valid null token followed by masked padding.
             if text is None:
@@ -536,6 +547,8 @@ class DiT(nn.Module):
                 first = (torch.arange(mask.shape[1], device=mask.device) == 0).expand_as(mask)
                 ctx = torch.where((drop_text[:, None] & first)[..., None], self.null_text.to(ctx.dtype), ctx)
                 mask = drop_text[:, None] & first | ~drop_text[:, None] & mask
+            if cfg.image_tokens and image_emb is not None:
+                ctx, mask = torch.cat([ctx, img_ctx.to(ctx.dtype)], 1), torch.cat([mask, img_mask], 1)
             # a sample whose mask is all False would give NaN attention: let it see its first token. The mask
             # ops here are out of place, and no bool where: the ONNX export (sample.py) needs both
             mask = mask | (torch.arange(mask.shape[1], device=mask.device) == 0) & ~mask.any(dim=1, keepdim=True)
@@ -562,7 +575,7 @@ class DiT(nn.Module):
         N = (height // p) * (width // p)
         M = int(cfg.mlp_ratio * D)
         mlps = (cfg.moe_top_k + cfg.moe_shared_expert) if cfg.moe_experts else 1
-        L = text_len if cfg.text_dim else 0
+        L = text_len + cfg.image_tokens if cfg.text_dim else 0
         per_block = (2 * N * D * 3 * D          # q, k, v
                      + 2 * 2 * N * N * D        # scores and weighted sum
                      + 2 * N * D * D            # output projection
@@ -577,7 +590,7 @@ class DiT(nn.Module):
         if L:
             flops += 2 * L * (cfg.text_dim * D + D * D)
         if cfg.image_dim:
-            flops += 2 * (cfg.image_dim * D + D * D)
+            flops += 2 * (cfg.image_dim * D + D * D) + 2 * cfg.image_dim * cfg.image_tokens * D
         return flops
 
 

@@ -135,18 +135,21 @@ def guided_velocity(model, cond, text_scale, image_scale, interval=(0.0, 1.0), g
     return v_fn
 
 
+def sampler_settings(settings, prefix=""):
+    """{SAMPLER key: value} from a script's globals (train.py's: prefix 'sample_'), as generate() takes it."""
+    return {k: settings[prefix + k] for k in SAMPLER}
+
+
 def generate(model, cond, noise, sampler, meta, autocast, chunk):
     """Images in [0, 1] on the CPU from `noise` (N, C, h, w) and conditions `cond` (N rows each), sampled with
-    `sampler` (steps, solver, shift, text_scale, image_scale, interval; guidance 'nested' and temperature 1 unless
-    given) and decoded `chunk` at a time (no giant batch). Returns (images, forwards per image)."""
+    `sampler` (sampler_settings), decoded `chunk` at a time (no giant batch). Returns (images, forwards per image)."""
     from prepare_data import decode   # the data's VAE for latents
     images, forwards = [], 0
     for rows in torch.arange(len(noise), device=noise.device).split(chunk):
         v_fn = guided_velocity(model, {k: v[rows] for k, v in cond.items() if v is not None}, sampler["text_scale"],
-                               sampler["image_scale"], sampler["interval"], sampler.get("guidance", "nested"))
+                               sampler["image_scale"], sampler["guidance_interval"], sampler["guidance"])
         with autocast:
-            x = sample_ode(v_fn, noise[rows], sampler["steps"], sampler["solver"], sampler["shift"],
-                           sampler.get("temperature", 1.0))
+            x = sample_ode(v_fn, noise[rows], *(sampler[k] for k in ("steps", "solver", "shift", "temperature")))
         images.append(decode(x.float(), meta).cpu())
         forwards = v_fn.forwards
     return torch.cat(images), forwards
@@ -243,7 +246,6 @@ def draw_grid(model, state, path, dev, autocast):
         if not cfg.image_dim:
             sys.exit("sample.py: images given but this model has no image conditioning")
         from PIL import Image
-
         from prepare_data import encode_images, load_image_encoder
         paths = images.split(",")
         enc, _ = load_image_encoder(meta["image_encoder"]["name"], dev)
@@ -253,9 +255,7 @@ def draw_grid(model, state, path, dev, autocast):
         cond["image_emb"] = emb.repeat_interleave(reps, 0)
     g = torch.Generator(device=dev).manual_seed(seed)
     noise = torch.randn(n, cfg.in_channels, H // down, W // down, generator=g, device=dev)
-    sampler = dict(steps=steps, solver=solver, shift=shift, temperature=temperature, text_scale=text_scale,
-                   image_scale=image_scale, interval=guidance_interval, guidance=guidance)
-    drawn, forwards = generate(model, cond, noise, sampler, meta, autocast, eval_batch_size)
+    drawn, forwards = generate(model, cond, noise, sampler_settings(globals()), meta, autocast, eval_batch_size)
     save_grid(drawn, path, nrow=nrow)
     return (H, W), n, forwards
 

@@ -32,7 +32,7 @@ from model import (LEGACY_MODEL_ARGS, DiT, DiTConfig, TrainingDraws, bf16_is_nat
 from monitor import MetricsLog, TrainingEval, TrainingStats
 from optim import configure_optimizers, grad_sync, load_optimizer_state, set_lr, shard, state_dicts
 from prepare_data import exit_skipping_shutdown, lock_dir
-from sample import GUIDANCE, SOLVERS
+from sample import GUIDANCE, SOLVERS, sampler_settings
 from schedule import Schedule, StopRequest, ema_decay_at
 
 # ----------------------------------------------------------------------------------------------
@@ -64,6 +64,7 @@ prediction = "v"              # network output: 'v' (velocity) or 'x' (clean ima
 use_class = True              # condition on class labels when the data has them
 use_text = True               # condition on text embeddings when the data has them
 use_image = True              # condition on image embeddings when the data has them
+image_tokens = 0              # the image embedding also as this many cross-attention tokens (needs text); 0: none
 # rectified flow and guidance dropout (one categorical draw per sample)
 t_sampling = "logit_normal"   # 'logit_normal' (SD3, arXiv:2403.03206) or 'uniform'
 t_loc = 0.0                   # logit-normal location
@@ -234,7 +235,7 @@ model_args = dict(
     moe_capacity=moe_capacity, moe_shared_expert=moe_shared_expert,
     num_classes=index["num_classes"] if use_class else 0,
     text_dim=index["text_encoder"]["dim"] if use_text and index["text_encoder"] else 0,
-    image_dim=index["image_encoder"]["dim"] if use_image and index["image_encoder"] else 0)
+    image_dim=index["image_encoder"]["dim"] if use_image and index["image_encoder"] else 0, image_tokens=image_tokens)
 model_args.update(image_norm=bool(model_args["image_dim"]), text_norm=bool(model_args["text_dim"]))  # older: raw
 torch.manual_seed(seed)   # the same initial weights on every rank and for every batch split (FSDP does not broadcast)
 try:
@@ -352,9 +353,7 @@ def keep_best(key, value):
 
 
 # ---------------------------------------------------------------------------------------------- evaluation, logging
-sampler = dict(steps=sample_steps, solver=sample_solver, shift=sample_shift, text_scale=sample_text_scale,
-               image_scale=sample_image_scale, interval=sample_guidance_interval, guidance=sample_guidance,
-               temperature=sample_temperature)
+sampler = sampler_settings(globals(), "sample_")
 evals = TrainingEval(raw_model, index, data_dir, out_dir, sampler, eval_samples, eval_features, eval_batch_size, seed,
                      device, autocast, rank, world_size, sample_interval, eval_interval, config)   # grids, references
 metrics = MetricsLog(out_dir, tensorboard, wandb_project, config, master)   # metrics.jsonl (tensorboard, W&B)

@@ -75,7 +75,8 @@ def run_evaluate(data_dir, net, features, refs, **kw):
     from data import load_index
     index = load_index(data_dir)
     meta = {k: index[k] for k in ("space", "channels", "vae", "num_classes", "buckets")}
-    sampler = dict(steps=2, solver="euler", shift=1.0, text_scale=1.0, image_scale=1.0, interval=(0.0, 1.0))
+    sampler = dict(steps=2, solver="euler", shift=1.0, text_scale=1.0, image_scale=1.0, guidance_interval=(0.0, 1.0),
+                   guidance="nested", temperature=1.0)
     return evaluate(net, meta, data_dir, 150, sampler, features=features, refs=refs, **kw)
 
 

@@ -199,6 +199,27 @@ def test_image_embedding_enters_at_unit_length_whatever_its_scale_and_offset():
         assert not torch.allclose(v, other, atol=1e-3)
 
 
+def test_image_tokens_join_the_caption_in_cross_attention_and_vanish_where_the_image_is_dropped():
+    """image_tokens: the embedding also becomes K context tokens beside the caption's (IP-Adapter). A sample whose
+    image is dropped gets exactly the output of no image at all (its tokens are masked out, its adaLN input is the
+    null); the tokens carry the image (changing only their projection changes the output); FLOPs count them; and
+    they need a caption path to join."""
+    model = randomise(tiny(image_tokens=3))
+    x, t, c = torch.randn(3, 3, 8, 8), torch.rand(3), conds()
+    drop = torch.tensor([True, False, True])
+    with torch.no_grad():
+        v = model(x, t, **c, drop_image=drop)
+        none = model(x, t, **{**c, "image_emb": None})
+        assert torch.equal(v[drop], none[drop]) and not torch.allclose(v[1], none[1], atol=1e-3)
+        no_caption = model(x, t, image_emb=c["image_emb"])     # the null caption token and the image's tokens
+        model.image_ctx.weight.copy_(torch.randn_like(model.image_ctx.weight))   # other tokens, same all else
+        assert not torch.allclose(model(x, t, **c, drop_image=drop)[1], v[1], atol=1e-3)
+    assert torch.isfinite(no_caption).all()
+    assert_flops_match_torch_counter(tiny(hidden=64, depth=3, attn_impl="math", image_tokens=4))
+    with pytest.raises(ValueError, match="image_tokens=2: needs image_dim > 0 and text_dim > 0"):
+        DiTConfig(image_dim=12, image_tokens=2)
+
+
 def test_caption_tokens_enter_at_unit_length_whatever_their_scale_and_offset():
     """text_norm: each token embedding is centred and scaled to unit length before the projection, as image_norm
     (raw 384-d MiniLM tokens, pairs of digits were read 3x less often; BENCHMARKS.md round 23); padding stays masked

@@ -179,7 +179,7 @@ def test_generate_in_chunks_draws_the_images_of_one_batch():
     cond = {"y": torch.arange(5).repeat_interleave(3), "text": None}
     noise = torch.randn(15, 1, 8, 8, generator=torch.Generator().manual_seed(1))
     sampler = dict(steps=3, solver="heun", shift=1.0, temperature=1.0, text_scale=2.0, image_scale=1.0,
-                   interval=(0.0, 1.0))
+                   guidance_interval=(0.0, 1.0), guidance="nested")
     meta = {"space": "pixels", "vae": None}
     whole, forwards = generate(model, cond, noise, sampler, meta, torch.autocast("cpu", enabled=False), chunk=100)
     parts, forwards_parts = generate(model, cond, noise, sampler, meta, torch.autocast("cpu", enabled=False), chunk=4)
