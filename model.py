@@ -531,9 +531,6 @@ class DiT(nn.Module):
                 img = torch.where(drop[:, None], self.null_image.to(img.dtype), img)
             c = c + img
         ctx = ctx_mask = None
-        if cfg.image_tokens and image_emb is not None:   # (B, K, D), masked out where the image is dropped
-            img_ctx = self.image_ctx(image_emb).view(B, cfg.image_tokens, -1)
-            img_mask = (no if drop_image is None else ~drop_image)[:, None].expand(B, cfg.image_tokens)
         if cfg.text_dim:
             # A dropped caption becomes one valid null token followed by masked padding.
             if text is None:
@@ -547,8 +544,10 @@ class DiT(nn.Module):
                 first = (torch.arange(mask.shape[1], device=mask.device) == 0).expand_as(mask)
                 ctx = torch.where((drop_text[:, None] & first)[..., None], self.null_text.to(ctx.dtype), ctx)
                 mask = drop_text[:, None] & first | ~drop_text[:, None] & mask
-            if cfg.image_tokens and image_emb is not None:
-                ctx, mask = torch.cat([ctx, img_ctx.to(ctx.dtype)], 1), torch.cat([mask, img_mask], 1)
+            if cfg.image_tokens and image_emb is not None:   # the image's K tokens, masked out where it is dropped
+                keep = (no if drop_image is None else ~drop_image)[:, None].expand(B, cfg.image_tokens)
+                img_ctx = self.image_ctx(image_emb).view(B, cfg.image_tokens, -1)
+                ctx, mask = torch.cat([ctx, img_ctx.to(ctx.dtype)], 1), torch.cat([mask, keep], 1)
             # a sample whose mask is all False would give NaN attention: let it see its first token. The mask
             # ops here are out of place, and no bool where: the ONNX export (sample.py) needs both
             mask = mask | (torch.arange(mask.shape[1], device=mask.device) == 0) & ~mask.any(dim=1, keepdim=True)
