@@ -30,8 +30,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from PIL import Image
 
-from adherence import (DIVERGENCE_SCALES, adherence, adherence_plan, conditions_for, digit_features, fit_probe,
-                       fit_text_map, load_clip, mean_pooled, probe_predict)
+from adherence import (DIVERGENCE_INTERVAL, DIVERGENCE_SCALES, adherence, adherence_plan, conditions_for, digit_features,
+                       fit_probe, fit_text_map, load_clip, mean_pooled, probe_predict)
 from checkpoint import write_atomic
 from data import ShardReader, configure_cache, is_remote, iterate_split, load_index, local_dir, trained_buckets
 from model import flow_loss, interpolate
@@ -429,7 +429,8 @@ def evaluate(net, meta, data_dir, n, sampler, feature_name="efficientnet-lite0",
         gens["image"] = generate(sampler, mode="image")[:2]
     if "divergence" in plan:
         for scales in DIVERGENCE_SCALES:
-            gens[scales] = generate(dict(sampler, text_scale=scales[0], image_scale=scales[1]), mode="divergence")[:2]
+            gens[scales] = generate(dict(sampler, text_scale=scales[0], image_scale=scales[1],
+                                         guidance_interval=DIVERGENCE_INTERVAL), mode="divergence")[:2]
     if rank != 0:
         return None
     (ref, cached), probe = refs["train"], refs["train"][0].get("probe")

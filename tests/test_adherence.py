@@ -53,6 +53,7 @@ class Oracle(nn.Module):
         self.cfg = types.SimpleNamespace(num_classes=0, in_channels=1, text_dim=index["text_encoder"]["dim"],
                                          image_dim=index["image_encoder"]["dim"])
         self.follow, self.store, g = follow, {}, torch.Generator().manual_seed(1)
+        self.guided_t = []   # the times t at which a batch held guidance's branches (a dropped text)
         for b in iterate_split(data_dir, "val", batch_size=1000):   # one batch per bucket
             self.store[tuple(b["x"].shape[-2:])] = {
                 "x": b["x"], "text": b["text"].flatten(1), "image": b["image_emb"],
@@ -61,6 +62,8 @@ class Oracle(nn.Module):
     def forward(self, xt, t, y=None, text=None, text_mask=None, image_emb=None, drop_y=None, drop_text=None,
                 drop_image=None):
         s = self.store[tuple(xt.shape[-2:])]
+        if drop_text is not None and drop_text.any():
+            self.guided_t.append(t[0].item())
         target, done = torch.full_like(xt, -1.0), torch.zeros(len(xt), dtype=torch.bool)
         for name in self.follow:
             c, drop = {"text": (text, drop_text), "image": (image_emb, drop_image)}[name]
@@ -71,11 +74,11 @@ class Oracle(nn.Module):
         return (xt - target) / t.view(-1, 1, 1, 1)
 
 
-def run_evaluate(data_dir, net, features, refs, **kw):
+def run_evaluate(data_dir, net, features, refs, interval=(0.0, 1.0), **kw):
     from data import load_index
     index = load_index(data_dir)
     meta = {k: index[k] for k in ("space", "channels", "vae", "num_classes", "buckets")}
-    sampler = dict(steps=2, solver="euler", shift=1.0, text_scale=1.0, image_scale=1.0, guidance_interval=(0.0, 1.0),
+    sampler = dict(steps=2, solver="euler", shift=1.0, text_scale=1.0, image_scale=1.0, guidance_interval=interval,
                    guidance="nested", temperature=1.0)
     return evaluate(net, meta, data_dir, 150, sampler, features=features, refs=refs, **kw)
 
@@ -122,16 +125,21 @@ def test_real_images_score_the_floor_and_a_text_blind_generator_scores_chance(ca
 
 
 def test_the_divergence_test_tells_a_text_follower_from_an_image_follower(captioned_dir, lite0_refs):
+    from data import load_index
     features, refs = lite0_refs
+    templates = load_index(captioned_dir)["mnist_captions"]["templates"]
+    trained = sum(not templates[t]["held_out"] for t in refs["val"][0]["template"])   # captions in trained phrasings
     rows = {}
     for first in ("text", "image"):
         other = "image" if first == "text" else "text"
-        result = run_evaluate(captioned_dir, Oracle(captioned_dir, follow=(first,)), features, refs,
-                              adherence_request="divergence")
-        assert [(d["text_scale"], d["image_scale"]) for d in result["divergence"]] == [(4, 1), (1, 4), (2.5, 2.5)]
+        oracle = Oracle(captioned_dir, follow=(first,))
+        # the sampler's interval leaves out t = 0.5 (of 1, 0.5): the divergence test guides over all of t anyway
+        result = run_evaluate(captioned_dir, oracle, features, refs, interval=(0.75, 1.0), adherence_request="divergence")
+        assert [(d["text_scale"], d["image_scale"]) for d in result["divergence"]] == [(4, 1), (8, 1), (1, 4), (2.5, 2.5)]
+        assert 0.5 in oracle.guided_t and 1.0 in oracle.guided_t
         rows[first] = result["divergence"]
         for d in result["divergence"]:   # the condition it reads wins at every scale; the other is never drawn
-            assert d["n"] == 150 and d["follow_" + first] >= 0.7 and d["follow_" + other] <= 0.1, (first, d)
+            assert d["n"] == trained < 150 and d["follow_" + first] >= 0.7 and d["follow_" + other] <= 0.1, (first, d)
     assert rows["text"][0]["follow_text"] > rows["image"][0]["follow_text"]
 
 
