@@ -27,8 +27,7 @@ SOLVERS = {"euler": 1, "heun": 2}   # velocity evaluations per step
 # ----------------------------------------------------------------------------------------------
 ckpt = ""            # a checkpoint file, or an out_dir (its newest checkpoint)
 out = ""             # output PNG; default <checkpoint folder>/samples/sample-<step>.png
-# The sampler: a checkpoint's recipe (train.py's sample_* settings) replaces these seven defaults; the
-# command line overrides both.
+# The sampler (SAMPLER): a checkpoint's recipe (train.py's sample_*) replaces these defaults, the command line both.
 steps = 32           # solver steps from t=1 to t=0 (Heun evaluates the velocity twice per step)
 solver = "euler"     # 'euler' (1st order) or 'heun' (2nd order)
 shift = 1.0          # time shift s of the step grid, t' = s t / (1 + (s - 1) t) (SD3); 1 = uniform
