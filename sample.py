@@ -26,7 +26,7 @@ SOLVERS = {"euler": 1, "heun": 2}   # velocity evaluations per step
 
 # ----------------------------------------------------------------------------------------------
 ckpt = ""            # a checkpoint file, or an out_dir (its newest checkpoint)
-out = ""             # output PNG; default <checkpoint folder>/samples/sample-<step>.png
+out = ""             # output PNG; default <checkpoint folder>/samples/sample[-prompts][-images]-<step>.png
 # The sampler (SAMPLER): a checkpoint's recipe (train.py's sample_*) replaces these defaults, the command line both.
 steps = 32           # solver steps from t=1 to t=0 (Heun evaluates the velocity twice per step)
 solver = "euler"     # 'euler' (1st order) or 'heun' (2nd order)
@@ -158,8 +158,7 @@ def save_grid(images, path, nrow=8, pad=2):
     """Save images (N, C, H, W) in [0, 1] as one PNG, nrow images per row."""
     from PIL import Image
     N, C, H, W = images.shape
-    rows = (N + nrow - 1) // nrow
-    grid = torch.ones(C, rows * (H + pad) + pad, nrow * (W + pad) + pad)
+    grid = torch.ones(C, -(-N // nrow) * (H + pad) + pad, nrow * (W + pad) + pad)   # ceil(N / nrow) rows
     for i, img in enumerate(images.cpu()):
         r, c = divmod(i, nrow)
         grid[:, pad + r * (H + pad):pad + r * (H + pad) + H, pad + c * (W + pad):pad + c * (W + pad) + W] = img
@@ -285,7 +284,8 @@ def weight_sets(script, given, kind):
 
 
 def main(given):
-    for model, state, settings, stem, dev, autocast in weight_sets(globals(), given, "sample"):
+    kind = "-".join(["sample"] + [k for k in ("prompts", "images") if globals()[k]])   # a prompt grid keeps its file
+    for model, state, settings, stem, dev, autocast in weight_sets(globals(), given, kind):
         target = out if out and stem == os.path.splitext(out)[0] else stem + ".png"
         (H, W), n, forwards = draw_grid(model, state, target, dev, autocast)
         settings.update(height=H, width=W, forwards_per_image=forwards)

@@ -800,4 +800,4 @@ def test_grid_before_the_first_checkpoint_with_an_empty_largest_bucket(tmp_path)
     proc = run("train.py", *args, "--max_steps=6")                      # resumes past the grid
     assert "resuming from" in proc.stdout and (out / "ckpt-00000006.pt").exists()
     proc = run("sample.py", f"--ckpt={out}", "--steps=2", "--num=2", f"--prompts={src / 'cat.txt'}")
-    assert "32x32" in proc.stdout
+    assert "32x32" in proc.stdout and (out / "samples" / "sample-prompts-00000006.png").exists()
