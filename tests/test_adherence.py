@@ -135,7 +135,7 @@ def test_the_divergence_test_tells_a_text_follower_from_an_image_follower(captio
         oracle = Oracle(captioned_dir, follow=(first,))
         # the sampler's interval leaves out t = 0.5 (of 1, 0.5): the divergence test guides over all of t anyway
         result = run_evaluate(captioned_dir, oracle, features, refs, interval=(0.75, 1.0), adherence_request="divergence")
-        assert [(d["text_scale"], d["image_scale"]) for d in result["divergence"]] == [(4, 1), (8, 1), (1, 4), (2.5, 2.5)]
+        assert [(d["text_scale"], d["image_scale"]) for d in result["divergence"]] == [(8, 1), (12, 1), (1, 4), (2.5, 2.5)]
         assert 0.5 in oracle.guided_t and 1.0 in oracle.guided_t
         rows[first] = result["divergence"]
         for d in result["divergence"]:   # the condition it reads wins at every scale; the other is never drawn
