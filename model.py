@@ -132,6 +132,8 @@ class DiTConfig:
     image_tokens: int = 0     # also give the image embedding to cross-attention as this many context tokens beside
                               # the caption's (IP-Adapter, arXiv:2308.06721); needs text_dim; 0 = adaLN only
     text_norm: bool = True    # the same for each of the caption's token embeddings
+    text_layers: int = 0      # transformer blocks over the caption's tokens before cross-attention (a caption
+                              # refiner, as Lumina-Next's), so that a word's token can take in the words around it
     qk_norm: bool = True      # RMS-normalise queries and keys per head (stabilises attention logits)
     grad_checkpoint: bool = False  # recompute each block in backward: less memory, ~1/3 more compute
     attn_impl: str = "auto"   # 'sdpa', 'math' (explicit softmax), or 'auto' (fastest per device)
@@ -166,6 +168,9 @@ class DiTConfig:
         if self.image_tokens < 0 or self.image_tokens and not (self.image_dim and self.text_dim):
             raise ValueError(f"image_tokens={self.image_tokens}: needs image_dim > 0 and text_dim > 0 (the tokens "
                              f"join the caption's in cross-attention); image_dim={self.image_dim}, "
+                             f"text_dim={self.text_dim}")
+        if self.text_layers < 0 or self.text_layers and not self.text_dim:
+            raise ValueError(f"text_layers={self.text_layers}: needs text_dim > 0 (a caption to refine); "
                              f"text_dim={self.text_dim}")
 
 
@@ -387,6 +392,21 @@ class DiTBlock(nn.Module):
         return torch.addcmul(x, gate2, self.mlp(modulate(self.norm2(x), shift2, scale2)))  # x + gate2 * mlp
 
 
+class TextBlock(nn.Module):
+    """A pre-norm transformer block over the caption's tokens (self-attention, then the MLP), unconditioned."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(cfg.hidden, eps=1e-6)
+        self.attn = Attention(cfg.hidden, cfg.heads, cfg.qk_norm, cfg.attn_impl)
+        self.norm2 = nn.LayerNorm(cfg.hidden, eps=1e-6)
+        self.mlp = mlp(cfg)
+
+    def forward(self, x, mask):
+        x = x + self.attn(self.norm1(x), mask=mask)
+        return x + self.mlp(self.norm2(x))
+
+
 class ClassLookup(torch.autograd.Function):
     """table[y] (B, D) for a table (n, D) and labels y (B,): an index, so the rows come out exact on every device
     and in every dtype (a one-hot matmul would run in TF32 where train.py allows it, and in bf16 under autocast).
@@ -424,6 +444,8 @@ class DiT(nn.Module):
         if cfg.image_tokens:
             self.image_ctx = nn.Linear(cfg.image_dim, cfg.image_tokens * D)
         self.blocks = nn.ModuleList(DiTBlock(cfg) for _ in range(cfg.depth))
+        if cfg.text_layers:
+            self.text_blocks = nn.ModuleList(TextBlock(cfg) for _ in range(cfg.text_layers))
         self.norm_out = nn.LayerNorm(D, elementwise_affine=False, eps=1e-6)
         self.adaLN_out = nn.Sequential(nn.SiLU(), nn.Linear(D, 2 * D))
         self.out = nn.Linear(D, p * p * C)
@@ -459,6 +481,9 @@ class DiT(nn.Module):
             nn.init.zeros_(block.adaLN[-1].bias)
             if self.cfg.text_dim:
                 nn.init.zeros_(block.cross.proj.weight)
+        for block in getattr(self, "text_blocks", ()):   # each starts as the identity
+            nn.init.zeros_(block.attn.proj.weight)
+            nn.init.zeros_(block.mlp[-1].weight)
         for m in (self.adaLN_out[-1], self.out):
             nn.init.zeros_(m.weight)
             nn.init.zeros_(m.bias)
@@ -540,6 +565,8 @@ class DiT(nn.Module):
                 text = F.layer_norm(text, text.shape[-1:]) / math.sqrt(text.shape[-1])   # (BENCHMARKS.md, round 23)
             ctx = self.text_proj(text)                                              # (B, L, D)
             mask = torch.ones(ctx.shape[:2], dtype=torch.bool, device=xt.device) if text_mask is None else text_mask
+            for block in getattr(self, "text_blocks", ()):
+                ctx = block(ctx, mask[:, None, None, :])
             if drop_text is not None:
                 first = (torch.arange(mask.shape[1], device=mask.device) == 0).expand_as(mask)
                 ctx = torch.where((drop_text[:, None] & first)[..., None], self.null_text.to(ctx.dtype), ctx)
@@ -588,6 +615,8 @@ class DiT(nn.Module):
         flops += 2 * 256 * D + 2 * D * D                                         # timestep MLP
         if L:
             flops += 2 * L * (cfg.text_dim * D + D * D)
+            T = text_len   # the caption refiner's blocks
+            flops += cfg.text_layers * (2 * T * D * 4 * D + 2 * 2 * T * T * D + 2 * 2 * T * D * M)
         if cfg.image_dim:
             flops += 2 * (cfg.image_dim * D + D * D) + 2 * cfg.image_dim * cfg.image_tokens * D
         return flops

@@ -65,6 +65,7 @@ use_class = True              # condition on class labels when the data has them
 use_text = True               # condition on text embeddings when the data has them
 use_image = True              # condition on image embeddings when the data has them
 image_tokens = 0              # the image embedding also as this many cross-attention tokens (needs text); 0: none
+text_layers = 0               # transformer blocks over the caption's tokens before cross-attention (needs text)
 # rectified flow and guidance dropout (one categorical draw per sample)
 t_sampling = "logit_normal"   # 'logit_normal' (SD3, arXiv:2403.03206) or 'uniform'
 t_loc = 0.0                   # logit-normal location
@@ -137,7 +138,6 @@ wandb_project = ""            # also log to this W&B project (needs wandb)
 dry_run = False               # print sizes, FLOPs, memory and budget, then exit
 # ----------------------------------------------------------------------------------------------
 from configurator import apply_overrides, check_values  # noqa: E402
-
 _cli_keys = apply_overrides(globals(), sys.argv[1:])
 if max_minutes and {"max_steps", "max_images"} & _cli_keys and "max_minutes" not in _cli_keys:
     max_minutes = 0.0   # a step or image budget on the command line beats a recipe's time budget
@@ -232,7 +232,7 @@ model_args = dict(
     in_channels=index["channels"], patch_size=patch_size, hidden=hidden, depth=depth, heads=heads, mlp_ratio=mlp_ratio,
     qk_norm=qk_norm, grad_checkpoint=grad_checkpoint, attn_impl=attn_impl, mlp_act=mlp_act, prediction=prediction,
     loss_weighting=loss_weighting, class_embed_std=class_embed_std, moe_experts=moe_experts, moe_top_k=moe_top_k,
-    moe_capacity=moe_capacity, moe_shared_expert=moe_shared_expert,
+    moe_capacity=moe_capacity, moe_shared_expert=moe_shared_expert, text_layers=text_layers,
     num_classes=index["num_classes"] if use_class else 0,
     text_dim=index["text_encoder"]["dim"] if use_text and index["text_encoder"] else 0,
     image_dim=index["image_encoder"]["dim"] if use_image and index["image_encoder"] else 0, image_tokens=image_tokens)

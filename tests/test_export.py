@@ -127,8 +127,8 @@ def test_class_model_exports_from_the_command_line_with_parity_and_the_same_png(
 @pytest.mark.slow   # an export of its own: about 30 s on 2 cores
 def test_text_and_image_model_exports_with_parity_and_the_same_png(tmp_path):
     """Dual guidance (3 branches), a padding mask, a text length other than the traced one, the image's
-    cross-attention tokens beside the caption's."""
-    ckpt = tiny_checkpoint(tmp_path / "ckpt.pt", text_len=5, text_dim=16, image_dim=8, image_tokens=2)
+    cross-attention tokens beside the caption's, a block over the caption's tokens."""
+    ckpt = tiny_checkpoint(tmp_path / "ckpt.pt", text_len=5, text_dim=16, image_dim=8, image_tokens=2, text_layers=1)
     model, state = load_model(str(ckpt))
     sampler = dict(steps=6, solver="euler", shift=2.0, text_scale=3.0, image_scale=1.5, guidance_interval=(0.3, 0.8))
     info = export_onnx_model(model, state, str(tmp_path / "ti.onnx"), sampler)

@@ -220,6 +220,37 @@ def test_image_tokens_join_the_caption_in_cross_attention_and_vanish_where_the_i
         DiTConfig(image_dim=12, image_tokens=2)
 
 
+def test_text_layers_start_as_the_identity_then_mix_the_valid_caption_tokens_only():
+    """text_layers: blocks over the caption's tokens before cross-attention. Initialised as the identity (the model
+    gives exactly what it gives without them); trained, a token takes in the valid tokens beside it and never the
+    padding; a dropped caption stays the null token; FLOPs count them; they need a caption."""
+    model = tiny(text_layers=2)
+    x, t, c = torch.randn(3, 3, 8, 8), torch.rand(3), conds()
+    with torch.no_grad():
+        v = model(x, t, **c)
+        blocks, model.text_blocks = model.text_blocks, torch.nn.ModuleList()
+        assert torch.equal(model(x, t, **c), v)
+        model.text_blocks = blocks
+        randomise(model)
+        block = model.text_blocks[0]
+        tokens, mask = torch.randn(1, 5, 64), torch.tensor([[True, True, True, False, False]])
+        out = block(tokens, mask[:, None, None, :])
+        for j, valid in ((2, True), (4, False)):   # change token j: token 0 moves only when j is valid
+            other = tokens.clone()
+            other[0, j] = torch.randn(64)
+            assert torch.allclose(block(other, mask[:, None, None, :])[0, 0], out[0, 0], atol=1e-6) != valid
+        v = model(x, t, **c)
+        assert torch.allclose(v, model(x, t, **{**c, "text": torch.where(c["text_mask"][..., None], c["text"], 7.0)}),
+                              atol=1e-5)
+        drop = torch.tensor([True, False, True])
+        assert torch.allclose(model(x, t, **c, drop_text=drop)[drop], model(x, t, **{**c, "text": None})[drop], atol=1e-5)
+        block.mlp[-1].weight.add_(0.1)
+        assert not torch.allclose(model(x, t, **c), v, atol=1e-4)
+    assert_flops_match_torch_counter(tiny(hidden=64, depth=3, attn_impl="math", text_layers=2))
+    with pytest.raises(ValueError, match="text_layers=1: needs text_dim > 0"):
+        DiTConfig(text_layers=1)
+
+
 def test_caption_tokens_enter_at_unit_length_whatever_their_scale_and_offset():
     """text_norm: each token embedding is centred and scaled to unit length before the projection, as image_norm
     (raw 384-d MiniLM tokens, pairs of digits were read 3x less often; BENCHMARKS.md round 23); padding stays masked
