@@ -444,8 +444,7 @@ class DiT(nn.Module):
         if cfg.image_tokens:
             self.image_ctx = nn.Linear(cfg.image_dim, cfg.image_tokens * D)
         self.blocks = nn.ModuleList(DiTBlock(cfg) for _ in range(cfg.depth))
-        if cfg.text_layers:
-            self.text_blocks = nn.ModuleList(TextBlock(cfg) for _ in range(cfg.text_layers))
+        self.text_blocks = nn.ModuleList(TextBlock(cfg) for _ in range(cfg.text_layers))   # empty: no parameters
         self.norm_out = nn.LayerNorm(D, elementwise_affine=False, eps=1e-6)
         self.adaLN_out = nn.Sequential(nn.SiLU(), nn.Linear(D, 2 * D))
         self.out = nn.Linear(D, p * p * C)
@@ -481,7 +480,7 @@ class DiT(nn.Module):
             nn.init.zeros_(block.adaLN[-1].bias)
             if self.cfg.text_dim:
                 nn.init.zeros_(block.cross.proj.weight)
-        for block in getattr(self, "text_blocks", ()):   # each starts as the identity
+        for block in self.text_blocks:   # each starts as the identity
             nn.init.zeros_(block.attn.proj.weight)
             nn.init.zeros_(block.mlp[-1].weight)
         for m in (self.adaLN_out[-1], self.out):
@@ -565,7 +564,7 @@ class DiT(nn.Module):
                 text = F.layer_norm(text, text.shape[-1:]) / math.sqrt(text.shape[-1])   # (BENCHMARKS.md, round 23)
             ctx = self.text_proj(text)                                              # (B, L, D)
             mask = torch.ones(ctx.shape[:2], dtype=torch.bool, device=xt.device) if text_mask is None else text_mask
-            for block in getattr(self, "text_blocks", ()):
+            for block in self.text_blocks:
                 ctx = block(ctx, mask[:, None, None, :])
             if drop_text is not None:
                 first = (torch.arange(mask.shape[1], device=mask.device) == 0).expand_as(mask)
