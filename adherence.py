@@ -294,12 +294,10 @@ def adherence(gens, refs, data_dir, index, seed, device, clip=None):
         floor["image_retrieval"], _ = retrieval(keys[rows], keys, rows, val["bucket"], seed)
         model["image_retrieval_distractors"] = floor["image_retrieval_distractors"] = fewest
     for (t_scale, i_scale), (fake, info) in ((m, g) for m, g in gens.items() if isinstance(m, tuple)):
+        # generated only for captions in trained phrasings with an image of other digits (evaluate.generated_features)
         rows, image_rows = rows_of(info), rows_of(info, "j")
-        differ = (val["y"][rows] != val["y"][image_rows]) | (val["y_right"][rows] != val["y_right"][image_rows])
-        differ &= caption_groups(val, rows, index).get("phrasing_seen", differ)   # the phrasing test stays apart
-        text_hit = follows(info["digits"], rows)[differ]
-        image_hit = follows(info["digits"], image_rows)[differ]
-        divergence.append({"text_scale": t_scale, "image_scale": i_scale, "n": int(differ.sum()),
+        text_hit, image_hit = follows(info["digits"], rows), follows(info["digits"], image_rows)
+        divergence.append({"text_scale": t_scale, "image_scale": i_scale, "n": len(rows),
                            "follow_text": text_hit.float().mean().item(), "follow_image": image_hit.float().mean().item()})
     if divergence:   # the headline pair: text guidance dominant, image guidance dominant
         model["diverge_text"] = max(divergence, key=lambda d: d["text_scale"] / d["image_scale"])["follow_text"]

@@ -307,7 +307,7 @@ def eval_conditions(data_dir, index, cfg, split, n, batch_size, down):
     class-balanced labels at the largest bucket for class-only models; otherwise the conditions of the
     split's samples, an even stride through it (so buckets come in proportion; repeated if n exceeds
     it), each at its own bucket. info: 'y' and 'y_right' (labels; -1: no right digit), 'i' (split-order index
-    of the sample, -1 for a label alone), 'bucket' (names)."""
+    of the sample, -1 for a label alone), 'bucket' (names), 'template' (the caption's, source='mnist-captions')."""
     name, (H, W) = max(trained_buckets(index).items(), key=lambda kv: kv[1][0] * kv[1][1])
     if cfg.num_classes and not cfg.text_dim and not cfg.image_dim:
         labels = torch.arange(cfg.num_classes).repeat_interleave(n // cfg.num_classes)
@@ -336,13 +336,14 @@ def eval_conditions(data_dir, index, cfg, split, n, batch_size, down):
             y = batch["y"][rows] if "y" in batch else torch.zeros(len(rows), dtype=torch.long)
             y_right = batch["y_right"][rows] if "y_right" in batch else torch.full_like(y, -1)
             yield cond, tuple(batch["x"].shape[-2:]), {"y": y, "y_right": y_right, "i": first + torch.tensor(chosen)[rows],
-                                                       "bucket": [bucket] * len(rows)}
+                                                       "bucket": [bucket] * len(rows),
+                                                       "template": [batch["template"][r] for r in rows.tolist()]}
 
 
 def generated_features(net, meta, data_dir, split, features, n, sampler, batch_size, seed, device, autocast,
                        rank=0, world_size=1, preview=None, mode="data", extra=None):
     """Generate n images conditioned like the data (eval_conditions; `mode`: which of the conditions,
-    conditions_for) and return (features, info, forwards), gathered from all ranks: rank r takes rows r, r + W,
+    conditions_for; 'divergence' only the rows its test counts) and return (features, info, forwards), gathered from all ranks: rank r takes rows r, r + W,
     ... of every batch, so all ranks run the same number of forwards (FSDP needs that) and the images do
     not depend on the number of ranks (each batch's noise comes from its own seed). info: eval_conditions'
     ('y', 'i', 'bucket') and 'j' (the split index of the sample whose image embedding was used), 'digits'
@@ -351,17 +352,24 @@ def generated_features(net, meta, data_dir, split, features, n, sampler, batch_s
     index = load_index(data_dir)
     down = meta["vae"]["downsample"] if meta["vae"] else 1
     cfg, feats, infos, forwards = net.cfg, [], [], 0
+    held_out = {t for t, v in (index.get("mnist_captions") or {}).get("templates", {}).items() if v.get("held_out")}
     batches = eval_conditions(data_dir, index, cfg, split, n, batch_size, down)
     for b, (cond, (h, w), info) in enumerate(batches):
-        cond, partner = conditions_for(mode, cond, torch.stack([info["y"], info["y_right"]], 1))
-        rows = torch.arange(rank, len(partner), world_size)
-        rows = rows if len(rows) else torch.tensor([0])      # keep the forward count equal; dropped below
+        labels = torch.stack([info["y"], info["y_right"]], 1)
+        cond, partner = conditions_for(mode, cond, labels)
+        counted = torch.arange(len(partner))
+        if mode == "divergence":   # sample only what the test counts: trained phrasings, an image with other digits
+            trained = torch.tensor([t not in held_out for t in info["template"]], dtype=torch.bool)
+            counted = counted[(labels != labels[partner]).any(1) & trained]
+        rows = counted[rank::world_size]
+        mine = len(rows) > 0
+        rows = rows if mine else torch.tensor([0])      # keep the forward count equal; dropped below
         g = torch.Generator(device=device).manual_seed(seed * 1_000_003 + b)
         noise = torch.randn(len(partner), cfg.in_channels, h, w, generator=g, device=device)[rows.to(device)]
-        mine = {k: v[rows].to(device) for k, v in cond.items() if v is not None}
-        images, forwards = sample.generate(net, mine, noise, sampler, meta, autocast, len(noise))
+        images, forwards = sample.generate(net, {k: v[rows].to(device) for k, v in cond.items() if v is not None},
+                                           noise, sampler, meta, autocast, len(noise))
         images = images.to(device)
-        if rank >= len(partner):
+        if not mine:
             continue
         if preview is not None and len(preview) < 64 and (not preview or preview[0].shape == images.shape[1:]):
             preview.extend(images[:64 - len(preview)].cpu())         # one grid holds one size: the first bucket
