@@ -168,6 +168,12 @@ def retrieval(queries, keys, own, buckets, seed, same=None, distractors=DISTRACT
     return hits / max(len(own), 1), fewest
 
 
+def held_out_phrasings(index):
+    """The caption templates that source='mnist-captions' holds out of train (none for other data)."""
+    info = index.get("mnist_captions") or {}
+    return {name for name, template in info.get("templates", {}).items() if template.get("held_out")}
+
+
 def caption_groups(val, rows, index):
     """{suffix: mask} of the samples at val reference rows: '' all; for pairs of digits 'single', 'pair';
     for source='mnist-captions' also 'pair_seen', 'pair_held_out' (compositions held out of train; both in seen
@@ -181,8 +187,8 @@ def caption_groups(val, rows, index):
     if info:
         held = {tuple(p) for p in info["held_out_compositions"]}
         comp = torch.tensor([(a, b) in held for a, b in zip(val["y"][rows].tolist(), y_right.tolist())])
-        phrasing = torch.tensor([info["templates"].get(val["template"][r], {}).get("held_out", False)
-                                 for r in rows.tolist()], dtype=torch.bool)
+        held_out = held_out_phrasings(index)
+        phrasing = torch.tensor([val["template"][r] in held_out for r in rows.tolist()], dtype=torch.bool)
         groups.update(pair_seen=pair & ~comp & ~phrasing, pair_held_out=pair & comp & ~phrasing,
                       phrasing_seen=~phrasing, phrasing_held_out=phrasing)
     return groups

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from adherence import (DIVERGENCE_INTERVAL, DIVERGENCE_SCALES, adherence, adherence_plan, conditions_for, digit_features,
-                       fit_probe, fit_text_map, load_clip, mean_pooled, probe_predict)
+                       fit_probe, fit_text_map, held_out_phrasings, load_clip, mean_pooled, probe_predict)
 from checkpoint import write_atomic
 from data import ShardReader, configure_cache, is_remote, iterate_split, load_index, local_dir, trained_buckets
 from model import flow_loss, interpolate
@@ -343,16 +343,17 @@ def eval_conditions(data_dir, index, cfg, split, n, batch_size, down):
 def generated_features(net, meta, data_dir, split, features, n, sampler, batch_size, seed, device, autocast,
                        rank=0, world_size=1, preview=None, mode="data", extra=None):
     """Generate n images conditioned like the data (eval_conditions; `mode`: which of the conditions,
-    conditions_for; 'divergence' only the rows its test counts) and return (features, info, forwards), gathered from all ranks: rank r takes rows r, r + W,
-    ... of every batch, so all ranks run the same number of forwards (FSDP needs that) and the images do
-    not depend on the number of ranks (each batch's noise comes from its own seed). info: eval_conditions'
-    ('y', 'i', 'bucket') and 'j' (the split index of the sample whose image embedding was used), 'digits'
-    (digit_features) and, given `extra` (images -> (B, E)), 'extra'. `sampler`: dict(steps, solver, shift,
-    text_scale, image_scale, interval). `preview`: a list that receives this rank's first images, for a grid."""
+    conditions_for; 'divergence' only the rows its test counts) and return (features, info, forwards), gathered
+    from all ranks: rank r takes rows r, r + W, ... of every batch, so all ranks run the same number of forwards
+    (FSDP needs that) and the images do not depend on the number of ranks (each batch's noise comes from its own
+    seed). info: eval_conditions' ('y', 'i', 'bucket', 'template') and 'j' (the split index of the sample whose
+    image embedding was used), 'digits' (digit_features) and, given `extra` (images -> (B, E)), 'extra'.
+    `sampler`: dict(steps, solver, shift, text_scale, image_scale, interval). `preview`: a list that receives
+    this rank's first images, for a grid."""
     index = load_index(data_dir)
     down = meta["vae"]["downsample"] if meta["vae"] else 1
     cfg, feats, infos, forwards = net.cfg, [], [], 0
-    held_out = {t for t, v in (index.get("mnist_captions") or {}).get("templates", {}).items() if v.get("held_out")}
+    held_out = held_out_phrasings(index)
     batches = eval_conditions(data_dir, index, cfg, split, n, batch_size, down)
     for b, (cond, (h, w), info) in enumerate(batches):
         labels = torch.stack([info["y"], info["y_right"]], 1)
