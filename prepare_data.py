@@ -7,10 +7,10 @@ streams them with it). The shard format's name and version live in data.py, besi
         --vae=stabilityai/sd-vae-ft-ema --text_encoder=google/t5-v1_1-base
     torchrun --nproc_per_node=8 prepare_data.py --source=hf:data/parquet/ --caption_column=text ...
 
-Distributed: under torchrun (RANK, WORLD_SIZE set) the images' first decode is split over the ranks,
-rank r encodes shards i with i % WORLD_SIZE == r on its own device, and rank 0 writes index.json once
-all are done; out_dir must be one shared folder. The output is byte-identical to one process.
-One preparation per out_dir: rank 0 holds the lock out_dir/.lock while it runs (lock_dir).
+Distributed: under torchrun (RANK, WORLD_SIZE set) the images' first decode is split over the ranks, rank r
+encodes shards i with i % WORLD_SIZE == r on its own device, and rank 0 writes index.json once all are done;
+out_dir must be one shared folder. The output is byte-identical to one process. One preparation per out_dir:
+rank 0 holds the lock out_dir/.lock while it runs (lock_dir).
 
 Sources (sources.py): 'mnist', 'mnist-captions', 'hf:<dataset>' or an image folder. Caption files (sidecar .txt,
 .jsonl, .csv) are read as UTF-8 (a BOM or not); a file that is not UTF-8 is decoded as Windows-1252, else Latin-1,
@@ -51,7 +51,7 @@ from PIL import Image
 
 from checkpoint import write_atomic   # index.json is written as train.py writes its checkpoints: tmp, fsync, rename
 import data  # the shard format (data.FORMAT, data.VERSION); a module, so DEFAULTS below does not take them for settings
-from sources import CAPTION_FALLBACKS, list_examples, mnist_captions_info, open_image, swap_left_right
+from sources import CAPTION_FALLBACKS, PHRASINGS, list_examples, mnist_captions_info, open_image, swap_left_right
 
 try:
     import fcntl
@@ -73,6 +73,7 @@ max_examples = 0          # examples taken from the source (a seeded subset, kep
 val_examples = -1         # readable examples held out into the 'val' split (seeded choice); -1 = auto: MNIST
                           # keeps 1,000 of its 5,000 (the evaluation's real-vs-real floor at n = 1,000), folders 0
 captioned_examples = 10000  # source='mnist-captions': train examples, 40% single digits, 60% pairs (val: val_examples, auto 1,500)
+phrasings = 'few'         # source='mnist-captions': 'few' (6 pair phrasings) or 'many' (53; sources.PHRASINGS)
 shard_size = 1000         # samples per shard
 seed = 0                  # seeds the subset and the val choice
 image_size = 28           # pixels, side of the single square bucket when bucket_area == 0
@@ -196,8 +197,7 @@ def lock_dir(folder, script):
     it ends (kill -9 too), so there is never anything to clear; the file that stays holds only the last holder's
     note. A record lock, not flock: it belongs to this process alone, so the DataLoader workers it forks do not
     keep it held for seconds after the trainer was killed (with flock they did, and the next run was refused). Keep
-    the returned file open for as long as the lock should hold. Without fcntl (Windows) the folder is not locked
-    and a warning says so."""
+    the returned file open for as long as the lock should hold (without fcntl, on Windows: no lock, a warning)."""
     path = os.path.join(folder, LOCK_NAME)
     if fcntl is None:
         print(f'warning: {script}: no POSIX file locks on this platform (Windows), so out_dir={folder!r} is not '
@@ -232,9 +232,7 @@ def lock_dir(folder, script):
 def best_device():
     if torch.cuda.is_available():  # torchrun: each rank on its own GPU
         return torch.device('cuda', int(os.environ.get('LOCAL_RANK', 0)))
-    if torch.backends.mps.is_available():
-        return torch.device('mps')
-    return torch.device('cpu')
+    return torch.device('mps' if torch.backends.mps.is_available() else 'cpu')
 
 
 def load_vae(name, device):
@@ -486,6 +484,8 @@ def check_settings(cfg):
     if cfg['source'] in ('mnist', 'mnist-captions') and (cfg['captions'] or cfg['class_from_dir']):
         raise SystemExit(f"captions / class_from_dir apply to image folders; source={cfg['source']!r} has its own labels "
                          "and captions")
+    if cfg['phrasings'] not in PHRASINGS:
+        raise SystemExit(f"phrasings={cfg['phrasings']!r}: expected one of {sorted(PHRASINGS)}")
     hf = cfg['source'].startswith('hf:')
     if hf and (cfg['captions'] or cfg['class_from_dir']):
         raise SystemExit(f"captions / class_from_dir apply to image folders; source={cfg['source']!r} names its "
@@ -626,7 +626,7 @@ def prepare(**settings):
              'channels': run['channels'], 'vae': vae_meta, 'text_encoder': text_meta, 'image_encoder': image_meta,
              'num_classes': len(class_names),
              'class_names': class_names, 'has_flip': has_flip, 'pair_labels': captioned,
-             'mnist_captions': mnist_captions_info(kept) if captioned else None,
+             'mnist_captions': mnist_captions_info(kept, cfg['phrasings']) if captioned else None,
              'patch_size': cfg['patch_size'], 'buckets': {name: list(hw) for name, hw in buckets.items()},
              'splits': {'train': {}, 'val': {}}, 'skipped': skipped, 'complete': False, 'config': cfg,
              'caption_fallback': {'encodings': ['utf-8', *CAPTION_FALLBACKS], 'count': len(fallback),

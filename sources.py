@@ -28,7 +28,7 @@ def list_examples(cfg):
     source = cfg['source']
     if source == 'mnist-captions':
         n_val = cfg['val_examples'] if cfg['val_examples'] >= 0 else CAPTIONED_VAL
-        return (*list_mnist_captions(cfg['captioned_examples'], n_val, cfg['seed']), [])
+        return (*list_mnist_captions(cfg['captioned_examples'], n_val, cfg['seed'], cfg['phrasings']), [])
     if source == 'mnist':
         return (*list_mnist(), [])
     if source.startswith('hf:'):
@@ -104,6 +104,27 @@ PAIR_TEMPLATES = (('pair-0', '{al} {l} on the left and {ar} {r} on the right', F
                   ('pair-5', 'right {r}, left {l}', False),
                   ('pair-6', 'on the right {ar} {r}, on the left {al} {l}', True),
                   ('pair-7', '{l} to the left of {r}', True))
+# phrasings='many': each digit's side phrase in one of 8 forms, the two joined 3 ways in either order of mention, and
+# 5 relations: 53 train phrasings, so that neither the template nor the order of mention tells the sides; the same
+# two held out. Read only after ~3x the steps of the 6 (BENCHMARKS.md round 29).
+PAIR_SIDE_FORMS = ('{a} {d} on the {side}', '{d} on the {side}', '{side}: {d}', '{side} {d}', '{d} {side}',
+                   'the {side} digit is {d}', '{a} {d} at {side}', 'at {side} {a} {d}')
+PAIR_JOINS = (', ', ' and ', '; ')
+PAIR_RELATIONS = ('the digit {r} to the right of the digit {l}', '{l} with {ar} {r} to its right',
+                  '{r} with {al} {l} to its left', '{l} and then {r}, from left to right', 'from right to left: {r}, {l}')
+
+
+def side_phrase(form, side):
+    k = side[0]  # 'l' or 'r': the pair template's placeholders {l}, {al} / {r}, {ar}
+    return form.replace('{a}', '{a%s}' % k).replace('{d}', '{%s}' % k).replace('{side}', side)
+
+
+PAIR_TEMPLATES_MANY = tuple((f'pair-{i}', t, held) for i, (t, held) in enumerate(
+    [(side_phrase(f, a) + j + side_phrase(f, b), False) for f in PAIR_SIDE_FORMS for j in PAIR_JOINS
+     for a, b in (('left', 'right'), ('right', 'left'))]
+    + [(t, False) for t in PAIR_RELATIONS] + [(t, True) for _, t, held in PAIR_TEMPLATES if held]))
+PHRASINGS = {'few': PAIR_TEMPLATES, 'many': PAIR_TEMPLATES_MANY}
+VAL_HELD_OUT_PHRASING = 0.25  # phrasings='many': the share of val captions phrased by a held-out template ('few': by count)
 
 
 def caption_digits(template, digits, words):
@@ -115,10 +136,10 @@ def caption_digits(template, digits, words):
     return template.format(l=names[0], r=names[1], al=articles[0], ar=articles[1])
 
 
-def list_mnist_captions(n_train, n_val, seed):
+def list_mnist_captions(n_train, n_val, seed, phrasings='few'):
     """Examples of source='mnist-captions', each with its 'split' (prepare() keeps it), 'template' id,
     'held_out_phrasing', and for a pair its right digit's class 'y_right' ('y' is the left one) and
-    'held_out_composition'. A function of (n_train, n_val, seed) only."""
+    'held_out_composition'. A function of the arguments only; phrasings: a key of PHRASINGS."""
     table = mnist_table()
     rng = np.random.default_rng([seed, CAPTIONED_RNG])
     order = rng.permutation(len(table))
@@ -138,7 +159,7 @@ def list_mnist_captions(n_train, n_val, seed):
         pool = pools[split]
         by_class = [pool[table[pool, -1] == c] for c in range(10)]
         templates = {kind: [t for t in ts if split == 'val' or not t[2]]  # held-out templates phrase val only
-                     for kind, ts in (('single', SINGLE_TEMPLATES), ('pair', PAIR_TEMPLATES))}
+                     for kind, ts in (('single', SINGLE_TEMPLATES), ('pair', PHRASINGS[phrasings]))}
         rows = [(int(r),) for r in cycle(pool, n_single)]
         pairs = [pair for compositions, n in pair_plan for pair in cycle(compositions, n)]
         pairs = [pairs[i] for i in rng.permutation(len(pairs))]  # val: seen and held-out compositions mixed
@@ -146,7 +167,11 @@ def list_mnist_captions(n_train, n_val, seed):
         for digit_rows in rows:
             digits = tuple(int(table[r, -1]) for r in digit_rows)
             kind = 'single' if len(digits) == 1 else 'pair'
-            template_id, template, held_out_phrasing = templates[kind][rng.integers(len(templates[kind]))]
+            choices = templates[kind]
+            if split == 'val' and phrasings == 'many':  # held-out phrasings at a fixed share, not by count
+                held = rng.random() < VAL_HELD_OUT_PHRASING
+                choices = [t for t in choices if t[2] == held]
+            template_id, template, held_out_phrasing = choices[rng.integers(len(choices))]
             e = {'name': f'mnist_5k.csv.gz row{"s" if kind == "pair" else ""} {",".join(map(str, digit_rows))}',
                  'pixels': np.hstack([table[r, :-1].reshape(28, 28) for r in digit_rows]), 'y': digits[0],
                  'caption': caption_digits(template, digits, rng.random(len(digits)) < 0.5), 'split': split,
@@ -157,7 +182,7 @@ def list_mnist_captions(n_train, n_val, seed):
     return examples, MNIST_CLASS_NAMES
 
 
-def mnist_captions_info(examples):
+def mnist_captions_info(examples, phrasings='few'):
     """index.json's 'mnist_captions': what source='mnist-captions' holds, with the counts of the examples kept."""
     counts = {split: dict.fromkeys(('single', 'pair_seen', 'pair_held_out', 'held_out_phrasing'), 0) for split in ('train', 'val')}
     for e in examples:
@@ -167,7 +192,7 @@ def mnist_captions_info(examples):
     return {'digit_pools': {'train': len(mnist_table()) - CAPTIONED_VAL_DIGITS, 'val': CAPTIONED_VAL_DIGITS},
             'held_out_compositions': [list(p) for p in HELD_OUT_COMPOSITIONS],
             'templates': {i: {'kind': 'single' if i.startswith('single') else 'pair', 'text': t, 'held_out': h}
-                          for i, t, h in SINGLE_TEMPLATES + PAIR_TEMPLATES},
+                          for i, t, h in SINGLE_TEMPLATES + PHRASINGS[phrasings]},
             'placeholders': '{d}, {l}, {r}: the digit (left, right) as a numeral or a number word; {a}, {al}, {ar}: its article',
             'labels': 'cls (batch y): the digit, for a pair the left one; cls_right (batch y_right, -1 for a single digit): '
                       'the right one; template (batch template): the template id',

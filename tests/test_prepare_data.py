@@ -543,6 +543,28 @@ def test_mnist_captions_hold_out_compositions_templates_and_digits_from_train(ca
         assert {b: sum(s['count'] for s in lst) > 0 for b, lst in index['splits'][split].items()} == {'28x28': True, '28x56': True}
 
 
+def test_many_phrasings_hide_the_sides_from_the_order_of_mention_and_hold_out_the_same_two():
+    """phrasings='many': 53 train phrasings, every one used in train; each side-phrase form names the left digit
+    first in some and the right first in others; the held-out two are the few set's, never in train, and phrase
+    a quarter of val; the compositions held out are the same."""
+    few, _ = sources.list_mnist_captions(3000, 600, seed=0)
+    many, _ = sources.list_mnist_captions(3000, 600, seed=0, phrasings='many')
+    templates = dict((i, (t, h)) for i, t, h in sources.SINGLE_TEMPLATES + sources.PAIR_TEMPLATES_MANY)
+    trained = {i for i, (_, h) in templates.items() if not h}
+    assert sum(not h for _, _, h in sources.PAIR_TEMPLATES_MANY) == 53
+    assert {e['template'] for e in many if e['split'] == 'train'} == trained
+    held = {t for t, h in templates.values() if h}
+    assert held == {t for _, t, h in sources.SINGLE_TEMPLATES + sources.PAIR_TEMPLATES if h}
+    captions = [e['caption'] for e in many if 'y_right' in e]
+    first = {('left' if c.find('left') < c.find('right') else 'right') for c in captions if 'left' in c and 'right' in c}
+    assert first == {'left', 'right'}
+    val = [e for e in many if e['split'] == 'val']
+    assert abs(np.mean([e['held_out_phrasing'] for e in val]) - sources.VAL_HELD_OUT_PHRASING) < 0.05
+    assert [e['name'] for e in many] == [e['name'] for e in few]   # the same digits and compositions
+    with pytest.raises(SystemExit, match="phrasings='some'"):
+        pd.prepare(source='mnist-captions', phrasings='some', out_dir='unused')
+
+
 def test_mnist_captions_are_deterministic_and_the_reader_gives_both_labels(captioned, tmp_path):
     again = str(tmp_path / 'again')
     pd.prepare(out_dir=again, **CAPTIONED)
