@@ -543,10 +543,10 @@ def test_mnist_captions_hold_out_compositions_templates_and_digits_from_train(ca
         assert {b: sum(s['count'] for s in lst) > 0 for b, lst in index['splits'][split].items()} == {'28x28': True, '28x56': True}
 
 
-def test_many_phrasings_hide_the_sides_from_the_order_of_mention_and_hold_out_the_same_two():
-    """phrasings='many': 53 train phrasings, every one used in train; each side-phrase form names the left digit
-    first in some and the right first in others; the held-out two are the few set's, never in train, and phrase
-    a quarter of val; the compositions held out are the same."""
+def test_many_phrasings_hide_the_sides_from_the_order_of_mention_and_hold_out_the_same_two(tmp_path):
+    """phrasings='many': 53 train phrasings, every one used in train; each phrasing built of two side phrases is
+    trained in both orders of mention (the few set's are not); the held-out two are the few set's, never in train,
+    and phrase a quarter of val; the digits and compositions are the few set's."""
     few, _ = sources.list_mnist_captions(3000, 600, seed=0)
     many, _ = sources.list_mnist_captions(3000, 600, seed=0, phrasings='many')
     templates = dict((i, (t, h)) for i, t, h in sources.SINGLE_TEMPLATES + sources.PAIR_TEMPLATES_MANY)
@@ -555,14 +555,26 @@ def test_many_phrasings_hide_the_sides_from_the_order_of_mention_and_hold_out_th
     assert {e['template'] for e in many if e['split'] == 'train'} == trained
     held = {t for t, h in templates.values() if h}
     assert held == {t for _, t, h in sources.SINGLE_TEMPLATES + sources.PAIR_TEMPLATES if h}
-    captions = [e['caption'] for e in many if 'y_right' in e]
-    first = {('left' if c.find('left') < c.find('right') else 'right') for c in captions if 'left' in c and 'right' in c}
-    assert first == {'left', 'right'}
+
+    def other_order(template):   # 'A, B' -> 'B, A' for two side phrases A and B (one side word each), else None
+        for join in sources.PAIR_JOINS:
+            first, sep, second = template.partition(join)
+            sides = [[w for w in ('left', 'right') if w in half] for half in (first, second)]
+            if sep and sorted(sides) == [['left'], ['right']]:
+                return second + join + first
+        return None
+
+    for phrasings, expected in (('few', False), ('many', True)):
+        pairs = {t for _, t, h in sources.PHRASINGS[phrasings] if not h}
+        built = [t for t in pairs if other_order(t) is not None]
+        assert built and all(other_order(t) in pairs for t in built) == expected, phrasings
+    assert len([t for _, t, h in sources.PAIR_TEMPLATES_MANY if not h and other_order(t)]) == 48
     val = [e for e in many if e['split'] == 'val']
     assert abs(np.mean([e['held_out_phrasing'] for e in val]) - sources.VAL_HELD_OUT_PHRASING) < 0.05
     assert [e['name'] for e in many] == [e['name'] for e in few]   # the same digits and compositions
     with pytest.raises(SystemExit, match="phrasings='some'"):
-        pd.prepare(source='mnist-captions', phrasings='some', out_dir='unused')
+        pd.prepare(source='mnist-captions', phrasings='some', out_dir=str(tmp_path / 'some'))
+    assert not (tmp_path / 'some').exists()   # refused before anything is written
 
 
 def test_mnist_captions_are_deterministic_and_the_reader_gives_both_labels(captioned, tmp_path):
