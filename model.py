@@ -613,7 +613,7 @@ class DiT(nn.Module):
         flops += 2 * N * C * p * p * D + 2 * N * D * p * p * C + 2 * D * 2 * D   # patchify, output
         flops += 2 * 256 * D + 2 * D * D                                         # timestep MLP
         if L:
-            flops += 2 * L * (cfg.text_dim * D + D * D)
+            flops += 2 * text_len * (cfg.text_dim * D + D * D)   # the caption's projection (not the image's tokens)
             T = text_len   # the caption refiner's blocks
             flops += cfg.text_layers * (2 * T * D * 4 * D + 2 * 2 * T * T * D + 2 * 2 * T * D * M)
         if cfg.image_dim:

@@ -131,14 +131,14 @@ def test_bf16_autocast_close_to_fp32():
     assert (low - ref).abs().max() < 0.05 * ref.abs().max()
 
 
-def assert_flops_match_torch_counter(model):
-    """model.flops_per_image within 5% of what torch's FlopCounterMode counts for one 16x8 image."""
+def assert_flops_match_torch_counter(model, rel=1e-4):
+    """model.flops_per_image equal (within rel) to what torch's FlopCounterMode counts for one 16x8 image."""
     x, t, c = torch.randn(1, 3, 16, 8), torch.rand(1), conds(B=1)
     with FlopCounterMode(display=False) as counter:
         model(x, t, **c)
     counted = counter.get_total_flops()
     ours = model.flops_per_image(16, 8, text_len=5)
-    assert abs(ours - counted) / counted < 0.05, (ours, counted)
+    assert abs(ours - counted) / counted < rel, (ours, counted)
 
 
 def test_flops_match_torch_counter():
@@ -361,9 +361,10 @@ def test_moe_counts_active_parameters_and_flops():
     router = 64 * 4
     assert moe.num_params() == dense.num_params() + 3 * (4 * expert + router)        # 4 experts + shared vs 1
     assert moe.num_params(active=True) == dense.num_params() + 3 * (2 * expert + router)
-    # the counter sees each expert's matmul on the tokens routed to it: top_k + shared per token
+    # the counter sees each expert's matmul on the tokens routed to it: top_k + shared per token, less those that
+    # overflow an expert's capacity
     assert_flops_match_torch_counter(tiny(depth=3, moe_experts=4, moe_top_k=2, moe_shared_expert=True,
-                                          attn_impl="math"))
+                                          attn_impl="math"), rel=0.05)
 
 
 def test_moe_under_bf16_autocast_close_to_fp32():
