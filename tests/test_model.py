@@ -361,10 +361,11 @@ def test_moe_counts_active_parameters_and_flops():
     router = 64 * 4
     assert moe.num_params() == dense.num_params() + 3 * (4 * expert + router)        # 4 experts + shared vs 1
     assert moe.num_params(active=True) == dense.num_params() + 3 * (2 * expert + router)
-    # the counter sees each expert's matmul on the tokens routed to it: top_k + shared per token, less those that
-    # overflow an expert's capacity
-    assert_flops_match_torch_counter(tiny(depth=3, moe_experts=4, moe_top_k=2, moe_shared_expert=True,
-                                          attn_impl="math"), rel=0.05)
+    # the counter sees each expert's matmul on the tokens routed to it: top_k + shared per token (exactly with no
+    # capacity limit; with one, less the tokens that overflow an expert)
+    moe_args = dict(depth=3, moe_experts=4, moe_top_k=2, moe_shared_expert=True, attn_impl="math")
+    assert_flops_match_torch_counter(tiny(**moe_args, moe_capacity=0))
+    assert_flops_match_torch_counter(tiny(**moe_args), rel=0.05)
 
 
 def test_moe_under_bf16_autocast_close_to_fp32():
