@@ -478,6 +478,23 @@ def to_device(batch, device):
     return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
 
 
+def image_emb_stats(root, max_examples=10_000):
+    """Mean and std (float64) of each feature of the train split's image embeddings, from up to max_examples taken
+    at an even stride through every bucket's stored order: the model's image_mean and image_std."""
+    index = load_index(root)
+    reader, train = ShardReader(root, index), index['splits']['train']
+    stride = max(1, -(-sum(s['count'] for shards in train.values() for s in shards) // max_examples))
+    embs = []
+    for name, shards in sorted(train.items()):
+        slots = [(s, p) for s, shard in enumerate(shards) for p in range(shard['count'])][::stride]
+        for i in range(0, len(slots), 500):
+            batch = reader.read_batch('train', name, slots[i:i + 500], [False] * len(slots[i:i + 500]))
+            embs.append(batch['image_emb'][batch['valid']].double())
+    emb = torch.cat(embs)
+    std = emb.std(0, correction=0)   # floored: a feature constant over the data would scale a new image's by 1 / 0
+    return emb.mean(0), std.clamp_min(1e-2 * std.mean().item() + 1e-6)
+
+
 def iterate_split(root, split='val', batch_size=8, text_max_length=None, bucket=None):
     """One pass over every sample of a split in a fixed order (no shuffle, no flip), for validation.
 

@@ -108,7 +108,7 @@ class TrainingDraws:
 MLP_ACTS = {"gelu": lambda: nn.GELU(), "gelu_tanh": lambda: nn.GELU(approximate="tanh"), "silu": nn.SiLU}
 # DiTConfig fields added after checkpoints were first written, with the value those checkpoints meant
 LEGACY_MODEL_ARGS = {"mlp_act": "gelu_tanh", "prediction": "v", "loss_weighting": False, "image_norm": False,
-                     "text_norm": False}
+                     "text_norm": False, "image_stats": False}
 
 
 def config_from_checkpoint(model_args):
@@ -128,6 +128,8 @@ class DiTConfig:
     class_embed_std: float = 0.02  # std of the class embedding table at initialisation (DiT's 0.02)
     text_dim: int = 0         # width of the text encoder's token embeddings; 0 = no text
     image_dim: int = 0        # width of the pooled image embedding; 0 = no image conditioning
+    image_stats: bool = True  # first standardise each feature of the embedding by the train split's mean and std
+                              # (buffers image_mean, image_std; train.py sets them from the data)
     image_norm: bool = True   # centre the image embedding and scale it to unit length before its projection
     image_tokens: int = 0     # also give the image embedding to cross-attention as this many context tokens beside
                               # the caption's (IP-Adapter, arXiv:2308.06721); needs text_dim; 0 = adaLN only
@@ -441,6 +443,9 @@ class DiT(nn.Module):
         if cfg.image_dim:
             self.image_proj = nn.Sequential(nn.Linear(cfg.image_dim, D), nn.SiLU(), nn.Linear(D, D))
             self.null_image = nn.Parameter(torch.randn(D) * 0.02)
+            if cfg.image_stats:   # the identity until train.py sets them; saved with the weights
+                self.register_buffer("image_mean", torch.zeros(cfg.image_dim))
+                self.register_buffer("image_std", torch.ones(cfg.image_dim))
         if cfg.image_tokens:
             self.image_ctx = nn.Linear(cfg.image_dim, cfg.image_tokens * D)
         self.blocks = nn.ModuleList(DiTBlock(cfg) for _ in range(cfg.depth))
@@ -545,6 +550,11 @@ class DiT(nn.Module):
             c = c + self.class_embedding(y)
         if cfg.image_dim:
             drop = no if image_emb is None else drop_image
+            if image_emb is not None and cfg.image_stats:
+                # A feature's mean over the data says nothing of the image, yet Lite0's means hold 70% of an
+                # embedding's squared length after image_norm; standardised, every feature varies alike and
+                # image adherence rises (BENCHMARKS.md, round 32)
+                image_emb = (image_emb - self.image_mean) / self.image_std
             if image_emb is not None and cfg.image_norm:
                 # Adam moves each weight of the projection by ~lr a step, so its output by ~lr x the input's L1
                 # norm: unit length keeps that O(lr) for any encoder's width and scale (a raw 896-d embedding of

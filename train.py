@@ -25,7 +25,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from checkpoint import checkpoint_paths, prune_checkpoints, read_checkpoint, write_atomic
-from data import ShardStream, configure_cache, load_index, loader, to_device, trained_buckets
+from data import ShardStream, configure_cache, image_emb_stats, load_index, loader, to_device, trained_buckets
 from evaluate import check_eval_request, validation
 from model import (LEGACY_MODEL_ARGS, DiT, DiTConfig, TrainingDraws, bf16_is_native, compile_model, flow_loss,
                    interpolate, keep_freed_cpu_memory, size_report, training_memory)
@@ -236,7 +236,8 @@ model_args = dict(
     num_classes=index["num_classes"] if use_class else 0,
     text_dim=index["text_encoder"]["dim"] if use_text and index["text_encoder"] else 0,
     image_dim=index["image_encoder"]["dim"] if use_image and index["image_encoder"] else 0, image_tokens=image_tokens)
-model_args.update(image_norm=bool(model_args["image_dim"]), text_norm=bool(model_args["text_dim"]))  # older: raw
+model_args.update(image_norm=bool(model_args["image_dim"]), image_stats=bool(model_args["image_dim"]),  # older: raw
+                  text_norm=bool(model_args["text_dim"]))
 torch.manual_seed(seed)   # the same initial weights on every rank and for every batch split (FSDP does not broadcast)
 try:
     raw_model = DiT(DiTConfig(**model_args))
@@ -262,6 +263,9 @@ if dry_run:   # memory per rank by term (model.training_memory); SDPA on CUDA ru
         f"{global_batch} | {schedule.max_steps} steps")
     sys.exit(0)
 
+if raw_model.cfg.image_stats:   # the embedding's per-feature mean and std (a resume loads the checkpoint's)
+    for buffer, value in zip((raw_model.image_mean, raw_model.image_std), image_emb_stats(data_dir)):
+        buffer.copy_(value)
 raw_model.to(device)
 ema_model = copy.deepcopy(raw_model).requires_grad_(False).eval()   # fp32 shadow weights
 

@@ -63,6 +63,7 @@ def conditioned(tmp_path_factory):
 @pytest.mark.slow
 def test_text_and_image_conditioned_latent_run(conditioned, tmp_path):
     from checkpoint import load_model
+    from data import image_emb_stats
     tmp, data, image = conditioned
     index = json.loads((data / "index.json").read_text())
     assert index["space"] == "latents" and index["channels"] == 4 and len(index["splits"]["train"]) >= 2
@@ -81,6 +82,11 @@ def test_text_and_image_conditioned_latent_run(conditioned, tmp_path):
     assert state["model_args"]["text_layers"] == 1 and "text_blocks.0.attn.q.weight" in state["model"]
     # recorded, so sampling normalises the embeddings as training did (an absent key means an older checkpoint)
     assert state["model_args"]["image_norm"] is True and state["model_args"]["text_norm"] is True
+    # the image embedding's statistics, from the data (data.image_emb_stats, checked in test_prepare_data), go with the weights
+    mean, std = image_emb_stats(str(data))
+    assert state["model_args"]["image_stats"] is True and not torch.equal(mean, torch.zeros_like(mean))
+    for name in ("model", "ema"):
+        assert torch.equal(state[name]["image_mean"], mean.float()) and torch.equal(state[name]["image_std"], std.float())
     loaded = load_model(out / "ckpt-00000004.pt")[0].cfg
     assert loaded.image_norm and loaded.text_norm
     grid = Image.open(out / "samples" / "step-00000004.png")                   # decoded by the tiny VAE

@@ -174,10 +174,12 @@ def test_flow_loss_of_x_prediction_divides_by_t_floored_at_x_pred_min_t():
 
 def test_checkpoints_from_before_new_settings_load_as_they_were_trained():
     old = {k: v for k, v in vars(DiTConfig()).items() if k not in ("mlp_act", "prediction", "loss_weighting",
-                                                                      "image_norm", "text_norm")}
+                                                                      "image_norm", "text_norm", "image_stats")}
     cfg = config_from_checkpoint(old)
     assert cfg.mlp_act == "gelu_tanh" and cfg.prediction == "v" and not cfg.loss_weighting and not cfg.image_norm
-    assert not cfg.text_norm
+    assert not cfg.text_norm and not cfg.image_stats
+    # the weights of such a checkpoint load strictly: no image_mean / image_std to find
+    assert "image_mean" not in DiT(config_from_checkpoint({**old, "image_dim": 8})).state_dict()
     assert config_from_checkpoint({**old, "mlp_act": "silu"}).mlp_act == "silu"
 
 
@@ -197,6 +199,30 @@ def test_image_embedding_enters_at_unit_length_whatever_its_scale_and_offset():
             other = model(xt, t, image_emb=emb.roll(1, dims=1))
         assert torch.allclose(v, rescaled, atol=1e-4) == norm
         assert not torch.allclose(v, other, atol=1e-3)
+
+
+def test_image_embedding_is_standardised_by_the_data_statistics_it_carries():
+    """image_stats: each feature is shifted and scaled by the buffers image_mean / image_std before image_norm, so
+    the model's output for an embedding is the output of the same weights without statistics for the embedding
+    standardised by hand; the buffers are saved with the weights; identity ones change nothing."""
+    torch.manual_seed(0)
+    xt, t, emb = torch.randn(3, 1, 8, 8), torch.rand(3), torch.randn(3, 40) * 3 + 5
+    mean, std = torch.randn(40), torch.rand(40) + 0.5
+    cfg = dict(in_channels=1, patch_size=4, hidden=16, depth=1, heads=2, image_dim=40)
+    model, plain = DiT(DiTConfig(**cfg)), DiT(DiTConfig(**cfg, image_stats=False))
+    with torch.no_grad():
+        for p in model.parameters():     # adaLN-Zero starts at zero: random weights, so the condition shows
+            p.normal_(0, 0.3)
+        plain.load_state_dict({k: v for k, v in model.state_dict().items() if not k.startswith("image_")
+                               or k.startswith("image_proj")})
+        assert torch.equal(model(xt, t, image_emb=emb), plain(xt, t, image_emb=emb))   # identity statistics
+        model.image_mean.copy_(mean)
+        model.image_std.copy_(std)
+        v = model(xt, t, image_emb=emb)
+        assert torch.allclose(v, plain(xt, t, image_emb=(emb - mean) / std), atol=1e-5)
+        assert not torch.allclose(v, plain(xt, t, image_emb=emb), atol=1e-3)
+    state = model.state_dict()
+    assert torch.equal(state["image_mean"], mean) and torch.equal(state["image_std"], std)
 
 
 def test_image_tokens_join_the_caption_in_cross_attention_and_vanish_where_the_image_is_dropped():

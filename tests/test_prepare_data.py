@@ -285,6 +285,21 @@ def test_efficientnet_lite0_image_encoder_is_offline_deterministic_and_recorded(
     # the same network on the stored view; not bitwise: another batch and thread count round the last fp16 bit
     np.testing.assert_allclose(pd.encode_images(encoder, [view], 'cpu')[0].astype(np.float32), emb.astype(np.float32),
                                rtol=5e-3, atol=1e-3)
+    # data.image_emb_stats, the model's image_mean / image_std: each feature's mean and std over the train split
+    # (here all 3), floored at 1% of the mean std; with max_examples=2, every 2nd sample (0 and 2)
+    assert sum(shard['count'] for shards in index['splits']['train'].values() for shard in shards) == 3
+    embs = np.stack([npy(a[k]['image_emb.npy']) for k in sorted(a)]).astype(np.float64)
+    mean, std = dt.image_emb_stats(outs[0])
+    np.testing.assert_allclose(mean.numpy(), embs.mean(0), rtol=1e-12)
+    np.testing.assert_allclose(std.numpy(), np.maximum(embs.std(0), 1e-2 * embs.std(0).mean() + 1e-6), rtol=1e-12)
+    np.testing.assert_allclose(dt.image_emb_stats(outs[0], max_examples=2)[0].numpy(), embs[[0, 2]].mean(0), rtol=1e-12)
+    same = tmp_path / 'same'                                     # no feature varies: the floor, not a division by 0
+    same.mkdir()
+    for k in range(2):
+        Image.fromarray(data.chelsea()).save(same / f'{k}.png')
+    assert run_cli(f'--source={same}', f'--out_dir={tmp_path / "same-out"}', '--bucket_sizes=64x64', '--flip=false',
+                   '--image_encoder=efficientnet-lite0', '--progress_interval=0').returncode == 0
+    assert torch.equal(dt.image_emb_stats(str(tmp_path / 'same-out'))[1], torch.full((896,), 1e-6, dtype=torch.float64))
 
 
 def test_efficientnet_lite0_embeddings_know_what_a_digit_shows():
