@@ -487,8 +487,8 @@ def image_emb_stats(root, max_examples=10_000):
     embs = []
     for name, shards in sorted(train.items()):
         slots = [(s, p) for s, shard in enumerate(shards) for p in range(shard['count'])][::stride]
-        for i in range(0, len(slots), 500):
-            batch = reader.read_batch('train', name, slots[i:i + 500], [False] * len(slots[i:i + 500]))
+        for part in (slots[i:i + 500] for i in range(0, len(slots), 500)):
+            batch = reader.read_batch('train', name, part, [False] * len(part))
             embs.append(batch['image_emb'][batch['valid']].double())
     emb = torch.cat(embs)
     std = emb.std(0, correction=0)   # floored: a feature constant over the data would scale a new image's by 1 / 0

@@ -459,6 +459,12 @@ class DiT(nn.Module):
             nn.init.zeros_(self.loss_logvar.weight)  # u = 1: the objective starts as the plain loss
             nn.init.zeros_(self.loss_logvar.bias)
 
+    @torch.no_grad()
+    def set_image_stats(self, mean, std):
+        """image_stats: the embedding's per-feature mean and std over the train split (data.image_emb_stats)."""
+        self.image_mean.copy_(mean)
+        self.image_std.copy_(std)
+
     def class_embedding(self, y):
         """self.y_embed(y): the rows of the table, exactly (ClassLookup)."""
         return ClassLookup.apply(self.y_embed.weight, y)

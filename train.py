@@ -263,9 +263,6 @@ if dry_run:   # memory per rank by term (model.training_memory); SDPA on CUDA ru
         f"{global_batch} | {schedule.max_steps} steps")
     sys.exit(0)
 
-if raw_model.cfg.image_stats:   # the embedding's per-feature mean and std (a resume loads the checkpoint's)
-    for buffer, value in zip((raw_model.image_mean, raw_model.image_std), image_emb_stats(data_dir)):
-        buffer.copy_(value)
 raw_model.to(device)
 ema_model = copy.deepcopy(raw_model).requires_grad_(False).eval()   # fp32 shadow weights
 
@@ -299,6 +296,9 @@ if state:
         fail(f"checkpoint {resume_path} was written with fsdp={state['config'].get('fsdp', False)}; "
              f"resume it with the same setting")
     schedule.load_state_dict(state)                # a time budget's plan, kept as it stood
+elif raw_model.cfg.image_stats:   # a fresh run: the image embedding's per-feature mean and std, from the data
+    stats = image_emb_stats(data_dir)
+    raw_model.set_image_stats(*stats), ema_model.set_image_stats(*stats)
 step = state.get("step", 0)
 micro_batches = step * grad_accum_steps    # per rank; every step consumes grad_accum_steps micro-batches
 best = {"val_loss": state.get("best_val", math.inf), "fd": state.get("best_fd", math.inf)}   # best validation loss, FD
