@@ -65,6 +65,9 @@ def shift_time(t, shift):
     return t if shift == 1 else shift * t / (1 + (shift - 1) * t)
 
 
+T_SAMPLING = ("logit_normal", "uniform")   # how training draws t: SD3's logit-normal, or uniform
+
+
 class TrainingDraws:
     """Each training sample's own timestep, noise and guidance-dropout draw, keyed by (seed, sample id): the
     same whatever the batch, rank or accumulation step the sample lands in, so DDP equals one process and a
@@ -74,7 +77,7 @@ class TrainingDraws:
     A plain object of numbers, so that spawned loader processes can unpickle it."""
 
     def __init__(self, seed=0, t_sampling="logit_normal", t_loc=0.0, t_scale=1.0, t_shift=1.0):
-        if t_sampling not in ("logit_normal", "uniform"):
+        if t_sampling not in T_SAMPLING:
             raise ValueError(f"t_sampling={t_sampling!r}: expected 'logit_normal' or 'uniform'")
         self.seed, self.t_sampling, self.t_loc, self.t_scale, self.t_shift = seed, t_sampling, t_loc, t_scale, t_shift
 

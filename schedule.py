@@ -154,6 +154,11 @@ class StopRequest:
         print(f"rank {self.rank}: {self.reason} received; finishing this step, saving, exiting (again to quit now)",
               flush=True)
 
+    def set(self, reason, failed=False):
+        """The trainer's own reason to stop; a signal's or an earlier one stands unless this one is a failure."""
+        if self.reason is None or failed:
+            self.reason, self.failed = reason, self.failed or failed
+
 
 def ema_decay_at(step, decay, warmup_steps):
     """The EMA's decay at an optimizer step: ramps linearly from 0 to `decay` over warmup_steps (0: `decay` at once)."""

@@ -27,8 +27,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from checkpoint import checkpoint_paths, prune_checkpoints, read_checkpoint, write_atomic
 from data import ShardStream, configure_cache, image_emb_stats, load_index, loader, to_device, trained_buckets
 from evaluate import check_eval_request, validation
-from model import (LEGACY_MODEL_ARGS, DiT, DiTConfig, TrainingDraws, bf16_is_native, compile_model, flow_loss,
-                   interpolate, keep_freed_cpu_memory, size_report, training_memory)
+from model import (LEGACY_MODEL_ARGS, T_SAMPLING, DiT, DiTConfig, TrainingDraws, bf16_is_native, compile_model,
+                   flow_loss, interpolate, keep_freed_cpu_memory, size_report, training_memory)
 from monitor import MetricsLog, TrainingEval, TrainingStats
 from optim import configure_optimizers, grad_sync, load_optimizer_state, set_lr, shard, state_dicts
 from prepare_data import exit_skipping_shutdown, lock_dir
@@ -150,14 +150,12 @@ def fail(msg):
 
 
 check_values(globals(), "train.py", dict(optimizer=("adamw", "muon"), best_by=("val_loss", "fd"), sample_solver=SOLVERS,
-                                         dtype=("auto", "bfloat16", "float32"), sample_guidance=GUIDANCE),
+                                         dtype=("auto", "bfloat16", "float32"), sample_guidance=GUIDANCE,
+                                         t_sampling=T_SAMPLING),
              dict(lr="(0, inf)", muon_lr="[0, inf)", sample_temperature="(0, inf)", batch_size="[1, inf)",
                   grad_accum_steps="[1, inf)", keep_last_n="[1, inf)", log_interval="[1, inf)",
                   ckpt_interval="[1, inf)"))
-try:
-    draws = TrainingDraws(seed, t_sampling, t_loc, t_scale, t_shift)   # each sample's t, noise, dropout (model.py)
-except ValueError as e:                                                # t_sampling is checked there
-    fail(e)
+draws = TrainingDraws(seed, t_sampling, t_loc, t_scale, t_shift)   # each sample's t, noise, dropout (model.py)
 if p_uncond + p_text_only + p_image_only > 1:
     fail(f"p_uncond + p_text_only + p_image_only = {p_uncond + p_text_only + p_image_only} > 1")
 if optimizer == "muon" and fsdp:
@@ -183,8 +181,7 @@ if ddp:
 if fsdp and not ddp:
     fail("fsdp=True needs torchrun (a process group); use torchrun --nproc_per_node=N")
 master = rank == 0
-# one run per out_dir: rank 0, the only rank that writes there, holds out_dir/.lock until it exits (kill -9 included);
-# a second run on the folder stops here with an error naming the holder (prepare_data.lock_dir)
+# one run per out_dir: rank 0 holds out_dir/.lock until it exits (kill -9 too); a second run stops, naming the holder
 out_dir_lock = lock_dir(out_dir, "train.py") if master and not dry_run else None
 device_type = torch.device(device).type
 if dtype == "auto":
@@ -462,13 +459,12 @@ while step < schedule.max_steps:
     if note:
         log(note)
     final = step == schedule.max_steps
-    if max_hours and time.time() - t_start > max_hours * 3600 and stop_request.reason is None:
-        stop_request.reason = f"max_hours={max_hours}"
+    if max_hours and time.time() - t_start > max_hours * 3600:
+        stop_request.set(f"max_hours={max_hours}")
     health = stats.health(grad_norm) if step % log_interval == 0 or final else None
     if health and health["worst_in_a_row"] >= max_bad_steps:
-        stop_request.failed = True
-        stop_request.reason = (f"{int(health['worst_in_a_row'])} non-finite steps in a row "
-                               f"(max_bad_steps={max_bad_steps})")
+        stop_request.set(f"{int(health['worst_in_a_row'])} non-finite steps in a row (max_bad_steps={max_bad_steps})",
+                         failed=True)
     stop = stop_request.reason is not None   # every rank stops at the same step; a CPU flag (gloo): no GPU wait
     stop = bool(all_reduce(torch.tensor(float(stop)), "MAX", stop_group)) if ddp else stop
     if health or stop:
