@@ -478,6 +478,11 @@ def to_device(batch, device):
     return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
 
 
+def shard_slots(shards):
+    """(shard, position) of every sample in a bucket's shards, in stored order: what read_batch takes."""
+    return [(s, p) for s, shard in enumerate(shards) for p in range(shard['count'])]
+
+
 def image_emb_stats(root, max_examples=10_000):
     """Mean and std (float64) of each feature of the train split's image embeddings, from up to max_examples taken
     at an even stride through every bucket's stored order: the model's image_mean and image_std."""
@@ -486,7 +491,7 @@ def image_emb_stats(root, max_examples=10_000):
     stride = max(1, -(-sum(s['count'] for shards in train.values() for s in shards) // max_examples))
     embs = []
     for name, shards in sorted(train.items()):
-        slots = [(s, p) for s, shard in enumerate(shards) for p in range(shard['count'])][::stride]
+        slots = shard_slots(shards)[::stride]
         for part in (slots[i:i + 500] for i in range(0, len(slots), 500)):
             batch = reader.read_batch('train', name, part, [False] * len(part))
             embs.append(batch['image_emb'][batch['valid']].double())
@@ -509,7 +514,7 @@ def iterate_split(root, split='val', batch_size=8, text_max_length=None, bucket=
         if bucket is not None and name != bucket:
             start += sum(shard['count'] for shard in shards)
             continue
-        slots = [(s, p) for s, shard in enumerate(shards) for p in range(shard['count'])]
+        slots = shard_slots(shards)
         for i in range(0, len(slots), batch_size):
             part = slots[i:i + batch_size]
             yield {**reader.read_batch(split, name, part, [False] * len(part)), 'g': g, 'start': start, 'epoch': 0}

@@ -33,7 +33,8 @@ from PIL import Image
 from adherence import (DIVERGENCE_INTERVAL, DIVERGENCE_SCALES, adherence, adherence_plan, conditions_for, digit_features,
                        fit_probe, fit_text_map, held_out_phrasings, load_clip, mean_pooled, probe_predict)
 from checkpoint import write_atomic
-from data import ShardReader, configure_cache, is_remote, iterate_split, load_index, local_dir, trained_buckets
+from data import (ShardReader, configure_cache, is_remote, iterate_split, load_index, local_dir, shard_slots,
+                  trained_buckets)
 from model import flow_loss, interpolate
 from prepare_data import decode, encode_images, lite0_features, load_efficientnet_lite0, load_image_encoder
 import sample
@@ -320,7 +321,7 @@ def eval_conditions(data_dir, index, cfg, split, n, batch_size, down):
     picks = torch.bincount((torch.arange(n) * total) // n, minlength=total)   # copies of each sample
     reader, start = ShardReader(data_dir, index), 0
     for bucket, shards in sorted(index["splits"][split].items()):   # iterate_split's batches, reading only the picks
-        slots = [(s, p) for s, shard in enumerate(shards) for p in range(shard["count"])]
+        slots = shard_slots(shards)
         for i in range(0, len(slots), batch_size):
             copies = picks[start:start + len(slots[i:i + batch_size])]
             first, start = start, start + len(copies)

@@ -78,7 +78,7 @@ class TrainingDraws:
 
     def __init__(self, seed=0, t_sampling="logit_normal", t_loc=0.0, t_scale=1.0, t_shift=1.0):
         if t_sampling not in T_SAMPLING:
-            raise ValueError(f"t_sampling={t_sampling!r}: expected 'logit_normal' or 'uniform'")
+            raise ValueError(f"t_sampling={t_sampling!r}: expected one of {', '.join(map(repr, T_SAMPLING))}")
         self.seed, self.t_sampling, self.t_loc, self.t_scale, self.t_shift = seed, t_sampling, t_loc, t_scale, t_shift
 
     def __call__(self, sid, shape):

@@ -400,6 +400,26 @@ def test_max_hours_stops_cleanly(tmp_path, mnist_dir):
     assert "stopping at step 1: max_hours" in proc.stdout and ckpts(out) == ["ckpt-00000001.pt"]
 
 
+def test_a_stop_request_keeps_its_first_reason_unless_a_failure_follows():
+    """StopRequest.set, as train.py calls it: a later max_hours leaves a signal's reason; max_bad_steps replaces any
+    reason and marks the run failed, which a later max_hours does not undo."""
+    from schedule import StopRequest
+    handlers = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
+    try:
+        stop = StopRequest(0)
+        stop.request(signal.SIGTERM, None)
+        stop.set("max_hours=1.0")
+        assert (stop.reason, stop.failed) == ("SIGTERM", False)
+        stop.set("5 non-finite steps in a row", failed=True)
+        stop.set("max_hours=1.0")
+        assert (stop.reason, stop.failed) == ("5 non-finite steps in a row", True)
+        fresh = StopRequest(0)
+        fresh.set("max_hours=1.0")
+        assert (fresh.reason, fresh.failed) == ("max_hours=1.0", False)
+    finally:
+        signal.signal(signal.SIGINT, handlers[0]), signal.signal(signal.SIGTERM, handlers[1])
+
+
 def test_dry_run_prints_the_plan_and_writes_nothing(tmp_path, mnist_dir):
     out = tmp_path / "out"
     proc = run("train.py", "config/small.py", f"--data_dir={mnist_dir}", f"--out_dir={out}", "--dry_run")
@@ -420,6 +440,7 @@ def test_dry_run_prints_the_plan_and_writes_nothing(tmp_path, mnist_dir):
     (["--optimizer=muon", "--fsdp=true"], "FSDP2 shards every matrix"),
     (["--muon_lr=-1"], "muon_lr=-1.0: expected a value in [0, inf)"),
     (["--prediction=eps"], "prediction='eps': expected 'v' or 'x'"),
+    (["--t_sampling=beta"], "t_sampling='beta': expected one of 'logit_normal', 'uniform'"),
     (["--mlp_act=relu"], "mlp_act='relu'"),
     (["--sample_temperature=0"], "sample_temperature=0.0: expected a value in (0, inf)"),
     (["--class_embed_std=0"], "class_embed_std=0"),
