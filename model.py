@@ -111,7 +111,7 @@ class TrainingDraws:
 MLP_ACTS = {"gelu": lambda: nn.GELU(), "gelu_tanh": lambda: nn.GELU(approximate="tanh"), "silu": nn.SiLU}
 # DiTConfig fields added after checkpoints were first written, with the value those checkpoints meant
 LEGACY_MODEL_ARGS = {"mlp_act": "gelu_tanh", "prediction": "v", "loss_weighting": False, "image_norm": False,
-                     "text_norm": False, "image_stats": False}
+                     "text_norm": False, "image_stats": False, "repa_depth": 0}
 
 
 def config_from_checkpoint(model_args):
@@ -149,6 +149,9 @@ class DiTConfig:
     moe_shared_expert: bool = False  # also one always-on dense MLP of the same width (DeepSeekMoE)
     loss_weighting: bool = False  # also learn log u(t), the expected loss at t, for train.py's objective
                               # L / u(t) + log u(t) (EDM2's uncertainty weighting, arXiv:2312.02696)
+    repa_depth: int = 0       # REPA (arXiv:2410.06940): in training, a head reads the clean image's embedding
+                              # from the tokens after this many blocks (train.py adds 1 - cosine to the loss);
+                              # 0 = off. Needs image_dim
     prediction: str = "v"     # what the last layer outputs: 'v' (velocity) or 'x' (clean image, turned into
                               # the velocity (xt - x) / t, so callers always get v; JiT, arXiv:2511.13720)
 
@@ -174,6 +177,9 @@ class DiTConfig:
             raise ValueError(f"image_tokens={self.image_tokens}: needs image_dim > 0 and text_dim > 0 (the tokens "
                              f"join the caption's in cross-attention); image_dim={self.image_dim}, "
                              f"text_dim={self.text_dim}")
+        if not 0 <= self.repa_depth <= self.depth or self.repa_depth and not self.image_dim:
+            raise ValueError(f"repa_depth={self.repa_depth}: expected 0 (off) or 1..depth={self.depth} with "
+                             f"image_dim > 0 (the embedding it predicts); image_dim={self.image_dim}")
         if self.text_layers < 0 or self.text_layers and not self.text_dim:
             raise ValueError(f"text_layers={self.text_layers}: needs text_dim > 0 (a caption to refine); "
                              f"text_dim={self.text_dim}")
@@ -456,6 +462,8 @@ class DiT(nn.Module):
         self.norm_out = nn.LayerNorm(D, elementwise_affine=False, eps=1e-6)
         self.adaLN_out = nn.Sequential(nn.SiLU(), nn.Linear(D, 2 * D))
         self.out = nn.Linear(D, p * p * C)
+        if cfg.repa_depth:   # REPA's projector, from the tokens average-pooled to 2x2 (so a pair keeps its sides)
+            self.repa_head = nn.Sequential(nn.Linear(4 * D, 2 * D), nn.SiLU(), nn.Linear(2 * D, cfg.image_dim))
         self._init_weights()
         if cfg.loss_weighting:   # log u(t) from the timestep features, for train.py; made after the init above,
             self.loss_logvar = nn.Linear(256, 1)    # so that the network's own weights start as without it
@@ -551,6 +559,7 @@ class DiT(nn.Module):
             # computed inside forward (as MoE's aux_loss), so that FSDP has the weights gathered for it
             self.loss_logvar_t = self.loss_logvar(t_features).squeeze(1).float()  # (B,) log u(t)
         no = torch.ones(B, dtype=torch.bool, device=xt.device)
+        repa_target = None   # REPA's: the clean image's standardised embedding, whether or not it conditions
         if cfg.num_classes:
             drop = no if y is None else drop_y
             y = torch.zeros(B, dtype=torch.long, device=xt.device) if y is None else y
@@ -564,6 +573,7 @@ class DiT(nn.Module):
                 # embedding's squared length after image_norm; standardised, every feature varies alike and
                 # image adherence rises (BENCHMARKS.md, round 32)
                 image_emb = (image_emb - self.image_mean) / self.image_std
+            repa_target = image_emb
             if image_emb is not None and cfg.image_norm:
                 # Adam moves each weight of the projection by ~lr a step, so its output by ~lr x the input's L1
                 # norm: unit length keeps that O(lr) for any encoder's width and scale (a raw 896-d embedding of
@@ -597,11 +607,15 @@ class DiT(nn.Module):
             # ops here are out of place, and no bool where: the ONNX export (sample.py) needs both
             mask = mask | (torch.arange(mask.shape[1], device=mask.device) == 0) & ~mask.any(dim=1, keepdim=True)
             ctx_mask = mask[:, None, None, :]                                       # (B, 1, 1, L)
-        for block in self.blocks:
+        self.repa_loss_t = None
+        for i, block in enumerate(self.blocks):
             if cfg.grad_checkpoint and self.training:
                 x = checkpoint(block, x, c, ctx, ctx_mask, use_reentrant=False)
             else:
                 x = block(x, c, ctx, ctx_mask)
+            if i + 1 == cfg.repa_depth and self.training and repa_target is not None:   # (B,), for train.py
+                pooled = F.adaptive_avg_pool2d(x.transpose(1, 2).reshape(B, -1, h, w), 2).flatten(1)   # (B, 4D)
+                self.repa_loss_t = 1 - F.cosine_similarity(self.repa_head(pooled).float(), repa_target.float(), dim=-1)
         shift, scale = self.adaLN_out(c).unsqueeze(1).chunk(2, dim=-1)
         x = self.out(modulate(self.norm_out(x), shift, scale))                     # (B, h*w, p*p*C)
         x = x.view(B, h, w, p, p, -1).permute(0, 5, 1, 3, 2, 4)                     # (B, C, h, p, w, p)

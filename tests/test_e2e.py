@@ -70,9 +70,12 @@ def test_text_and_image_conditioned_latent_run(conditioned, tmp_path):
     out = tmp_path / "out"
     train = [*TINY, f"--data_dir={data}", f"--out_dir={out}", "--patch_size=2", "--batch_size=2", "--max_steps=4",
              "--p_uncond=0.2", "--p_text_only=0.2", "--p_image_only=0.2", "--flip_prob=0.5", "--val_interval=2",
-             "--val_batches=2", "--sample_interval=4", "--sample_steps=2", "--image_tokens=2", "--text_layers=1"]
-    run("train.py", *train)
+             "--val_batches=2", "--sample_interval=4", "--sample_steps=2", "--image_tokens=2", "--text_layers=1",
+             "--repa_depth=1", "--log_interval=2"]
+    log = run("train.py", *train).stdout
     m = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    repa = [r["repa"] for r in m if "repa" in r]   # REPA's 1 - cos, logged; an untrained head is not aligned
+    assert len(repa) == 2 and all(0 < r < 2 for r in repa) and "| repa " in log
     val = [r for r in m if "val_loss" in r]
     assert len(val) == 2 and all(r["text_effect"] >= 0 and r["image_effect"] >= 0 for r in val)
     assert val[-1]["text_effect"] > 0 and val[-1]["image_effect"] > 0        # both conditions are used
@@ -80,6 +83,7 @@ def test_text_and_image_conditioned_latent_run(conditioned, tmp_path):
     assert state["model_args"]["text_dim"] == 384 and state["model_args"]["image_dim"] == 32
     assert state["model_args"]["image_tokens"] == 2 and "image_ctx.weight" in state["model"]   # train.py's settings
     assert state["model_args"]["text_layers"] == 1 and "text_blocks.0.attn.q.weight" in state["model"]
+    assert state["model_args"]["repa_depth"] == 1 and "repa_head.0.weight" in state["model"]
     # recorded, so sampling normalises the embeddings as training did (an absent key means an older checkpoint)
     assert state["model_args"]["image_norm"] is True and state["model_args"]["text_norm"] is True
     # the image embedding's statistics, from the data (data.image_emb_stats, checked in test_prepare_data), go with the weights

@@ -174,10 +174,11 @@ def test_flow_loss_of_x_prediction_divides_by_t_floored_at_x_pred_min_t():
 
 def test_checkpoints_from_before_new_settings_load_as_they_were_trained():
     old = {k: v for k, v in vars(DiTConfig()).items() if k not in ("mlp_act", "prediction", "loss_weighting",
-                                                                      "image_norm", "text_norm", "image_stats")}
+                                                                      "image_norm", "text_norm", "image_stats",
+                                                                      "repa_depth")}
     cfg = config_from_checkpoint(old)
     assert cfg.mlp_act == "gelu_tanh" and cfg.prediction == "v" and not cfg.loss_weighting and not cfg.image_norm
-    assert not cfg.text_norm and not cfg.image_stats
+    assert not cfg.text_norm and not cfg.image_stats and cfg.repa_depth == 0
     # the weights of such a checkpoint load strictly: no image_mean / image_std to find
     assert "image_mean" not in DiT(config_from_checkpoint({**old, "image_dim": 8})).state_dict()
     assert config_from_checkpoint({**old, "mlp_act": "silu"}).mlp_act == "silu"
@@ -242,6 +243,36 @@ def test_image_tokens_join_the_caption_in_cross_attention_and_vanish_where_the_i
     assert_flops_match_torch_counter(tiny(hidden=64, depth=3, attn_impl="math", image_tokens=4))
     with pytest.raises(ValueError, match="image_tokens=2: needs image_dim > 0 and text_dim > 0"):
         DiTConfig(image_dim=12, image_tokens=2)
+
+
+def test_repa_head_reads_the_clean_embedding_from_the_tokens_after_repa_depth_blocks():
+    """repa_depth: in training, forward leaves repa_loss_t (B,) = 1 - cos(repa_head(the tokens after block k,
+    average-pooled to 2x2), the standardised embedding), for every sample whether or not its image conditions it;
+    only blocks 1..k get its gradient; in eval it is not computed, and the output is that of the same weights
+    without the head; it needs an image embedding and a block to follow."""
+    model, plain = randomise(tiny(depth=3, repa_depth=2)), tiny(depth=3)
+    mean, std = torch.randn(12), torch.rand(12) + 0.5
+    model.set_image_stats(mean, std)
+    plain.load_state_dict({k: v for k, v in model.state_dict().items() if not k.startswith("repa_head.")})
+    x, t, c = torch.randn(3, 3, 8, 12), torch.rand(3), conds()
+    tokens = {}
+    model.blocks[1].register_forward_hook(lambda module, args, out: tokens.update(x=out))
+    model.train()
+    model(x, t, **c, drop_image=torch.tensor([True, False, True]))
+    grid = tokens["x"].transpose(1, 2).reshape(3, 64, 4, 6)    # 8x12 pixels, patch 2: 4x6 tokens
+    pooled = torch.stack([grid[..., r:r + 2, q:q + 3].mean((-2, -1)) for r in (0, 2) for q in (0, 3)], -1).flatten(1)
+    cos = torch.nn.functional.cosine_similarity(model.repa_head(pooled), (c["image_emb"] - mean) / std, dim=-1)
+    assert torch.allclose(model.repa_loss_t, 1 - cos, atol=1e-5)
+    model.repa_loss_t.sum().backward()
+    assert all(p.grad is None for p in model.blocks[2].parameters())
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.blocks[0].attn.parameters())
+    model.eval()
+    with torch.no_grad():
+        assert torch.equal(model(x, t, **c), plain.eval()(x, t, **c)) and model.repa_loss_t is None
+    with pytest.raises(ValueError, match=r"repa_depth=1: expected 0 \(off\) or 1..depth=12 with image_dim > 0"):
+        DiTConfig(repa_depth=1)
+    with pytest.raises(ValueError, match="repa_depth=3: expected"):
+        DiTConfig(image_dim=12, depth=2, repa_depth=3)
 
 
 def test_text_layers_start_as_the_identity_then_mix_the_valid_caption_tokens_only():
