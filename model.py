@@ -607,7 +607,8 @@ class DiT(nn.Module):
             # ops here are out of place, and no bool where: the ONNX export (sample.py) needs both
             mask = mask | (torch.arange(mask.shape[1], device=mask.device) == 0) & ~mask.any(dim=1, keepdim=True)
             ctx_mask = mask[:, None, None, :]                                       # (B, 1, 1, L)
-        self.repa_loss_t = None
+        if self.training:   # (never in eval: the ONNX export cannot trace an attribute set in forward)
+            self.repa_loss_t = None
         for i, block in enumerate(self.blocks):
             if cfg.grad_checkpoint and self.training:
                 x = checkpoint(block, x, c, ctx, ctx_mask, use_reentrant=False)
