@@ -75,21 +75,26 @@ def checkpoint_error(path, err):
     return f"checkpoint {path} is corrupt or not a NanoDiT checkpoint ({why})"
 
 
-def read_checkpoint(path):
+def read_checkpoint(path, keys=CHECKPOINT_KEYS):
     """A checkpoint file's contents (train.py's resume reads them here too), loaded without executing code
     (weights_only) and memory-mapped: the tensors are the file's pages, mapped copy-on-write and read as they are
     copied to a model, so no rank first copies the whole file, optimizer included, into its host memory. Raises
-    ValueError in NanoDiT's words when the file is corrupt or not a checkpoint."""
+    ValueError in NanoDiT's words when the file is corrupt, or not a checkpoint that holds `keys`."""
     with warnings.catch_warnings():   # torch's remarks on a foreign pickle's protocol: the error says it
         warnings.simplefilter("ignore")
         for mmap in (True, False):    # not torch's zip format (an empty file, a plain pickle, an old save): read whole
             try:
-                return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+                state = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+                break
             except Exception as e:
                 if mmap and isinstance(e, OSError):   # a missing or unreadable file says so itself
                     raise
                 if not mmap or "mmap can only be used" not in str(e):
                     raise ValueError(checkpoint_error(path, e)) from None
+    missing = [k for k in keys if k not in state] if isinstance(state, dict) else list(keys)
+    if missing:
+        raise ValueError(f"{path} is not a NanoDiT checkpoint: it lacks {missing} (train.py writes them)")
+    return state
 
 
 def load_model(path, use_ema=True, device="cpu"):
@@ -98,9 +103,6 @@ def load_model(path, use_ema=True, device="cpu"):
         state = read_checkpoint(path)
     except ValueError as e:
         raise SystemExit(f"sample.py: {e}") from None
-    missing = [k for k in CHECKPOINT_KEYS if k not in state] if isinstance(state, dict) else list(CHECKPOINT_KEYS)
-    if missing:
-        raise SystemExit(f"sample.py: {path} is not a NanoDiT checkpoint: it lacks {missing} (train.py writes them)")
     try:
         model = DiT(config_from_checkpoint(state["model_args"]))
         model.load_state_dict(state["ema" if use_ema else "model"])

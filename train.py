@@ -24,7 +24,7 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from checkpoint import checkpoint_paths, prune_checkpoints, read_checkpoint, write_atomic
+from checkpoint import CHECKPOINT_KEYS, checkpoint_paths, prune_checkpoints, read_checkpoint, write_atomic
 from data import ShardStream, configure_cache, image_emb_stats, load_index, loader, to_device, trained_buckets
 from evaluate import check_eval_request, validation
 from model import (LEGACY_MODEL_ARGS, T_SAMPLING, DiT, DiTConfig, TrainingDraws, bf16_is_native, compile_model,
@@ -269,12 +269,8 @@ ema_model = copy.deepcopy(raw_model).requires_grad_(False).eval()   # fp32 shado
 # ---------------------------------------------------------------------------------------------- resume
 state, resume_path = {}, None   # resume: 'auto' tries out_dir's checkpoints newest first, a path only that one
 for path in {"auto": checkpoint_paths(out_dir), "never": []}.get(resume, [resume]):
-    try:   # checkpoint.read_checkpoint: safe (weights only) and memory-mapped; then the keys a resume needs
-        found = read_checkpoint(path)
-        missing = {"model", "ema", "optimizer", "step", "micro_batches"} - set(found if isinstance(found, dict) else ())
-        if missing:
-            raise ValueError(f"{path} is not a NanoDiT checkpoint: it lacks {sorted(missing)}")
-        state, resume_path = found, path
+    try:   # checkpoint.read_checkpoint: safe (weights only), memory-mapped, holding the keys a resume needs
+        state, resume_path = read_checkpoint(path, CHECKPOINT_KEYS + ("optimizer", "micro_batches")), path
         break
     except (ValueError, FileNotFoundError) as e:
         if resume != "auto":
@@ -377,8 +373,7 @@ def log_step(lrs, health):
                   img_per_s=ips, elapsed_s=elapsed_before + now - t_start,
                   eta_s=(schedule.max_steps - step) * global_batch / max(ips, 1e-9),
                   bad_steps=int(health["bad_steps"]), oom_steps=oom_steps, bad_samples=bad_samples)
-    log(f"step {step}/{schedule.max_steps} | loss {record['loss']:.4f} | "
-        + (f"repa {record['repa']:.4f} | " if "repa" in record else "") + f"grad {record['grad_norm']:.3f} | "
+    log(f"step {step}/{schedule.max_steps} | loss {record['loss']:.4f} | grad {record['grad_norm']:.3f} | "
         f"lr {lrs['lr']:.2e} | {ips:.1f} img/s | elapsed {record['elapsed_s'] / 60:.1f} min | "
         f"eta {record['eta_s'] / 60:.1f} min")
     metrics.write(record)
