@@ -143,8 +143,8 @@ from configurator import apply_overrides, check_values  # noqa: E402
 _cli_keys = apply_overrides(globals(), sys.argv[1:])
 if max_minutes and {"max_steps", "max_images"} & _cli_keys and "max_minutes" not in _cli_keys:
     max_minutes = 0.0   # a step or image budget on the command line beats a recipe's time budget
-config = {k: v for k, v in globals().items()
-          if not k.startswith("_") and isinstance(v, (int, float, bool, str, tuple)) and k != "config"}
+config = {k: v for k, v in globals().items() if not k.startswith("_") and not k.isupper() and k != "config"
+          and isinstance(v, (int, float, bool, str, tuple))}   # the settings, not imported constants (T_SAMPLING)
 
 
 def fail(msg):

@@ -75,7 +75,8 @@ def test_text_and_image_conditioned_latent_run(conditioned, tmp_path):
     log = run("train.py", *train).stdout
     m = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     repa = [r["repa"] for r in m if "repa" in r]   # REPA's 1 - cos, logged; an untrained head is not aligned
-    assert len(repa) == 2 and all(0 < r < 2 for r in repa) and "| repa " in log
+    assert len(repa) == 2 and all(0 < r < 2 for r in repa)
+    assert '"repa_depth": 1' in log and "CHECKPOINT_KEYS" not in log   # the printed config: settings, no constants
     val = [r for r in m if "val_loss" in r]
     assert len(val) == 2 and all(r["text_effect"] >= 0 and r["image_effect"] >= 0 for r in val)
     assert val[-1]["text_effect"] > 0 and val[-1]["image_effect"] > 0        # both conditions are used
