@@ -85,6 +85,7 @@ def test_text_and_image_conditioned_latent_run(conditioned, tmp_path):
     assert state["model_args"]["image_tokens"] == 2 and "image_ctx.weight" in state["model"]   # train.py's settings
     assert state["model_args"]["text_layers"] == 1 and "text_blocks.0.attn.q.weight" in state["model"]
     assert state["model_args"]["repa_depth"] == 1 and "repa_head.0.weight" in state["model"]
+    assert state["config"]["repa_depth"] == 1 and not [k for k in state["config"] if k.isupper()]   # settings only
     # recorded, so sampling normalises the embeddings as training did (an absent key means an older checkpoint)
     assert state["model_args"]["image_norm"] is True and state["model_args"]["text_norm"] is True
     # the image embedding's statistics, from the data (data.image_emb_stats, checked in test_prepare_data), go with the weights
